@@ -1,0 +1,163 @@
+"""The public functions: m2po_mask and m2po_loss, with backend dispatch."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .config import BACKENDS, M2POConfig
+from .cut import Cut
+from .inputs import Tokens, check_num_tokens, prepare, token_weights
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+
+        from . import kernels  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the environment
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """"auto": Triton for CUDA tensors when Triton imports, the PyTorch reference otherwise."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
+    return backend
+
+
+def _check_cut(cut, config: M2POConfig, device: torch.device) -> Optional[Cut]:
+    if cut is None:
+        return None
+    if not isinstance(cut, Cut):
+        raise TypeError(f"cut must be an m2po_ops.Cut (from M2POStats.solve), got {type(cut).__name__}")
+    if cut.variant != config.variant:
+        raise ValueError(f"cut was solved for variant={cut.variant!r} but variant={config.variant!r} was asked")
+    if cut.device != device:
+        raise ValueError(f"cut is on {cut.device} but logprobs is on {device}")
+    return cut
+
+
+def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, weights_fn):
+    """Returns (keep, metrics, loss terms or None)."""
+    if group is not None:
+        from .distributed import solve_group
+
+        cut = solve_group(tok, config, group, backend)
+    if backend == "triton":
+        from .triton_backend import triton_forward
+
+        return triton_forward(tok, config, cut, weights_fn)
+    if cut is None:
+        cut, delta, m2, tr = reference.solve(tok, config)
+    else:
+        delta = reference.log_ratio(tok)
+        m2 = delta * delta
+        tr = reference.trust_region(tok, delta, config)
+    keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr)
+    metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant)
+    terms = None
+    if weights_fn is not None:
+        w = weights_fn(cut, loss.dtype)
+        terms = (w * loss, w * grad)
+    return keep, metrics, terms
+
+
+def m2po_mask(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    tau: float = 0.04,
+    variant: str = "paper",
+    backend: str = "auto",
+    cu_seqlens: Union[Tensor, Sequence[int], None] = None,
+    miniclip_low: Optional[float] = None,
+    miniclip_high: Optional[float] = None,
+    validate: bool = True,
+    cut: Optional[Cut] = None,
+    group=None,
+):
+    """Which tokens M2PO keeps. Returns ``(keep, metrics)``.
+
+    keep: bool tensor shaped like ``logprobs``; False on padding and on masked tokens (paper), or
+    on tokens whose gradient the PPO clip cuts (official).
+    metrics: dict of 0-d float32 tensors on the input's device (see README, "Metrics").
+    See ``m2po_loss`` for the arguments.
+    """
+    config = M2POConfig(tau=tau, variant=variant, miniclip_low=miniclip_low, miniclip_high=miniclip_high, validate=validate)
+    tok = prepare(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
+    cut = _check_cut(cut, config, tok.device)
+    be = resolve_backend(backend, tok.device)
+    keep, metrics, _ = _forward(tok, config, be, cut, group, None)
+    return keep.reshape(tok.shape), metrics
+
+
+def m2po_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor] = None,
+    *,
+    tau: float = 0.04,
+    variant: str = "paper",
+    loss_agg_mode: str = "token-mean",
+    num_tokens: Union[int, float, Tensor, None] = None,
+    backend: str = "auto",
+    cu_seqlens: Union[Tensor, Sequence[int], None] = None,
+    miniclip_low: Optional[float] = None,
+    miniclip_high: Optional[float] = None,
+    validate: bool = True,
+    cut: Optional[Cut] = None,
+    group=None,
+):
+    """The M2PO policy loss. Returns ``(loss, metrics)``; ``loss`` is 0-d and differentiable with
+    respect to ``logprobs`` (old_logprobs and advantages are constants).
+
+    logprobs, old_logprobs: (B, T) padded, or (N,) packed with ``cu_seqlens``; float32, bfloat16,
+        float16 or float64. Computed in float32 (float64 for float64 input).
+    advantages: like logprobs, or one value per sequence: (B,) / (num_seqs,).
+    mask: 1 for valid response tokens (bool, integer or float 0/1); None means all valid.
+    tau: second-moment budget (paper: 0.04). variant: "paper" or "official".
+    loss_agg_mode: "token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+        "seq-mean-token-sum-norm" (as in verl).
+    num_tokens: token-mean denominator override, so micro-batch losses add up to the
+        mini-batch loss (e.g. the mini-batch's valid-token count).
+    backend: "auto", "torch" or "triton".
+    miniclip_low / miniclip_high: official variant's optional clip floors (authors: 0.3 / 0.5).
+    validate: raise on non-finite values in valid tokens (a host sync). With False such tokens
+        are treated as padding and counted in metrics["num_nonfinite"].
+    cut: a Cut solved beforehand over the whole optimizer step (see M2POStats).
+    group: a torch.distributed process group: solve the cut over all its ranks' tokens.
+    """
+    config = M2POConfig(
+        tau=tau,
+        variant=variant,
+        loss_agg_mode=loss_agg_mode,
+        miniclip_low=miniclip_low,
+        miniclip_high=miniclip_high,
+        validate=validate,
+    )
+    tok = prepare(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
+    num_tokens = check_num_tokens(num_tokens, config)
+    cut = _check_cut(cut, config, tok.device)
+    be = resolve_backend(backend, tok.device)
+    global_count = group is not None
+
+    def weights_fn(solved: Cut, dtype: torch.dtype) -> Tensor:
+        return token_weights(tok, config, num_tokens, dtype, solved.num_valid if global_count else None)
+
+    keep, metrics, (wl, wg) = _forward(tok, config, be, cut, group, weights_fn)
+    loss = reference.ReferenceLoss.apply(logprobs, wl, wg)
+    return loss, metrics

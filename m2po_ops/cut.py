@@ -1,0 +1,72 @@
+"""The solved M2PO decision of an optimizer mini-batch, shared by every backend.
+
+A ``Cut`` is what the expensive, global part of M2PO produces and what the cheap, per-token
+part consumes. It holds only 0-d device tensors, so building and applying it never syncs.
+
+variant="paper": trust-region token i (m2 bit pattern ``b_i``, a non-negative float32 read as
+int32, which orders like the float) is kept iff ``b_i < value``, or ``b_i == value`` and fewer
+than ``ties_kept`` earlier trust-region tokens (in flat order) have ``b_i == value``.
+Nothing masked: ``value = 0x7FFFFFFF``, which no finite or infinite m2 reaches.
+
+variant="official": a token's gradient is cut by the PPO clip with ratio bounds
+``[lower, upper]`` (float32, as the authors' torch code casts them).
+
+A cut solved for many parts (data-parallel ranks, micro-batches) is applied to one part with
+``cut.for_part(ties_before)``, where ``ties_before`` counts the tied tokens in earlier parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+KEEP_ALL_BITS = 0x7FFFFFFF
+
+
+@dataclass(frozen=True)
+class Cut:
+    variant: str
+    value: Tensor  # int32: m2 bit pattern at the cut (paper)
+    ties_kept: Tensor  # int64: tied tokens kept, counted from the first in flat order (paper)
+    lower: Tensor  # float32: ratio clip bounds (official)
+    upper: Tensor
+    num_valid: Tensor  # int64: valid tokens of the whole mini-batch
+    num_trust_region: Tensor  # int64: |T| (paper) or eligible tokens (official)
+    m2: Tensor  # float32: mean m2 over T before masking
+    m2_after: Tensor  # float32: mean m2 over the kept part of T (official: the authors' formula)
+    threshold: Tensor  # float32: m2 at the cut (paper) or tau_c**2 (official); inf if none
+
+    def for_part(self, ties_before: Tensor) -> "Cut":
+        """The cut as seen by one part whose earlier parts hold ``ties_before`` tied tokens."""
+        ties_before = torch.as_tensor(ties_before, dtype=torch.int64, device=self.ties_kept.device)
+        return dataclasses.replace(self, ties_kept=(self.ties_kept - ties_before).clamp_min(0))
+
+    def to(self, device) -> "Cut":
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "variant"}
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.value.device
+
+
+def make_cut(variant: str, device, **fields) -> Cut:
+    """A Cut with every field not given set to its neutral value (nothing masked)."""
+    f32 = dict(dtype=torch.float32, device=device)
+    defaults = dict(
+        value=torch.tensor(KEEP_ALL_BITS, dtype=torch.int32, device=device),
+        ties_kept=torch.zeros((), dtype=torch.int64, device=device),
+        lower=torch.zeros((), **f32),
+        upper=torch.full((), float("inf"), **f32),
+        num_valid=torch.zeros((), dtype=torch.int64, device=device),
+        num_trust_region=torch.zeros((), dtype=torch.int64, device=device),
+        m2=torch.zeros((), **f32),
+        m2_after=torch.zeros((), **f32),
+        threshold=torch.full((), float("inf"), **f32),
+    )
+    defaults.update(fields)
+    return Cut(variant=variant, **defaults)

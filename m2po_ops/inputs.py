@@ -1,0 +1,272 @@
+"""Argument checking and the one flat token layout every backend works on.
+
+Inputs come as a padded ``(B, T)`` batch with a mask, or as 1-D packed tokens with
+``cu_seqlens`` (flash-attn's varlen convention). Both are turned into flat ``(N,)`` views plus
+per-token sequence ids, so kernels never see a second grid dimension.
+
+Every check that can be done from shapes, dtypes and devices is done here without touching
+device memory. The checks that must read values (finiteness of valid tokens, the order of
+``cu_seqlens``) run only with ``validate=True``: they are the only host syncs of the library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .config import M2POConfig
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The flat view of one call's tokens. All tensors are (N,) and on one device.
+
+    logprobs / old_logprobs / advantages keep the caller's dtype (kernels upcast on load).
+    valid: bool, the caller's mask, restricted to tokens inside a sequence (packed input) and,
+    with ``validate=False``, to tokens whose values are finite.
+    adv_first: the advantage of the first token of each token's sequence (official variant).
+    seq_id: int64 sequence index per token (num_seqs for tokens outside every sequence), or
+    None for 1-D input without cu_seqlens.
+    norm_length: the divisor of "seq-mean-token-sum-norm" (T of a padded batch, the longest
+    sequence of a packed one), as a 0-d tensor.
+    """
+
+    logprobs: Tensor
+    old_logprobs: Tensor
+    advantages: Tensor
+    valid: Tensor
+    nonfinite: Tensor
+    adv_first: Optional[Tensor]
+    seq_id: Optional[Tensor]
+    num_seqs: int
+    norm_length: Optional[Tensor]
+    shape: torch.Size
+
+    @property
+    def numel(self) -> int:
+        return self.logprobs.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.logprobs.device
+
+
+def _check_tensor(name: str, x, *, floating: bool) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating tensor (float32, bfloat16, float16 or float64), got {x.dtype}"
+        )
+    return x
+
+
+def _check_device(name: str, x: Tensor, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but logprobs is on {device}; all tensors must share a device")
+
+
+def _as_cu_seqlens(cu_seqlens, device: torch.device) -> Tensor:
+    if isinstance(cu_seqlens, Tensor):
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
+            raise TypeError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
+        _check_device("cu_seqlens", cu_seqlens, device)
+        cu = cu_seqlens
+    elif isinstance(cu_seqlens, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in cu_seqlens):
+            raise TypeError("cu_seqlens must hold integers")
+        cu = torch.tensor(cu_seqlens, dtype=torch.int64, device=device)
+    else:
+        raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}")
+    if cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with at least one entry, got shape {tuple(cu.shape)}")
+    return cu.to(torch.int64)
+
+
+def _mask_to_bool(mask: Tensor) -> Tensor:
+    if mask.dtype == torch.bool:
+        return mask
+    return mask != 0
+
+
+def prepare(
+    logprobs,
+    old_logprobs,
+    advantages,
+    mask,
+    config: M2POConfig,
+    cu_seqlens: Union[Tensor, Sequence[int], None] = None,
+) -> Tokens:
+    """Check every argument and build the flat token view. Raises ValueError/TypeError naming the
+    argument at fault."""
+    logprobs = _check_tensor("logprobs", logprobs, floating=True)
+    old_logprobs = _check_tensor("old_logprobs", old_logprobs, floating=True)
+    advantages = _check_tensor("advantages", advantages, floating=True)
+    device = logprobs.device
+    _check_device("old_logprobs", old_logprobs, device)
+    _check_device("advantages", advantages, device)
+    if mask is not None:
+        mask = _check_tensor("mask", mask, floating=False)
+        if mask.is_complex():
+            raise TypeError(f"mask must be bool, integer or float 0/1, got {mask.dtype}")
+        _check_device("mask", mask, device)
+
+    if logprobs.dim() not in (1, 2):
+        raise ValueError(f"logprobs must be (B, T) or 1-D packed tokens, got shape {tuple(logprobs.shape)}")
+    shape = logprobs.shape
+    if old_logprobs.shape != shape:
+        raise ValueError(f"old_logprobs has shape {tuple(old_logprobs.shape)}, expected {tuple(shape)} like logprobs")
+    if mask is not None and mask.shape != shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)} like logprobs")
+
+    n = logprobs.numel()
+    lp = logprobs.detach().reshape(-1)
+    olp = old_logprobs.detach().reshape(-1)
+    valid = torch.ones(n, dtype=torch.bool, device=device) if mask is None else _mask_to_bool(mask).reshape(-1)
+    advantages = advantages.detach()
+
+    needs_seqs = config.variant == "official" or config.loss_agg_mode != "token-mean"
+    seq_id = adv_first = norm_length = None
+    num_seqs = 0
+
+    if logprobs.dim() == 2:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is only for 1-D packed logprobs; got (B, T) logprobs")
+        b, t = shape
+        if advantages.shape == shape:
+            adv_seq_first = advantages[:, 0] if t > 0 else advantages.new_zeros(b)
+            adv = advantages.reshape(-1)
+        elif advantages.shape == (b,):
+            adv_seq_first = advantages
+            adv = advantages[:, None].expand(b, t).reshape(-1)
+        else:
+            raise ValueError(
+                f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) or ({b},) (per sequence)"
+            )
+        num_seqs = b
+        seq_id = torch.arange(b, device=device, dtype=torch.int64)[:, None].expand(b, t).reshape(-1)
+        # The authors take the advantage of position 0 of each row (verl right-pads responses).
+        adv_first = adv_seq_first[:, None].expand(b, t).reshape(-1)
+        norm_length = torch.tensor(float(t), device=device)
+    else:
+        if cu_seqlens is None:
+            if needs_seqs:
+                what = (
+                    "variant='official' (it reads each sequence's first advantage)"
+                    if config.variant == "official"
+                    else f"loss_agg_mode={config.loss_agg_mode!r}"
+                )
+                raise ValueError(f"1-D packed logprobs need cu_seqlens for {what}")
+            if advantages.shape != shape:
+                raise ValueError(
+                    f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} like 1-D logprobs "
+                    "(per-sequence advantages need cu_seqlens)"
+                )
+            adv = advantages.reshape(-1)
+        else:
+            cu = _as_cu_seqlens(cu_seqlens, device)
+            num_seqs = cu.numel() - 1
+            if config.validate and num_seqs > 0:
+                if bool((cu[1:] < cu[:-1]).any()) or int(cu[0]) < 0 or int(cu[-1]) > n:
+                    raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
+            pos = torch.arange(n, device=device, dtype=torch.int64)
+            # Sequence i holds tokens cu[i] <= pos < cu[i+1]; tokens outside every sequence get
+            # id num_seqs and are treated as padding.
+            seq_id = torch.searchsorted(cu[1:], pos, right=True) if num_seqs > 0 else pos.new_zeros(n)
+            inside = (pos >= cu[0]) & (pos < cu[-1])
+            seq_id = torch.where(inside, seq_id, torch.full_like(seq_id, num_seqs))
+            valid = valid & inside
+            safe_seq = seq_id.clamp(max=max(num_seqs - 1, 0))
+            if advantages.shape == shape:
+                adv = advantages.reshape(-1)
+                starts = cu[:-1].clamp(max=max(n - 1, 0))
+                adv_seq_first = adv[starts] if n > 0 else adv.new_zeros(num_seqs)
+            elif advantages.shape == (num_seqs,):
+                adv_seq_first = advantages
+                adv = advantages[safe_seq] if num_seqs > 0 else advantages.new_zeros(n)
+            else:
+                raise ValueError(
+                    f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) "
+                    f"or ({num_seqs},) (per sequence of cu_seqlens)"
+                )
+            adv_first = adv_seq_first[safe_seq] if num_seqs > 0 else adv.new_zeros(n)
+            lengths = cu[1:] - cu[:-1]
+            norm_length = (lengths.max() if num_seqs > 0 else lengths.new_zeros(())).to(torch.float32)
+
+    finite = torch.isfinite(lp) & torch.isfinite(olp) & torch.isfinite(adv)
+    if adv_first is not None:
+        finite = finite & torch.isfinite(adv_first)
+    bad = valid & ~finite
+    if config.validate:
+        if bool(bad.any()):
+            for name, x in (("logprobs", lp), ("old_logprobs", olp), ("advantages", adv)):
+                if bool((valid & ~torch.isfinite(x)).any()):
+                    raise ValueError(
+                        f"{name} holds non-finite values (inf/NaN) on valid tokens; fix the data, or pass "
+                        "validate=False to treat such tokens as padding (counted in metrics['num_nonfinite'])"
+                    )
+            raise ValueError("advantages of a sequence's first token is non-finite on valid tokens")
+    valid = valid & finite
+    return Tokens(
+        logprobs=lp,
+        old_logprobs=olp,
+        advantages=adv,
+        valid=valid,
+        nonfinite=bad.sum(),
+        adv_first=adv_first,
+        seq_id=seq_id,
+        num_seqs=num_seqs,
+        norm_length=norm_length,
+        shape=shape,
+    )
+
+
+def check_num_tokens(num_tokens, config: M2POConfig):
+    """num_tokens: the token-mean denominator override (a positive number or a 0-d tensor)."""
+    if num_tokens is None:
+        return None
+    if config.loss_agg_mode != "token-mean":
+        raise ValueError(f"num_tokens only applies to loss_agg_mode='token-mean', got {config.loss_agg_mode!r}")
+    if isinstance(num_tokens, Tensor):
+        if num_tokens.numel() != 1:
+            raise ValueError(f"num_tokens must be a scalar, got shape {tuple(num_tokens.shape)}")
+        if num_tokens.dtype == torch.bool or num_tokens.is_complex():
+            raise TypeError(f"num_tokens must be a number, got {num_tokens.dtype}")
+        if config.validate and not bool(num_tokens > 0):
+            raise ValueError("num_tokens must be > 0")
+        return num_tokens.reshape(())
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float)):
+        raise TypeError(f"num_tokens must be a positive number or a 0-d tensor, got {type(num_tokens).__name__}")
+    if not (num_tokens > 0) or num_tokens != num_tokens or num_tokens == float("inf"):
+        raise ValueError(f"num_tokens must be a finite number > 0, got {num_tokens}")
+    return float(num_tokens)
+
+
+def token_weights(tok: Tokens, config: M2POConfig, num_tokens, dtype: torch.dtype, num_valid: Optional[Tensor] = None) -> Tensor:
+    """Per-token weight w with loss = sum_i w_i * l_i for the chosen aggregation mode.
+
+    num_valid: a global valid-token count (distributed / micro-batch use) for "token-mean".
+    """
+    valid = tok.valid.to(dtype)
+    mode = config.loss_agg_mode
+    if mode == "token-mean":
+        if num_tokens is not None:
+            denom = torch.as_tensor(num_tokens, dtype=dtype, device=tok.device)
+        elif num_valid is not None:
+            denom = num_valid.to(dtype).clamp_min(1)
+        else:
+            denom = valid.sum().clamp_min(1)
+        return valid / denom
+    num_seqs = max(tok.num_seqs, 1)
+    if mode == "seq-mean-token-sum":
+        return valid / num_seqs
+    if mode == "seq-mean-token-sum-norm":
+        return valid / tok.norm_length.to(dtype).clamp_min(1)
+    # seq-mean-token-mean: an empty sequence contributes 0 (verl would give 0/0 = NaN).
+    counts = torch.zeros(tok.num_seqs + 1, dtype=dtype, device=tok.device).scatter_add_(0, tok.seq_id, valid)
+    return valid / (counts[tok.seq_id].clamp_min(1) * num_seqs)
