@@ -1,1 +1,39 @@
-"""Fused Triton kernels of m2po-ops, installed as ``m2po_ops.kernels``."""
+"""Fused Triton kernels of m2po-ops, installed as ``m2po_ops.kernels``.
+
+Token passes (grid over blocks of tokens): stats_kernel, level2_kernel, ties_kernel,
+apply_kernel. Single-program passes over the histograms: select1_kernel, select2_kernel,
+finalize_kernel. The launch order and buffers are in m2po_ops/triton_backend.py; the
+algorithm, in PyTorch, is m2po_ops/histogram.py.
+"""
+
+from .apply import APPLY_COLS, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR, W_TENSOR_DENOM, apply_kernel, finalize_kernel
+from .histogram import STATS_COLS, level2_kernel, stats_kernel, ties_kernel
+from .select import select1_kernel, select2_kernel
+
+ALL_KERNELS = (
+    stats_kernel,
+    select1_kernel,
+    level2_kernel,
+    select2_kernel,
+    ties_kernel,
+    apply_kernel,
+    finalize_kernel,
+)
+
+__all__ = [
+    "ALL_KERNELS",
+    "APPLY_COLS",
+    "STATS_COLS",
+    "W_COUNT",
+    "W_NONE",
+    "W_PER_TOKEN",
+    "W_SCALAR",
+    "W_TENSOR_DENOM",
+    "apply_kernel",
+    "finalize_kernel",
+    "level2_kernel",
+    "select1_kernel",
+    "select2_kernel",
+    "stats_kernel",
+    "ties_kernel",
+]

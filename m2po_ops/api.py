@@ -14,6 +14,26 @@ from .cut import Cut
 from .inputs import Tokens, check_num_tokens, prepare, token_weights
 
 
+class AttachGrad(torch.autograd.Function):
+    """Returns ``loss`` with d loss / d logprobs = ``grad`` (computed in forward by a backend).
+
+    Backward is one multiply: grad_output * grad, cast to logprobs' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logprobs: Tensor, loss: Tensor, grad: Tensor):
+        ctx.save_for_backward(grad)
+        ctx.shape, ctx.dtype = logprobs.shape, logprobs.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        out = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad.device)
+        torch.mul(grad.reshape(ctx.shape), grad_output, out=out)
+        return out, None, None
+
+
 @functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
@@ -48,29 +68,34 @@ def _check_cut(cut, config: M2POConfig, device: torch.device) -> Optional[Cut]:
     return cut
 
 
-def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, weights_fn):
-    """Returns (keep, metrics, loss terms or None)."""
-    if group is not None:
-        from .distributed import solve_group
-
-        cut = solve_group(tok, config, group, backend)
+def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool, num_tokens=None):
+    """Returns (keep, metrics, loss or None, per-token gradient or None)."""
     if backend == "triton":
         from .triton_backend import triton_forward
 
-        return triton_forward(tok, config, cut, weights_fn)
+        solver = None
+        if group is not None and cut is None:
+            from .distributed import triton_group_solver
+
+            solver = triton_group_solver(config, group)
+        return triton_forward(tok, config, cut, want_loss, num_tokens, solver)
     if cut is None:
-        cut, delta, m2, tr = reference.solve(tok, config)
+        if group is not None:
+            from .distributed import solve_group_torch
+
+            cut, delta, m2, tr = solve_group_torch(tok, config, group)
+        else:
+            cut, delta, m2, tr = reference.solve(tok, config)
     else:
         delta = reference.log_ratio(tok)
         m2 = delta * delta
         tr = reference.trust_region(tok, delta, config)
     keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr)
     metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant)
-    terms = None
-    if weights_fn is not None:
-        w = weights_fn(cut, loss.dtype)
-        terms = (w * loss, w * grad)
-    return keep, metrics, terms
+    if not want_loss:
+        return keep, metrics, None, None
+    w = token_weights(tok, config, num_tokens, loss.dtype, cut.num_valid if group is not None else None)
+    return keep, metrics, (w * loss).sum(), w * grad
 
 
 def m2po_mask(
@@ -100,7 +125,7 @@ def m2po_mask(
     tok = prepare(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
     cut = _check_cut(cut, config, tok.device)
     be = resolve_backend(backend, tok.device)
-    keep, metrics, _ = _forward(tok, config, be, cut, group, None)
+    keep, metrics, _, _ = _forward(tok, config, be, cut, group, want_loss=False)
     return keep.reshape(tok.shape), metrics
 
 
@@ -153,11 +178,5 @@ def m2po_loss(
     num_tokens = check_num_tokens(num_tokens, config)
     cut = _check_cut(cut, config, tok.device)
     be = resolve_backend(backend, tok.device)
-    global_count = group is not None
-
-    def weights_fn(solved: Cut, dtype: torch.dtype) -> Tensor:
-        return token_weights(tok, config, num_tokens, dtype, solved.num_valid if global_count else None)
-
-    keep, metrics, (wl, wg) = _forward(tok, config, be, cut, group, weights_fn)
-    loss = reference.ReferenceLoss.apply(logprobs, wl, wg)
-    return loss, metrics
+    _, metrics, loss, grad = _forward(tok, config, be, cut, group, want_loss=True, num_tokens=num_tokens)
+    return AttachGrad.apply(logprobs, loss, grad), metrics

@@ -1,0 +1,113 @@
+"""The apply pass and the final reduction.
+
+apply_kernel: one read of the inputs with the solved cut. Per token: keep, the surrogate l_i
+and its gradient w_i * dl_i/dlogprobs_i, stored in forward so backward only scales it; per-block
+loss and masked-count partials.
+finalize_kernel: one program that sums the per-block partials in a fixed order (deterministic,
+no float atomics) into the loss and the metrics.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import as_f64, exp_f32, ratio_f32
+
+# weights
+W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = 0, 1, 2, 3, 4
+APPLY_COLS = 2
+
+
+@triton.jit
+def apply_kernel(
+    lp_ptr, olp_ptr, adv_ptr, valid_ptr, key_ptr, w_ptr, denom_bits,
+    value_ptr, ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr,
+    keep_ptr, grad_ptr, part_ptr, n,
+    OFFICIAL: tl.constexpr, WEIGHTS: tl.constexpr, KEEP_ALL: tl.constexpr,
+    BLOCK: tl.constexpr, TCHUNK: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    valid = tl.load(valid_ptr + offs, mask=inb, other=0) != 0
+    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    olp = tl.load(olp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    delta = tl.where(valid, lp - olp, 0.0)
+    adv = tl.where(valid, adv, 0.0)
+    if OFFICIAL:
+        lower = tl.load(lower_ptr)
+        upper = tl.load(upper_ptr)
+        ratio = ratio_f32(delta, INTERP)
+        pg1 = -adv * ratio
+        pg2 = -adv * tl.minimum(tl.maximum(ratio, lower), upper)
+        keep = valid & ~(pg2 > pg1)
+        loss = tl.where(valid, tl.maximum(pg1, pg2), 0.0)
+        # torch.maximum splits the gradient on ties; clamp passes it inside [lower, upper]
+        inside = (ratio >= lower) & (ratio <= upper)
+        grad = tl.where(pg1 > pg2, pg1, tl.where(pg1 == pg2, pg1 * tl.where(inside, 1.0, 0.5), 0.0))
+        grad = tl.where(valid, grad, 0.0)
+    else:
+        value = tl.load(value_ptr)
+        key = tl.load(key_ptr + offs, mask=inb, other=-1)
+        keep_trust = key < value
+        if value != KEEP_ALL:
+            ties_kept = tl.load(ties_kept_ptr)
+            tie = key == value
+            prior = tl.zeros((), tl.int64)
+            for c in range(0, pid, TCHUNK):
+                t_idx = c + tl.arange(0, TCHUNK)
+                prior += tl.sum(tl.load(ties_ptr + t_idx, mask=t_idx < pid, other=0))
+            tie64 = tie.to(tl.int64)
+            rank = prior + tl.cumsum(tie64, 0) - tie64
+            keep_trust = keep_trust | (tie & (rank < ties_kept))
+        keep = valid & ((key < 0) | keep_trust)
+        adv = tl.where(keep, adv, 0.0)
+        ratio = exp_f32(tl.minimum(tl.maximum(tl.where(keep, delta, 0.0), -20.0), 20.0), INTERP)
+        loss = -adv * ratio
+        grad = loss  # straight-through: d(-A r)/d logprobs = -A r
+    tl.store(keep_ptr + offs, keep, mask=inb)
+    masked = tl.sum((valid & ~keep).to(tl.int64)).to(tl.float64)
+    tl.store(part_ptr + pid.to(tl.int64) * 2 + 1, masked)
+    if WEIGHTS != 0:
+        if WEIGHTS == 1:  # token-mean over a valid-token count (int64 at w_ptr)
+            w = 1.0 / tl.maximum(tl.load(w_ptr).to(tl.float32), 1.0)
+        elif WEIGHTS == 2:  # token-mean over a Python-number denominator
+            w = (1.0 / as_f64(denom_bits)).to(tl.float32)
+        elif WEIGHTS == 3:  # token-mean over a tensor denominator
+            w = 1.0 / tl.load(w_ptr).to(tl.float32)
+        else:  # per-token weights (sequence-level modes)
+            w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        w = tl.where(valid, w, 0.0)
+        tl.store(grad_ptr + offs, w * grad, mask=inb)
+        tl.store(part_ptr + pid.to(tl.int64) * 2, tl.sum(w * loss).to(tl.float64))
+
+
+@triton.jit
+def finalize_kernel(stats_ptr, apply_ptr, out_ptr, nblocks, STATS_COLS: tl.constexpr, CHUNK: tl.constexpr):
+    """out: loss, masked_fraction, trust_region_fraction, kl, ratio_mean, ratio_max (float32)."""
+    n_valid = tl.zeros((), tl.float64)
+    n_trust = tl.zeros((), tl.float64)
+    neg_delta = tl.zeros((), tl.float64)
+    ratio_sum = tl.zeros((), tl.float64)
+    ratio_max = tl.zeros((), tl.float64)
+    loss = tl.zeros((), tl.float64)
+    masked = tl.zeros((), tl.float64)
+    for c in range(0, nblocks, CHUNK):
+        b = c + tl.arange(0, CHUNK)
+        inb = b < nblocks
+        row = stats_ptr + b.to(tl.int64) * STATS_COLS
+        n_valid += tl.sum(tl.load(row + 0, mask=inb, other=0.0))
+        n_trust += tl.sum(tl.load(row + 1, mask=inb, other=0.0))
+        neg_delta += tl.sum(tl.load(row + 2, mask=inb, other=0.0))
+        ratio_sum += tl.sum(tl.load(row + 3, mask=inb, other=0.0))
+        ratio_max = tl.maximum(ratio_max, tl.max(tl.load(row + 4, mask=inb, other=0.0)))
+        arow = apply_ptr + b.to(tl.int64) * 2
+        loss += tl.sum(tl.load(arow + 0, mask=inb, other=0.0))
+        masked += tl.sum(tl.load(arow + 1, mask=inb, other=0.0))
+    denom = tl.maximum(n_valid, 1.0)
+    tl.store(out_ptr + 0, loss.to(tl.float32))
+    tl.store(out_ptr + 1, (masked / denom).to(tl.float32))
+    tl.store(out_ptr + 2, (n_trust / denom).to(tl.float32))
+    tl.store(out_ptr + 3, (neg_delta / denom).to(tl.float32))
+    tl.store(out_ptr + 4, (ratio_sum / denom).to(tl.float32))
+    tl.store(out_ptr + 5, ratio_max.to(tl.float32))

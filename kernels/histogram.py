@@ -1,0 +1,93 @@
+"""Token passes that build the mergeable statistics (see m2po_ops/histogram.py for the format).
+
+stats_kernel: one read of the inputs. Per token: delta, m2, trust-region membership, the key
+(m2 bits or -1), level-1 histogram atomics (int64, so any order gives the same bits), and
+per-block metric partials (written, not atomically added, so their sum is deterministic).
+level2_kernel: level-2 histograms of the one or two level-1 buckets select1 chose, from the
+keys; exits at once when select1 found nothing to refine (the common case).
+ties_kernel: per-block counts of keys equal to the paper cut's value, for the tie rule;
+exits at once when nothing is masked.
+"""
+
+import triton
+import triton.language as tl
+
+from .common import L1_SHIFT, exp_f32, ratio_f32, significand
+
+# per-block partials written by stats_kernel (float64 columns)
+P_VALID, P_TRUST, P_NEG_DELTA, P_RATIO, P_RATIO_MAX = 0, 1, 2, 3, 4
+STATS_COLS = 5
+
+
+@triton.jit
+def stats_kernel(
+    lp_ptr, olp_ptr, adv_ptr, adv_first_ptr, valid_ptr,
+    key_ptr, hist1_ptr, part_ptr, n_valid_ptr, n,
+    OFFICIAL: tl.constexpr, NB1: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < n
+    valid = tl.load(valid_ptr + offs, mask=inb, other=0) != 0
+    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    olp = tl.load(olp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    delta = tl.where(valid, lp - olp, 0.0)
+    m2 = delta * delta
+    if OFFICIAL:
+        # the authors' "harmful" tokens: first-token advantage sign and ratio side, in float32
+        adv_first = tl.load(adv_first_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        ratio = ratio_f32(delta, INTERP)
+        trust = valid & (((adv_first > 1e-12) & (ratio > 1.0)) | ((adv_first < -1e-12) & (ratio < 1.0)))
+    else:
+        adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        trust = valid & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
+        ratio = exp_f32(tl.minimum(tl.maximum(delta, -20.0), 20.0), INTERP)
+    bits = m2.to(tl.int32, bitcast=True)
+    key = tl.where(trust, bits, -1)
+    tl.store(key_ptr + offs, key, mask=inb)
+
+    bucket = bits >> L1_SHIFT
+    one = tl.full([BLOCK], 1, tl.int64)
+    tl.atomic_add(hist1_ptr + bucket, one, mask=trust, sem="relaxed")
+    tl.atomic_add(hist1_ptr + NB1 + bucket, significand(bits), mask=trust, sem="relaxed")
+
+    ratio = tl.where(valid, ratio, 0.0)
+    n_valid = tl.sum(valid.to(tl.int64))
+    tl.atomic_add(n_valid_ptr, n_valid, sem="relaxed")
+    row = part_ptr + pid.to(tl.int64) * 5
+    tl.store(row + 0, n_valid.to(tl.float64))
+    tl.store(row + 1, tl.sum(trust.to(tl.int64)).to(tl.float64))
+    tl.store(row + 2, tl.sum(-delta).to(tl.float64))
+    tl.store(row + 3, tl.sum(ratio).to(tl.float64))
+    tl.store(row + 4, tl.max(ratio).to(tl.float64))
+
+
+@triton.jit
+def level2_kernel(key_ptr, state_ptr, hist2_ptr, n, NB2: tl.constexpr, BLOCK: tl.constexpr):
+    refine = tl.load(state_ptr + 0)
+    if refine != 0:
+        b1 = tl.load(state_ptr + 1)
+        b0 = tl.load(state_ptr + 2)
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        key = tl.load(key_ptr + offs, mask=offs < n, other=-1)
+        bucket = (key >> L1_SHIFT).to(tl.int64)
+        low = key & (NB2 - 1)
+        one = tl.full([BLOCK], 1, tl.int64)
+        sig = significand(key)
+        sel1 = (key >= 0) & (bucket == b1)
+        tl.atomic_add(hist2_ptr + low, one, mask=sel1, sem="relaxed")
+        tl.atomic_add(hist2_ptr + NB2 + low, sig, mask=sel1, sem="relaxed")
+        sel0 = (key >= 0) & (bucket == b0)
+        tl.atomic_add(hist2_ptr + 2 * NB2 + low, one, mask=sel0, sem="relaxed")
+        tl.atomic_add(hist2_ptr + 3 * NB2 + low, sig, mask=sel0, sem="relaxed")
+
+
+@triton.jit
+def ties_kernel(key_ptr, value_ptr, ties_ptr, n, KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr):
+    value = tl.load(value_ptr)
+    if value != KEEP_ALL:
+        pid = tl.program_id(0)
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        key = tl.load(key_ptr + offs, mask=offs < n, other=-1)
+        tl.store(ties_ptr + pid, tl.sum((key == value).to(tl.int64)))

@@ -1,0 +1,254 @@
+"""The fused Triton backend: allocating wrappers around m2po_ops.kernels, launched in a fixed
+order with no host synchronisation.
+
+Forward (local solve), one launch each, whatever the data:
+  workspace memset (torch.zeros), stats, select1, level2, select2, ties, apply, finalize
+= 1 memset + 7 Triton kernels. Backward: one elementwise multiply (grad_output * stored grad).
+level2 and ties return at once when nothing is masked (mean m2 <= tau, the common case).
+With a given cut (micro-batch pre-pass) select1/level2/select2 are skipped; with a process
+group the histograms are all-reduced between the passes (see m2po_ops/distributed.py).
+
+Every kernel launch goes through ``_launch`` so tests can count them (``launch_log``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import kernels as K
+from .config import OFFICIAL_EPS, M2POConfig
+from .cut import Cut
+from .inputs import Tokens, token_weights
+from .kernels.common import INTERPRET, KEEP_ALL_BITS, L1_BUCKETS, L2_BUCKETS, f64_bits
+
+# Token kernels: BLOCK tokens per program. Select kernels: one program scanning CHUNK buckets
+# at a time (large under the interpreter, where each step is a numpy call).
+BLOCK = 4096
+TOKEN_WARPS = 8
+SELECT_CHUNK = 32768 if INTERPRET else 2048
+SELECT_WARPS = 8
+TIE_CHUNK = 1024
+FINAL_CHUNK = 1024
+
+_launches: Optional[list] = None
+
+
+@contextlib.contextmanager
+def launch_log():
+    """Record the names of the Triton kernels launched inside the block."""
+    global _launches
+    previous, _launches = _launches, []
+    try:
+        yield _launches
+    finally:
+        _launches = previous
+
+
+def _launch(kernel, grid, *args, **meta):
+    if _launches is not None:
+        _launches.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+    kernel[grid](*args, **meta)
+
+
+@dataclass
+class Workspace:
+    """One zeroed int64 buffer (a single memset) sliced into everything the passes need."""
+
+    hist1: Tensor  # int64 [2, L1]
+    hist2: Tensor  # int64 [4, L2]: slot 0 (count, sig), slot 1 (count, sig)
+    state1: Tensor  # int64 [4]
+    n_valid: Tensor  # int64 0-d: this call's valid tokens
+    cut_i64: Tensor  # int64 [3]: ties_kept, num_trust_region, num_valid
+    stats_part: Tensor  # float64 [nblocks, STATS_COLS]
+    apply_part: Tensor  # float64 [nblocks, 2]
+    ties: Tensor  # int64 [nblocks]
+    f32: Tensor  # float32 [12]: cut (lower, upper, m2, m2_after, threshold), outputs, value bits
+    nblocks: int
+
+    @staticmethod
+    def allocate(n: int, device) -> "Workspace":
+        nblocks = max(1, math.ceil(n / BLOCK))
+        sizes = [2 * L1_BUCKETS, 4 * L2_BUCKETS, 4, 1, 3, nblocks * K.STATS_COLS, nblocks * 2, nblocks, 6]
+        buf = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
+        parts = list(torch.split(buf, sizes))
+        f32 = parts[8].view(torch.float32)
+        return Workspace(
+            hist1=parts[0].view(2, L1_BUCKETS),
+            hist2=parts[1].view(4, L2_BUCKETS),
+            state1=parts[2],
+            n_valid=parts[3].view(()),
+            cut_i64=parts[4],
+            stats_part=parts[5].view(torch.float64).view(nblocks, K.STATS_COLS),
+            apply_part=parts[6].view(torch.float64).view(nblocks, 2),
+            ties=parts[7],
+            f32=f32,
+            nblocks=nblocks,
+        )
+
+    def cut(self, variant: str) -> Cut:
+        f = self.f32
+        return Cut(
+            variant=variant,
+            value=f[11:12].view(torch.int32).view(()),
+            ties_kept=self.cut_i64[0].view(()),
+            lower=f[0].view(()),
+            upper=f[1].view(()),
+            num_valid=self.cut_i64[2].view(()),
+            num_trust_region=self.cut_i64[1].view(()),
+            m2=f[2].view(()),
+            m2_after=f[3].view(()),
+            threshold=f[4].view(()),
+        )
+
+
+def _tau_args(config: M2POConfig):
+    hi, lo = config.tau_split
+    tau_inf = math.isinf(config.tau)
+    return dict(
+        tau_hi_bits=f64_bits(0.0 if tau_inf else hi),
+        tau_lo_bits=f64_bits(0.0 if tau_inf else lo),
+        tau_bits=f64_bits(config.tau),
+        tau_eps_bits=f64_bits(config.tau + OFFICIAL_EPS),
+        eps_bits=f64_bits(OFFICIAL_EPS),
+        OFFICIAL=config.variant == "official",
+        TAU_INF=tau_inf,
+    )
+
+
+def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace) -> Tensor:
+    """Keys (int32: m2 bits in the trust region, else -1), level-1 histogram, partials."""
+    n = tok.numel
+    key = torch.empty(n, dtype=torch.int32, device=tok.device)
+    adv_first = tok.adv_first if tok.adv_first is not None else tok.advantages
+    _launch(
+        K.stats_kernel, (ws.nblocks,),
+        tok.logprobs, tok.old_logprobs, tok.advantages, adv_first, tok.valid,
+        key, ws.hist1, ws.stats_part, ws.n_valid, n,
+        OFFICIAL=config.variant == "official", NB1=L1_BUCKETS, BLOCK=BLOCK, INTERP=INTERPRET,
+        num_warps=TOKEN_WARPS,
+    )
+    return key
+
+
+def select1(ws: Workspace, config: M2POConfig) -> None:
+    _launch(K.select1_kernel, (1,), ws.hist1, ws.state1, **_tau_args(config), NB1=L1_BUCKETS, CHUNK=SELECT_CHUNK,
+            num_warps=SELECT_WARPS)
+
+
+def level2(key: Tensor, ws: Workspace) -> None:
+    _launch(K.level2_kernel, (ws.nblocks,), key, ws.state1, ws.hist2, key.numel(), NB2=L2_BUCKETS, BLOCK=BLOCK,
+            num_warps=TOKEN_WARPS)
+
+
+def select2(ws: Workspace, config: M2POConfig, num_valid: Tensor) -> Cut:
+    """Solve the cut into the workspace; ``num_valid`` (int64 0-d) becomes cut.num_valid."""
+    args = _tau_args(config)
+    _launch(
+        K.select2_kernel, (1,),
+        ws.hist1, ws.hist2, ws.state1, num_valid, ws.f32[11:12].view(torch.int32), ws.cut_i64, ws.f32,
+        args["tau_hi_bits"], args["tau_lo_bits"], args["tau_bits"], args["tau_eps_bits"], args["eps_bits"],
+        f64_bits(config.miniclip_low or 0.0), f64_bits(config.miniclip_high or 0.0),
+        OFFICIAL=args["OFFICIAL"], TAU_INF=args["TAU_INF"],
+        HAS_MINI_LO=config.miniclip_low is not None, HAS_MINI_HI=config.miniclip_high is not None,
+        KEEP_ALL=KEEP_ALL_BITS, NB1=L1_BUCKETS, NB2=L2_BUCKETS, CHUNK=SELECT_CHUNK, INTERP=INTERPRET,
+        num_warps=SELECT_WARPS,
+    )
+    return ws.cut(config.variant)
+
+
+def ties_pass(key: Tensor, cut: Cut, ws: Workspace) -> None:
+    _launch(K.ties_kernel, (ws.nblocks,), key, cut.value, ws.ties, key.numel(), KEEP_ALL=KEEP_ALL_BITS, BLOCK=BLOCK,
+            num_warps=TOKEN_WARPS)
+
+
+def _weights(tok: Tokens, config: M2POConfig, num_tokens, count: Tensor):
+    """(WEIGHTS code, pointer tensor, float bits) for apply_kernel."""
+    if config.loss_agg_mode != "token-mean":
+        return K.W_PER_TOKEN, token_weights(tok, config, None, torch.float32), 0
+    if num_tokens is None:
+        return K.W_COUNT, count, 0
+    if isinstance(num_tokens, Tensor):
+        return K.W_TENSOR_DENOM, num_tokens, 0
+    return K.W_SCALAR, count, f64_bits(num_tokens)
+
+
+def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Workspace, want_loss: bool,
+               num_tokens=None, count: Optional[Tensor] = None):
+    n = tok.numel
+    keep = torch.empty(n, dtype=torch.bool, device=tok.device)
+    grad = torch.empty(n, dtype=torch.float32, device=tok.device) if want_loss else keep
+    code, wptr, bits = _weights(tok, config, num_tokens, count if count is not None else ws.n_valid) if want_loss else (
+        K.W_NONE, ws.n_valid, 0)
+    lower, upper = cut.lower, cut.upper
+    _launch(
+        K.apply_kernel, (ws.nblocks,),
+        tok.logprobs, tok.old_logprobs, tok.advantages, tok.valid, key, wptr, bits,
+        cut.value, cut.ties_kept, lower, upper, ws.ties,
+        keep, grad, ws.apply_part, n,
+        OFFICIAL=config.variant == "official", WEIGHTS=code, KEEP_ALL=KEEP_ALL_BITS,
+        BLOCK=BLOCK, TCHUNK=TIE_CHUNK, INTERP=INTERPRET, num_warps=TOKEN_WARPS,
+    )
+    out = ws.f32[5:11]
+    _launch(K.finalize_kernel, (1,), ws.stats_part, ws.apply_part, out, ws.nblocks, STATS_COLS=K.STATS_COLS,
+            CHUNK=FINAL_CHUNK)
+    return keep, (grad if want_loss else None), out
+
+
+def metrics_from(out: Tensor, cut: Cut, tok: Tokens, variant: str) -> dict:
+    m = {
+        "m2": cut.m2,
+        "m2_after": cut.m2_after,
+        "masked_fraction": out[1],
+        "trust_region_fraction": out[2],
+        "kl": out[3],
+        "ratio_mean": out[4],
+        "ratio_max": out[5],
+        "cut": cut.threshold,
+        "num_nonfinite": tok.nonfinite.float(),
+    }
+    if variant == "official":
+        m["clip_low"] = cut.lower
+        m["clip_high"] = cut.upper
+    return m
+
+
+def _contiguous(tok: Tokens) -> Tokens:
+    """Kernels index flat, dense tensors: copy the (rare) strided or broadcast ones."""
+    fields = {}
+    for name in ("logprobs", "old_logprobs", "advantages", "valid", "adv_first"):
+        x = getattr(tok, name)
+        if x is not None and not x.is_contiguous():
+            fields[name] = x.contiguous()
+    return dataclasses.replace(tok, **fields) if fields else tok
+
+
+def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_loss: bool, num_tokens=None,
+                   solver=None):
+    """Run the passes. ``solver(key, ws) -> Cut`` replaces the local solve (distributed use).
+
+    Returns keep, metrics, loss (0-d) or None, grad (float32, (N,)) or None.
+    """
+    if tok.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)")
+    tok = _contiguous(tok)
+    ws = Workspace.allocate(tok.numel, tok.device)
+    key = stats_pass(tok, config, ws)
+    count = ws.n_valid
+    if cut is None:
+        if solver is not None:
+            cut, count = solver(key, ws)
+        else:
+            select1(ws, config)
+            level2(key, ws)
+            cut = select2(ws, config, ws.n_valid)
+    ties_pass(key, cut, ws)
+    keep, grad, out = apply_pass(tok, config, key, cut, ws, want_loss, num_tokens, count)
+    metrics = metrics_from(out, cut, tok, config.variant)
+    return keep, metrics, (out[0] if want_loss else None), grad
