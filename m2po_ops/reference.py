@@ -45,9 +45,19 @@ def trust_region(tok: Tokens, delta: Tensor, config: M2POConfig) -> Tensor:
     eps = torch.tensor(OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
     one_hi = torch.tensor(1.0 + OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
     one_lo = torch.tensor(1.0 - OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
-    ratio = torch.exp(delta)
+    ratio = ratio_f32(delta)
     adv_first = tok.adv_first.float()
     return tok.valid & (((adv_first > eps) & (ratio > one_hi)) | ((adv_first < -eps) & (ratio < one_lo)))
+
+
+def ratio_f32(delta: Tensor) -> Tensor:
+    """exp(delta) for float32 delta, correctly rounded (evaluated in float64, rounded once).
+
+    Used wherever the official variant compares a ratio (eligibility, the clip decision), so
+    every backend and device gets the same bits; float32 exp implementations differ by an ulp
+    (torch's CPU and CUDA expf, numpy's, libdevice's), which flips ties like r == exp(tau_c).
+    """
+    return torch.exp(delta.double()).float()
 
 
 def m2_bits(m2: Tensor) -> Tensor:
@@ -70,6 +80,11 @@ def _max_or_zero(x: Tensor) -> Tensor:
     return torch.cat([x.new_zeros(1), x]).max()
 
 
+def _at(x: Tensor, i: Tensor) -> Tensor:
+    """x[i] for a 0-d index tensor without a host sync (``x[i]`` calls ``i.item()``)."""
+    return x.index_select(0, i.reshape(1)).reshape(())
+
+
 def solve_paper(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
     """Algorithm 1 of the paper as one cut: keep the longest (m2, index)-ordered prefix of T whose
     mean is <= tau."""
@@ -89,7 +104,7 @@ def solve_paper(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig) -
     keep_count = _max_or_zero(torch.where(ok, k, torch.zeros_like(k)))
     masked_any = keep_count < n_tr
     at = keep_count.clamp(max=max(n - 1, 0))
-    first_cut_bits = (skey[at] >> 32).to(torch.int32) if n > 0 else torch.zeros((), dtype=torch.int32, device=device)
+    first_cut_bits = (_at(skey, at) >> 32).to(torch.int32) if n > 0 else torch.zeros((), dtype=torch.int32, device=device)
     value = torch.where(masked_any, first_cut_bits, torch.full_like(first_cut_bits, KEEP_ALL_BITS))
     below = (tr & (m2_bits(m2) < value)).sum()
     ties_kept = torch.where(masked_any, keep_count - below, torch.zeros_like(keep_count))
@@ -112,8 +127,9 @@ def official_bounds(tau_c: Tensor, constrained: Tensor, config: M2POConfig):
     """The authors' chain from tau_c to float32 clip bounds, in float64 tensor arithmetic.
 
     Authors: clip_low = exp(-tau_c), clip_high = exp(tau_c) (0.0 and 100000 when unconstrained);
-    eps_lo = 1 - clip_low, floored at miniclip_low; eps_hi = clip_high - 1, capped at
-    miniclip_high; the clamp bounds 1 - eps_lo and 1 + eps_hi are cast to float32 by torch.
+    eps_lo = 1 - clip_low, floored at miniclip_low; eps_hi = clip_high - 1, floored at
+    miniclip_high (released code: ``if clip_high < miniclip_high: clip_high = miniclip_high``, on
+    eps); the clamp bounds 1 - eps_lo and 1 + eps_hi are cast to float32 by torch.
     exp is evaluated in float64 and rounded to float32 (the authors evaluate it in float32; the
     two agree up to one float32 ulp of the bound).
     """
@@ -127,7 +143,7 @@ def official_bounds(tau_c: Tensor, constrained: Tensor, config: M2POConfig):
     if config.miniclip_low is not None:
         eps_lo = torch.clamp(eps_lo, min=config.miniclip_low)
     if config.miniclip_high is not None:
-        eps_hi = torch.clamp(eps_hi, max=config.miniclip_high)
+        eps_hi = torch.clamp(eps_hi, min=config.miniclip_high)
     return (1.0 - eps_lo).float(), (1.0 + eps_hi).float()
 
 
@@ -151,8 +167,8 @@ def solve_official(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig
     constrained = constrained & (k < n)
     tiny_budget = target <= e  # the authors return tau_c = 0 here
     prev = (k - 1).clamp(min=0, max=max(n_all - 1, 0))
-    v_prev = values[prev] if n_all > 0 else torch.zeros((), dtype=torch.float64, device=device)
-    c_prev = csum[prev] if n_all > 0 else torch.zeros((), dtype=torch.float64, device=device)
+    v_prev = _at(values, prev) if n_all > 0 else torch.zeros((), dtype=torch.float64, device=device)
+    c_prev = _at(csum, prev) if n_all > 0 else torch.zeros((), dtype=torch.float64, device=device)
     at_zero = (k == 0) | tiny_budget
     tau_c2 = torch.where(at_zero, torch.zeros_like(v_prev), (v_prev - e).clamp_min(0))
     tau_c = torch.sqrt(tau_c2)
@@ -208,18 +224,26 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor):
         r = torch.exp(torch.clamp(torch.where(keep, d, zero), -DELTA_CLAMP, DELTA_CLAMP))
         loss = -a * r
         return keep, loss, loss  # straight-through: d(-a r)/d logprobs = -a r
-    # official: PPO clipped surrogate with the solved bounds, as torch evaluates it
-    r = torch.exp(d)
-    lower, upper = cut.lower.to(cd), cut.upper.to(cd)
+    # official: PPO clipped surrogate with the solved bounds. The clip decision is made as the
+    # authors' torch code makes it, in float32 (ratio, float32 bounds, strict comparisons), for
+    # every input dtype; the loss values use the compute dtype.
+    lower32, upper32 = cut.lower, cut.upper
+    adv32 = torch.where(valid, tok.advantages.float(), torch.zeros((), dtype=torch.float32, device=tok.device))
+    r32 = ratio_f32(delta)
+    pg1_32 = -adv32 * r32
+    pg2_32 = -adv32 * torch.clamp(r32, lower32, upper32)
+    clipped = pg2_32 > pg1_32
+    tie = pg1_32 == pg2_32
+    keep = valid & ~clipped
+    r = torch.exp(d) if cd == torch.float64 else r32
+    lower, upper = lower32.to(cd), upper32.to(cd)
     pg1 = -adv * r
     pg2 = -adv * torch.clamp(r, lower, upper)
-    clipped = pg2 > pg1
-    keep = valid & ~clipped
-    loss = torch.where(valid, torch.maximum(pg1, pg2), zero)
+    loss = torch.where(valid, torch.where(clipped, pg2, pg1), zero)
     # torch.maximum splits the gradient evenly on ties; clamp passes it inside [lower, upper].
-    inside = (r >= lower) & (r <= upper)
+    inside = (r32 >= lower32) & (r32 <= upper32)
     half = torch.where(inside, torch.ones_like(r), torch.full_like(r, 0.5))
-    grad = torch.where(pg1 > pg2, pg1, torch.where(pg1 == pg2, pg1 * half, zero))
+    grad = torch.where(clipped, zero, torch.where(tie, pg1 * half, pg1))
     grad = torch.where(valid, grad, zero)
     return keep, loss, grad
 
@@ -232,7 +256,7 @@ def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Tensor, vari
     if variant == "paper":
         ratio = torch.exp(torch.clamp(delta, -DELTA_CLAMP, DELTA_CLAMP))
     else:
-        ratio = torch.exp(delta)
+        ratio = ratio_f32(delta)
     ratio_v = torch.where(valid, ratio, zero)
     out = {
         "m2": cut.m2,
