@@ -200,7 +200,10 @@ def prepare(
 
     finite = torch.isfinite(lp) & torch.isfinite(olp) & torch.isfinite(adv)
     if adv_first is not None:
-        finite = finite & torch.isfinite(adv_first)
+        # A sequence's first position may be padding holding garbage (left padding, a hole): it
+        # then reads as 0, so the sequence is ineligible, exactly as with zero padding. A valid
+        # first token with a non-finite advantage is caught (or made padding) like any other.
+        adv_first = torch.where(torch.isfinite(adv_first), adv_first, torch.zeros_like(adv_first))
     bad = valid & ~finite
     if config.validate:
         if bool(bad.any()):
@@ -210,7 +213,6 @@ def prepare(
                         f"{name} holds non-finite values (inf/NaN) on valid tokens; fix the data, or pass "
                         "validate=False to treat such tokens as padding (counted in metrics['num_nonfinite'])"
                     )
-            raise ValueError("advantages of a sequence's first token is non-finite on valid tokens")
     valid = valid & finite
     return Tokens(
         logprobs=lp,
