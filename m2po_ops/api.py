@@ -68,12 +68,30 @@ def _check_cut(cut, config: M2POConfig, device: torch.device) -> Optional[Cut]:
     return cut
 
 
+def _maybe_check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], check_drift) -> None:
+    """The opt-in pre-pass drift check (see M2POStats): None follows the cut's setting."""
+    if check_drift is not None and not isinstance(check_drift, bool):
+        raise TypeError(f"check_drift must be None or a bool, got {type(check_drift).__name__}")
+    if check_drift is False:
+        return
+    if cut is None:
+        if check_drift:
+            raise ValueError("check_drift=True needs cut= (a cut from M2POStats.solve)")
+        return
+    if check_drift or getattr(cut, "check_drift", False):
+        from .stats import check_drift as _check
+
+        _check(tok, config, backend, cut)
+
+
 def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool, num_tokens=None):
     """Returns (keep, metrics, loss or None, per-token gradient or None)."""
     if backend == "triton":
         from .triton_backend import triton_forward
 
         solver = None
+        if group is not None and cut is not None and num_tokens is None and config.loss_agg_mode == "token-mean":
+            num_tokens = cut.num_valid.clamp_min(1)  # the group's count, as the torch path uses
         if group is not None and cut is None:
             from .distributed import triton_group_solver
 
@@ -113,6 +131,7 @@ def m2po_mask(
     validate: bool = True,
     cut: Optional[Cut] = None,
     group=None,
+    check_drift: Optional[bool] = None,
 ):
     """Which tokens M2PO keeps. Returns ``(keep, metrics)``.
 
@@ -125,6 +144,7 @@ def m2po_mask(
     tok = prepare(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
     cut = _check_cut(cut, config, tok.device)
     be = resolve_backend(backend, tok.device)
+    _maybe_check_drift(tok, config, be, cut, check_drift)
     keep, metrics, _, _ = _forward(tok, config, be, cut, group, want_loss=False)
     return keep.reshape(tok.shape), metrics
 
@@ -146,6 +166,7 @@ def m2po_loss(
     validate: bool = True,
     cut: Optional[Cut] = None,
     group=None,
+    check_drift: Optional[bool] = None,
 ):
     """The M2PO policy loss. Returns ``(loss, metrics)``; ``loss`` is 0-d and differentiable with
     respect to ``logprobs`` (old_logprobs and advantages are constants).
@@ -163,8 +184,17 @@ def m2po_loss(
     miniclip_low / miniclip_high: official variant's optional clip floors (authors: 0.3 / 0.5).
     validate: raise on non-finite values in valid tokens (a host sync). With False such tokens
         are treated as padding and counted in metrics["num_nonfinite"].
-    cut: a Cut solved beforehand over the whole optimizer step (see M2POStats).
-    group: a torch.distributed process group: solve the cut over all its ranks' tokens.
+    cut: a Cut solved beforehand over the whole optimizer step: ``M2POStats(...).solve()[i]``
+        for micro-batch i (pass ``num_tokens=cuts.num_valid`` too, so the micro-batch losses add
+        up to the mini-batch loss). Either backend applies a cut solved by either backend.
+    group: a torch.distributed process group. Without ``cut``: solve the cut over all its
+        ranks' tokens (every rank gets its slice of the mask of one call on the concatenation
+        of the ranks' tokens in rank order); all ranks must call. The token-mean denominator is
+        then the group's valid-token count (unless ``num_tokens`` is given); the other metrics
+        (masked_fraction, kl, ratio_*) stay local, while m2, m2_after and cut are global.
+    check_drift: compare the pre-pass fingerprint carried by ``cut`` (from M2POStats) with this
+        call's statistics and warn if they differ (a host sync; for debugging). None follows
+        ``M2POStats(check_drift=...)``.
     """
     config = M2POConfig(
         tau=tau,
@@ -178,5 +208,6 @@ def m2po_loss(
     num_tokens = check_num_tokens(num_tokens, config)
     cut = _check_cut(cut, config, tok.device)
     be = resolve_backend(backend, tok.device)
+    _maybe_check_drift(tok, config, be, cut, check_drift)
     _, metrics, loss, grad = _forward(tok, config, be, cut, group, want_loss=True, num_tokens=num_tokens)
     return AttachGrad.apply(logprobs, loss, grad), metrics
