@@ -70,6 +70,11 @@ _COMPILED = None
 def compiled_fn():
     global _COMPILED
     if _COMPILED is None:
+        import torch._dynamo.config as dynamo_config
+
+        # Recompiles (dtype, the sync counter's patched methods) must not hit the default limit of
+        # 8, past which dynamo silently falls back to eager and "compiled" would time eager code.
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         _COMPILED = baselines.compiled_sorted_eager(dynamic=True)
     return _COMPILED
 

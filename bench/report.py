@@ -125,7 +125,9 @@ def tables(data: dict) -> str:
         rows_c.append(base + [_cost_cell(by.get((n, *key), {}), cuda) for n in names])
     v = data["versions"]
     m = data["machine"]
-    dev = f"{v['gpu_name']} (CUDA {v['cuda']})" if cuda else f"CPU: {m['cpu']}, {m['cpu_count']} cores"
+    dev = (f"{v['gpu_name']} (CUDA {v['cuda']})" if cuda else
+           f"CPU: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s), "
+           f"load average {m.get('loadavg_at_start', ['?'])[0]} at start")
     out = [
         f"### m2po-ops benchmark: {dev}; torch {v['torch']}, triton {v['triton']}"
         + (" (quick run)" if data.get("quick") else ""),
@@ -240,3 +242,54 @@ if __name__ == "__main__":  # python -m bench.report results/x.json: reprint the
             d = json.load(f)
         print(tables(d))
         plot(d, os.path.splitext(p)[0] + ".png")
+
+
+SECTION_HEAD = """## Benchmark
+
+`make bench` is this project's main job. It times one forward+backward call of the M2PO loss for
+this library and for the M2PO code users run today, on the same inputs in one run, checks every
+competitor's mask against the reference bit for bit (a wrong answer is reported, not timed), and
+reports ratios, host syncs per call and (on CUDA) kernel launches, peak extra memory and the
+fraction of a device copy's bandwidth. Competitors: `official-eager` (the authors' released rule:
+boolean indexing, `torch.sort`, a Python `.item()` loop for the threshold, PPO-clip loss),
+`sorted-eager` (the paper's rule as careful ports write it: stable sort, prefix-mean cut,
+`nonzero`/`.item()`), `compiled` (`torch.compile` of sorted-eager), and `m2po_ops` with the
+`torch` and, on CUDA, `triton` backends (eager and replayed in a CUDA graph). Sizes 32K to 16M
+tokens (CPU: up to 1M), float32 and bfloat16 log-probs in padded batches, three regimes: nothing
+masked, the paper's typical ~0.1%, a stressed ~5%. Details: [bench/README.md](bench/README.md).
+
+```bash
+make bench              # CPU or GPU: table on stdout + bench/results/<device>-<date>.{json,md,png}
+make bench-quick        # about one minute
+bash bench/run_gpu.sh   # the full GPU suite on a CUDA machine (no install: the machine's torch/triton)
+```
+"""
+
+
+def readme_section(results_dir: str, out_path: str) -> str:
+    """Write the README's benchmark section: the latest GPU run if one exists, else the latest CPU
+    run (with a note that no GPU figures exist yet)."""
+    gpu = latest(results_dir, gpu=True)
+    path = gpu or latest(results_dir, gpu=False)
+    parts = [SECTION_HEAD]
+    if path is None:
+        parts.append("No benchmark results are committed yet. No GPU figures exist yet.\n")
+    else:
+        with open(path) as f:
+            data = json.load(f)
+        rel = os.path.relpath(path, os.path.dirname(os.path.dirname(os.path.abspath(results_dir))))
+        stem = os.path.splitext(rel)[0]
+        if gpu is None:
+            parts.append(
+                "**No GPU figures exist yet**: no session has had a GPU to run `bench/run_gpu.sh` on. Below is "
+                "the CPU run. On CPU the Triton backend is not timed (its interpreter is not a speed measure), "
+                "so `m2po_ops` appears only through its PyTorch reference backend, which sorts every token; "
+                "the sync counts are the figures that carry over to a GPU.\n"
+            )
+        parts.append(f"Latest run: `{rel}` ({data['created']}, {data['wall_s']:.0f} s).\n")
+        parts.append(tables(data).replace("### ", "#### ") + "\n")
+        parts.append(f"![time vs tokens]({stem}.png)\n")
+    text = "\n".join(parts)
+    with open(out_path, "w") as f:
+        f.write(text)
+    return text

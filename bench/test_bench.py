@@ -17,6 +17,8 @@ from .inputs import make_batch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N_TOKENS = 32768
+if DEVICE == "cpu":
+    torch.set_num_threads(1)  # as python -m bench.run on CPU (see bench/README.md)
 logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
 logging.getLogger("torch._inductor").setLevel(logging.ERROR)
 
