@@ -122,7 +122,8 @@ def tables(data: dict) -> str:
         base = [_size(inp["n_tokens"]), inp["dtype"].replace("float", "fp").replace("bfloat", "bf"), inp["regime"],
                 f"{100 * mf['paper']:.2f}/{100 * mf['official']:.2f}%"]
         rows_t.append(base + [_time_cell(by.get((n, *key), {})) for n in names])
-        rows_c.append(base + [_cost_cell(by.get((n, *key), {}), cuda) for n in names])
+        floor = [_ms(inp["floor_us"] / 1e3)] if cuda and inp.get("floor_us") else (["-"] if cuda else [])
+        rows_c.append(base + floor + [_cost_cell(by.get((n, *key), {}), cuda) for n in names])
     v = data["versions"]
     m = data["machine"]
     dev = (f"{v['gpu_name']} (CUDA {v['cuda']})" if cuda else
@@ -138,15 +139,25 @@ def tables(data: dict) -> str:
         "",
         _table(head + [SHORT[n] for n in names], rows_t),
         "",
-        ("Per call: host syncs / kernel launches (kernels+memcpy+memset) / peak extra memory / "
-         "fraction of a device copy's bandwidth (the floor: see JSON)." if cuda else
+        ("Per call: host syncs / kernel launches (kernels+memcpy+memset; graph: kernels in the replayed "
+         "graph) / peak extra memory / achieved fraction of the copy floor (a device-to-device copy of the "
+         "call's minimum bytes, measured in this run; its time is the 'copy floor' column)." if cuda else
          "Host syncs per call (counted by instrumenting every PyTorch entry point that makes the host wait: "
          ".item, .tolist, bool/int/float(t), nonzero, boolean-mask indexing, .cpu...; on a GPU each is a "
          "round trip). '+' = lower bound (the call timed out). Launches, memory and bandwidth: CUDA only."),
         "",
-        _table(head + [SHORT[n] for n in names], rows_c),
+        _table(head + (["copy floor"] if cuda else []) + [SHORT[n] for n in names], rows_c),
         "",
     ]
+    summary = _summary(data, names)
+    if summary:
+        out += [
+            "Summary per regime over all sizes and dtypes: median of (Nx) (>1: m2po_ops is faster; '>=' with "
+            "timeouts counted at their lower bound), and host syncs per call (min-max).",
+            "",
+            summary,
+            "",
+        ]
     notes = []
     for nt in data.get("not_timed", []):
         notes.append(f"- {nt['competitor']}: not timed ({nt['reason']}).")
@@ -169,6 +180,37 @@ def tables(data: dict) -> str:
                  "(m2po_mask, same rule); a mismatch would read 'WRONG mask' and is not timed.")
     out += ["Notes:", *notes]
     return "\n".join(out)
+
+
+def _summary(data: dict, names: list) -> str:
+    import statistics
+
+    regimes = list(data["config"]["regimes"])
+    rows = []
+    for name in names:
+        if _is_library(name):
+            continue
+        cells = [SHORT[name]]
+        for rg in regimes:
+            rs = [r for r in data["results"] if r["competitor"] == name and r["regime"] == rg]
+            ratios = [r["ratio"] for r in rs if "ratio" in r]
+            lower = [r["ratio_lower_bound"] for r in rs if "ratio_lower_bound" in r]
+            n_skip = sum(r.get("status") == "skipped" for r in rs)
+            sy = [r["syncs"] for r in rs if r.get("syncs") is not None]
+            if not ratios and not lower:
+                cells.append("-")
+                continue
+            med = statistics.median(ratios + lower)
+            cell = ("≥" if lower else "") + f"{med:.2f}x"
+            if lower or n_skip:
+                cell += f" ({len(lower) + n_skip} timeout/skip)"
+            if sy:
+                cell += f"; syncs {min(sy)}-{max(sy)}" + ("+" if lower else "")
+            cells.append(cell)
+        rows.append(cells)
+    if not rows:
+        return ""
+    return _table(["competitor"] + regimes, rows)
 
 
 def plot(data: dict, path: str) -> None:
@@ -202,6 +244,10 @@ def plot(data: dict, path: str) -> None:
                     ax.plot([p[0] for p in tos], [p[1] for p in tos], marker="^", ls="none", ms=7,
                             color=colors[k % len(colors)], label=f"{name} timeout (lower bound)")
             ax.set_xscale("log", base=2)
+            sizes = data["config"]["sizes"]
+            ax.set_xticks(sizes)
+            ax.set_xticklabels([_size(n) for n in sizes])
+            ax.xaxis.set_minor_locator(__import__('matplotlib').ticker.NullLocator())
             ax.set_yscale("log")
             ax.set_title(f"{rg}, {dt}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
@@ -236,11 +282,14 @@ def latest(results_dir: str, gpu: bool):
     return max(paths, key=os.path.getmtime) if paths else None
 
 
-if __name__ == "__main__":  # python -m bench.report results/x.json: reprint the tables, redraw the plot
+if __name__ == "__main__":  # python -m bench.report results/x.json: rewrite the tables (.md) and the plot
     for p in sys.argv[1:]:
         with open(p) as f:
             d = json.load(f)
-        print(tables(d))
+        text = tables(d)
+        print(text)
+        with open(os.path.splitext(p)[0] + ".md", "w") as f:
+            f.write(text + "\n")
         plot(d, os.path.splitext(p)[0] + ".png")
 
 
@@ -255,7 +304,7 @@ boolean indexing, `torch.sort`, a Python `.item()` loop for the threshold, PPO-c
 `sorted-eager` (the paper's rule as careful ports write it: stable sort, prefix-mean cut,
 `nonzero`/`.item()`), `compiled` (`torch.compile` of sorted-eager), and `m2po_ops` with the
 `torch` and, on CUDA, `triton` backends (eager and replayed in a CUDA graph). Sizes 32K to 16M
-tokens (CPU: up to 1M), float32 and bfloat16 log-probs in padded batches, three regimes: nothing
+tokens (CPU: up to 4M), float32 and bfloat16 log-probs in padded batches, three regimes: nothing
 masked, the paper's typical ~0.1%, a stressed ~5%. Details: [bench/README.md](bench/README.md).
 
 ```bash
@@ -280,11 +329,23 @@ def readme_section(results_dir: str, out_path: str) -> str:
         rel = os.path.relpath(path, os.path.dirname(os.path.dirname(os.path.abspath(results_dir))))
         stem = os.path.splitext(rel)[0]
         if gpu is None:
+            import statistics
+
+            se = [r["ratio"] for r in data["results"] if r["competitor"] == "sorted-eager" and "ratio" in r]
+            verdict = ""
+            if se:
+                med = statistics.median(se)
+                verdict = (
+                    f" In this run the reference backend is {'slower' if med < 1 else 'faster'} than sorted-eager "
+                    f"(median ratio {med:.2f}x: it sorts every token as an int64 key to stay sync-free, where "
+                    "sorted-eager sorts only the trust region after a host sync)."
+                )
             parts.append(
                 "**No GPU figures exist yet**: no session has had a GPU to run `bench/run_gpu.sh` on. Below is "
                 "the CPU run. On CPU the Triton backend is not timed (its interpreter is not a speed measure), "
-                "so `m2po_ops` appears only through its PyTorch reference backend, which sorts every token; "
-                "the sync counts are the figures that carry over to a GPU.\n"
+                "so `m2po_ops` appears only through its PyTorch reference backend." + verdict + " What carries "
+                "over to a GPU is the host-sync count: 0 for m2po_ops, 3 per call for sorted-eager and "
+                "compiled, and one per candidate token for official-eager's threshold loop.\n"
             )
         parts.append(f"Latest run: `{rel}` ({data['created']}, {data['wall_s']:.0f} s).\n")
         parts.append(tables(data).replace("### ", "#### ") + "\n")
