@@ -249,6 +249,8 @@ def measure(comp, batch, ref, device, opts, row: dict) -> None:
     except Exception as exc:
         row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
         return
+    if keep is None:
+        keep = runner.mask()
     r = ref[comp.variant]
     mismatches = int((keep.reshape(r["keep"].shape) != r["keep"]).sum())
     ref_loss = float(r["loss"])

@@ -46,11 +46,15 @@ def test_forward_backward(benchmark, name, regime, dtype):
     comp = competitors.BY_NAME[name]
     if comp.cuda_only and DEVICE != "cuda":
         pytest.skip("Triton is timed on CUDA only (the CPU interpreter is not a speed measure)")
+    if name == "compiled" and dtype != "float32":
+        pytest.skip("compiled: float32 only here (a bfloat16 recompile costs CI ~20 s; bench.run times both)")
     batch, ref = _batch(regime, dtype)
     runner = competitors.prepare(comp, batch)
     for _ in range(comp.sync_runs):
         with syncs.count_syncs() as counted:
             keep, loss, _ = runner.check()
+    if keep is None:
+        keep = runner.mask()
     assert torch.equal(keep.reshape(ref[comp.variant].shape), ref[comp.variant]), f"{name}: mask differs"
     assert torch.isfinite(loss)
     if comp.library:
