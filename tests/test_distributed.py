@@ -48,7 +48,8 @@ def _tol(backend):
     return dict(rtol=1e-6, atol=1e-12) if backend == "torch" else dict(rtol=1e-5, atol=1e-8)
 
 
-def _check_case(rank, world, backend, variant, layout, seed, seqs, stats):
+def _check_case(group, backend, variant, layout, seed, seqs, stats):
+    rank = dist.get_rank(group)
     dtype = torch.float64 if backend == "torch" else torch.float32
     pieces = make_pieces(seed, seqs, layout, dtype)
     whole = concat(pieces)
@@ -59,12 +60,12 @@ def _check_case(rank, world, backend, variant, layout, seed, seqs, stats):
     loss0, grad0, _ = loss_and_grad(whole, variant=variant, backend=backend)
 
     # one call per rank with group=
-    keep = flat(mask_of(mine, variant=variant, backend=backend, group=dist.group.WORLD))
+    keep = flat(mask_of(mine, variant=variant, backend=backend, group=group))
     assert torch.equal(keep, keep0[sl]), (backend, variant, layout, rank)
-    loss, grad, metrics = loss_and_grad(mine, variant=variant, backend=backend, group=dist.group.WORLD)
+    loss, grad, metrics = loss_and_grad(mine, variant=variant, backend=backend, group=group)
     torch.testing.assert_close(flat(grad), grad0[sl], **_tol(backend))
     total = loss.clone()
-    dist.all_reduce(total)
+    dist.all_reduce(total, group=group)
     torch.testing.assert_close(total, loss0, **_tol(backend))
 
     if backend == "torch":  # the local (per-rank) mask is another mask: count where it differs
@@ -73,7 +74,7 @@ def _check_case(rank, world, backend, variant, layout, seed, seqs, stats):
 
     # micro-batch pre-pass across the group: uneven micro-batches per rank (some empty)
     micro = split_piece(mine, 1 + (rank + seed) % 3, torch.Generator().manual_seed(seed + rank))
-    _, cuts = prepass(micro, backend, variant, group=dist.group.WORLD)
+    _, cuts = prepass(micro, backend, variant, group=group)
     assert int(cuts.num_valid) == int(whole["mask"].sum())
     keep_mb, grad_mb, _ = run_micro(micro, cuts, backend, variant)
     assert torch.equal(keep_mb, keep0[sl]), ("micro", backend, variant, layout, rank)
@@ -82,12 +83,16 @@ def _check_case(rank, world, backend, variant, layout, seed, seqs, stats):
         stats["split_ties"] += int(0 < int(cuts.cut.ties_kept))
 
 
-def _check_bytes(rank, world):
+SIZES = (("torch", (1000, 100_000)), ("triton", (1000, 5000)))  # the interpreter is slow
+
+
+def _check_bytes(group):
+    rank = dist.get_rank(group)
     from m2po_ops.distributed import bytes_sent, comm_log
 
     sent = {}
-    for backend, sizes in (("torch", (1000, 100_000)), ("triton", (1000, 5000))):
-        for variant in VARIANTS:
+    for backend, sizes in SIZES:
+        for variant in VARIANTS if backend == "torch" else ("paper",):
             for n in sizes:
                 g = torch.Generator().manual_seed(n + rank)
                 lp = torch.randn(n, generator=g) * 0.3
@@ -95,13 +100,13 @@ def _check_bytes(rank, world):
                 adv = torch.randn(n, generator=g)
                 with comm_log() as log:
                     mask_of(dict(logprobs=lp, old_logprobs=olp, advantages=adv, mask=None, cu_seqlens=[0, n]),
-                            variant=variant, backend=backend, group=dist.group.WORLD)
+                            variant=variant, backend=backend, group=group)
                 with comm_log() as log_mb:
                     prepass([dict(logprobs=lp, old_logprobs=olp, advantages=adv, mask=None, cu_seqlens=[0, n])],
-                            backend, variant, group=dist.group.WORLD)
+                            backend, variant, group=group)
                 sent[(backend, variant, n)] = (bytes_sent(log), bytes_sent(log_mb), len(log))
-    for backend, sizes in (("torch", (1000, 100_000)), ("triton", (1000, 5000))):
-        for variant in VARIANTS:
+    for backend, sizes in SIZES:
+        for variant in VARIANTS if backend == "torch" else ("paper",):
             small, large = (sent[(backend, variant, n)] for n in sizes)
             assert small == large, (backend, variant, small, large)
             assert small[0] == small[1] and 0 < small[0] < 4 << 20
@@ -110,35 +115,45 @@ def _check_bytes(rank, world):
     assert sent[("torch", "official", 1000)][0] == 8 * (2 * 32768 + 1 + 4 * 65536)
 
 
-def _worker(rank, world, port, backends):
+def _run_checks(group, stats):
+    world = dist.get_world_size(group)
+    # uneven pieces (sequences per rank); with 3 ranks one rank has no tokens at all
+    seqs = {2: [9, 4], 3: [7, 0, 5]}[world]
+    for backend in ("torch", "triton"):
+        for variant in VARIANTS:
+            if backend == "torch":
+                layouts = ("packed", "padded")
+            else:  # the interpreter is slow: one layout per group, all four pairs over the two groups
+                layouts = (("packed", "padded")[(world + (variant == "official")) % 2],)
+            for layout in layouts:
+                seed = 100 * world + 10 * len(layout) + (variant == "paper")
+                _check_case(group, backend, variant, layout, seed, seqs, stats)
+    if world == 2:
+        _check_bytes(group)
+
+
+def _worker(rank, world, port):
+    """3 ranks: every check on the world group, then on a 2-rank subgroup of global ranks 1 and
+    2 (group ranks 0 and 1: group rank, not global rank, decides the order). One spawn only."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
     torch.set_num_threads(1)  # ranks share two cores: intra-op threads would oversubscribe them
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
         stats = dict(local_differs=0, split_ties=0)
-        # uneven pieces (sequences per rank); world 3 has a rank with no tokens at all
-        seqs = {2: [9, 4], 3: [7, 0, 5]}[world]
-        for backend in backends:
-            for variant in VARIANTS:
-                if backend == "torch":
-                    layouts = ("packed", "padded")
-                else:  # the interpreter is slow: one layout per run, all four pairs over the two runs
-                    layouts = (("packed", "padded")[(world + (variant == "official")) % 2],)
-                for layout in layouts:
-                    seed = 100 * world + 10 * len(layout) + (variant == "paper")
-                    _check_case(rank, world, backend, variant, layout, seed, seqs, stats)
+        _run_checks(dist.group.WORLD, stats)
+        pair = dist.new_group([1, 2])
+        if rank in (1, 2):
+            _run_checks(pair, stats)
         counts = torch.tensor([stats["local_differs"], stats["split_ties"]])
         dist.all_reduce(counts)
         assert counts[0] > 0, "the test data should make per-rank masks differ from the global one"
         assert counts[1] > 0, "the test data should put the global cut inside a run of ties"
-        if world == 2:
-            _check_bytes(rank, world)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_group_matches_single_process(world):
-    mp.spawn(_worker, args=(world, _free_port(), ("torch", "triton")), nprocs=world, join=True)
+def test_group_matches_single_process():
+    """2 and 3 ranks, both backends, both variants (one spawn of 3 processes)."""
+    mp.spawn(_worker, args=(3, _free_port()), nprocs=3, join=True)
