@@ -166,8 +166,8 @@ def tables(data: dict) -> str:
     comp = [r for r in data["results"] if r.get("compile_s") is not None]
     if comp:
         notes.append(f"- compiled: first-call compile time {max(r['compile_s'] for r in comp):.1f} s at most "
-                     f"(per input: see JSON; inductor's on-disk cache as found: a cold cache took ~33 s on the 2-core "
-                     f"CPU), not included in its times.")
+                     "(per input: see JSON; inductor's on-disk cache as found"
+                     + ("" if cuda else ": a cold cache took ~33 s on a 2-core CPU") + "), not included in its times.")
     graph = [r for r in data["results"] if "+graph" in r["competitor"] and r.get("status") == "error"]
     if graph:
         notes.append(f"- CUDA graph capture failed on {len(graph)} input(s): {graph[0].get('error', '')[:200]}")
