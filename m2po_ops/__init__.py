@@ -10,5 +10,14 @@ from .config import M2POConfig
 from .cut import Cut
 from .stats import M2POCuts, M2POStats
 
-__all__ = ["m2po_loss", "m2po_mask", "Cut", "M2POConfig", "M2POStats", "M2POCuts", "resolve_backend", "triton_available"]
+__all__ = [
+    "m2po_loss",
+    "m2po_mask",
+    "Cut",
+    "M2POConfig",
+    "M2POStats",
+    "M2POCuts",
+    "resolve_backend",
+    "triton_available",
+]
 __version__ = "0.1.0"
