@@ -1,13 +1,13 @@
 """Fused Triton kernels of m2po-ops, installed as ``m2po_ops.kernels``.
 
 Token passes (grid over blocks of tokens): stats_kernel, level2_kernel, ties_kernel,
-apply_kernel. Single-program passes over the histograms: select1_kernel, select2_kernel,
-finalize_kernel. The launch order and buffers are in m2po_ops/triton_backend.py; the
+apply_kernel. Single-program passes: select1_kernel, select2_kernel (histograms to cut),
+tie_scan_kernel (per-block tie offsets), finalize_kernel (partials to loss and metrics). The launch order and buffers are in m2po_ops/triton_backend.py; the
 algorithm, in PyTorch, is m2po_ops/histogram.py.
 """
 
 from .apply import APPLY_COLS, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR, W_TENSOR_DENOM, apply_kernel, finalize_kernel
-from .histogram import STATS_COLS, level2_kernel, stats_kernel, ties_kernel
+from .histogram import STATS_COLS, level2_kernel, stats_kernel, tie_scan_kernel, ties_kernel
 from .select import select1_kernel, select2_kernel
 
 ALL_KERNELS = (
@@ -16,6 +16,7 @@ ALL_KERNELS = (
     level2_kernel,
     select2_kernel,
     ties_kernel,
+    tie_scan_kernel,
     apply_kernel,
     finalize_kernel,
 )
@@ -35,5 +36,6 @@ __all__ = [
     "select1_kernel",
     "select2_kernel",
     "stats_kernel",
+    "tie_scan_kernel",
     "ties_kernel",
 ]

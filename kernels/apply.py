@@ -23,7 +23,7 @@ def apply_kernel(
     value_ptr, ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr,
     keep_ptr, grad_ptr, part_ptr, n,
     OFFICIAL: tl.constexpr, WEIGHTS: tl.constexpr, KEEP_ALL: tl.constexpr,
-    BLOCK: tl.constexpr, TCHUNK: tl.constexpr, INTERP: tl.constexpr,
+    BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -37,7 +37,7 @@ def apply_kernel(
     if OFFICIAL:
         lower = tl.load(lower_ptr)
         upper = tl.load(upper_ptr)
-        ratio = ratio_f32(delta, INTERP)
+        ratio = ratio_f32(delta)
         pg1 = -adv * ratio
         pg2 = -adv * tl.minimum(tl.maximum(ratio, lower), upper)
         keep = valid & ~(pg2 > pg1)
@@ -53,10 +53,7 @@ def apply_kernel(
         if value != KEEP_ALL:
             ties_kept = tl.load(ties_kept_ptr)
             tie = key == value
-            prior = tl.zeros((), tl.int64)
-            for c in range(0, pid, TCHUNK):
-                t_idx = c + tl.arange(0, TCHUNK)
-                prior += tl.sum(tl.load(ties_ptr + t_idx, mask=t_idx < pid, other=0))
+            prior = tl.load(ties_ptr + pid)  # tied tokens in earlier blocks (tie_scan_kernel)
             tie64 = tie.to(tl.int64)
             rank = prior + tl.cumsum(tie64, 0) - tie64
             keep_trust = keep_trust | (tie & (rank < ties_kept))

@@ -7,6 +7,8 @@ level2_kernel: level-2 histograms of the one or two level-1 buckets select1 chos
 keys; exits at once when select1 found nothing to refine (the common case).
 ties_kernel: per-block counts of keys equal to the paper cut's value, for the tie rule;
 exits at once when nothing is masked.
+tie_scan_kernel: one program turning those counts into exclusive per-block offsets (in place),
+so the apply pass knows how many tied tokens precede each block; exits at once likewise.
 """
 
 import triton
@@ -35,9 +37,13 @@ def stats_kernel(
     m2 = delta * delta
     if OFFICIAL:
         # the authors' "harmful" tokens: first-token advantage sign and ratio side, in float32
+        # the authors' "harmful" tokens: first-token advantage sign and ratio side, in float32.
+        # With r = exp(delta) correctly rounded to float32: r > 1 iff delta >= 2**-24 and
+        # r < 1 iff delta < -2**-25 (exp rounds to 1 in between), so no exp is needed here.
         adv_first = tl.load(adv_first_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        ratio = ratio_f32(delta, INTERP)
-        trust = valid & (((adv_first > 1e-12) & (ratio > 1.0)) | ((adv_first < -1e-12) & (ratio < 1.0)))
+        trust = valid & (((adv_first > 1e-12) & (delta >= 5.9604644775390625e-08))
+                         | ((adv_first < -1e-12) & (delta < -2.9802322387695312e-08)))
+        ratio = ratio_f32(delta)
     else:
         adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         trust = valid & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
@@ -91,3 +97,16 @@ def ties_kernel(key_ptr, value_ptr, ties_ptr, n, KEEP_ALL: tl.constexpr, BLOCK: 
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         key = tl.load(key_ptr + offs, mask=offs < n, other=-1)
         tl.store(ties_ptr + pid, tl.sum((key == value).to(tl.int64)))
+
+
+@triton.jit
+def tie_scan_kernel(value_ptr, ties_ptr, nblocks, KEEP_ALL: tl.constexpr, CHUNK: tl.constexpr):
+    value = tl.load(value_ptr)
+    if value != KEEP_ALL:
+        carry = tl.zeros((), tl.int64)
+        for c in range(0, nblocks, CHUNK):
+            idx = c + tl.arange(0, CHUNK)
+            inb = idx < nblocks
+            counts = tl.load(ties_ptr + idx, mask=inb, other=0)
+            tl.store(ties_ptr + idx, carry + tl.cumsum(counts, 0) - counts, mask=inb)
+            carry += tl.sum(counts)

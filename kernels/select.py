@@ -71,7 +71,7 @@ def select1_kernel(
     for c in range(0, NB1, CHUNK):
         idx, cnt, k_end, s_end, k_carry, s_carry = _level1_chunk(hist1_ptr, c, k_carry, s_carry, NB1, CHUNK)
         if OFFICIAL:
-            hi = bits_to_f64(tl.minimum((idx + 1).to(tl.int64) << L1_SHIFT, 0x7F800000))
+            hi = bits_to_f64(tl.minimum((idx + 1).to(tl.int64) << L1_SHIFT, 0x7F7FFFFF))  # <= FLT_MAX: no inf * 0
             pred = (cnt > 0) & (_f_official(hi, k_end - 1, s_end, nf, eps) >= target - eps)
         else:
             pred = (cnt > 0) & ~_cond_paper(s_end, k_end, tau_hi, tau_lo, TAU_INF)
@@ -203,8 +203,8 @@ def select2_kernel(
         m2_after = tl.where(at_zero, 0.0, (v_prev * (nf - k_star.to(tl.float64)) + c_prev) / tl.maximum(nf, 1.0))
         # the authors' chain from tau_c to float32 clip bounds (see reference.official_bounds)
         tc = tl.sqrt(tau_c2).to(tl.float32).to(tl.float64)
-        clip_low = exp_f64(-tc, INTERP).to(tl.float32).to(tl.float64)
-        clip_high = exp_f64(tc, INTERP).to(tl.float32).to(tl.float64)
+        clip_low = exp_f64(-tc).to(tl.float32).to(tl.float64)
+        clip_high = exp_f64(tc).to(tl.float32).to(tl.float64)
         clip_low = tl.where(constrained, clip_low, 0.0)
         clip_high = tl.where(constrained, clip_high, 100000.0)
         eps_lo = 1.0 - clip_low

@@ -151,7 +151,7 @@ def select1(hist1: Tensor, config: M2POConfig) -> Tensor:
         refine = (p.n > 0) & (p.total / nf.clamp_min(1) > config.tau + OFFICIAL_EPS) & (target < p.total - OFFICIAL_EPS)
         refine = refine & ~(target <= OFFICIAL_EPS)
         buckets = torch.arange(L1_BUCKETS, device=hist1.device, dtype=torch.int64)
-        hi = bits_to_float(((buckets + 1) << L1_SHIFT).clamp(max=0x7F800000))
+        hi = bits_to_float(((buckets + 1) << L1_SHIFT).clamp(max=0x7F7FFFFF))  # <= FLT_MAX: no inf * 0
         upper = _f_official(hi, p.k_end - 1, p.s_end, p.n)
         b1 = _first(nonempty & (upper >= target - OFFICIAL_EPS))
     idx = torch.arange(L1_BUCKETS, device=hist1.device, dtype=torch.int64)

@@ -2,9 +2,11 @@
 order with no host synchronisation.
 
 Forward (local solve), one launch each, whatever the data:
-  workspace memset (torch.zeros), stats, select1, level2, select2, ties, apply, finalize
-= 1 memset + 7 Triton kernels. Backward: one elementwise multiply (grad_output * stored grad).
-level2 and ties return at once when nothing is masked (mean m2 <= tau, the common case).
+  workspace memset (torch.zeros), stats, select1, level2, select2, ties, tie_scan, apply,
+  finalize
+= 1 memset + 8 Triton kernels. Backward: one elementwise multiply (grad_output * stored grad).
+level2, ties and tie_scan return at once when nothing is masked (mean m2 <= tau, the common
+case); the official variant never needs the tie passes, and they return at once there too.
 With a given cut (micro-batch pre-pass) select1/level2/select2 are skipped; with a process
 group the histograms are all-reduced between the passes (see m2po_ops/distributed.py).
 
@@ -30,11 +32,11 @@ from .kernels.common import INTERPRET, KEEP_ALL_BITS, L1_BUCKETS, L2_BUCKETS, f6
 
 # Token kernels: BLOCK tokens per program. Select kernels: one program scanning CHUNK buckets
 # at a time (large under the interpreter, where each step is a numpy call).
-BLOCK = 4096
-TOKEN_WARPS = 8
+BLOCK = 1024
+TOKEN_WARPS = 4
 SELECT_CHUNK = 32768 if INTERPRET else 2048
 SELECT_WARPS = 8
-TIE_CHUNK = 1024
+TIE_CHUNK = 1024  # blocks per step of tie_scan_kernel
 FINAL_CHUNK = 1024
 
 _launches: Optional[list] = None
@@ -166,6 +168,8 @@ def select2(ws: Workspace, config: M2POConfig, num_valid: Tensor) -> Cut:
 def ties_pass(key: Tensor, cut: Cut, ws: Workspace) -> None:
     _launch(K.ties_kernel, (ws.nblocks,), key, cut.value, ws.ties, key.numel(), KEEP_ALL=KEEP_ALL_BITS, BLOCK=BLOCK,
             num_warps=TOKEN_WARPS)
+    _launch(K.tie_scan_kernel, (1,), cut.value, ws.ties, ws.nblocks, KEEP_ALL=KEEP_ALL_BITS, CHUNK=TIE_CHUNK,
+            num_warps=4)
 
 
 def _weights(tok: Tokens, config: M2POConfig, num_tokens, count: Tensor):
@@ -193,7 +197,7 @@ def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Works
         cut.value, cut.ties_kept, lower, upper, ws.ties,
         keep, grad, ws.apply_part, n,
         OFFICIAL=config.variant == "official", WEIGHTS=code, KEEP_ALL=KEEP_ALL_BITS,
-        BLOCK=BLOCK, TCHUNK=TIE_CHUNK, INTERP=INTERPRET, num_warps=TOKEN_WARPS,
+        BLOCK=BLOCK, INTERP=INTERPRET, num_warps=TOKEN_WARPS,
     )
     out = ws.f32[5:11]
     _launch(K.finalize_kernel, (1,), ws.stats_part, ws.apply_part, out, ws.nblocks, STATS_COLS=K.STATS_COLS,
