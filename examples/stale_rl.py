@@ -196,7 +196,9 @@ def warm_start(task: Task, seed: int, heldout_keys, args, log) -> dict:
     validation set reaches `sft_target`. Cached per (seed, task, sizes)."""
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
-    name = f"warm_d{task.digits}_b{task.base}_s{seed}_n{args.sft_examples}_t{args.sft_target}_m{args.d_model}.pt"
+    name = f"warm_d{task.digits}_b{task.base}_s{seed}_n{args.sft_examples}_t{args.sft_target}_m{args.d_model}" + (
+        f"_T{args.temperature}" if args.temperature != 1.0 else ""
+    ) + ".pt"
     path = cache / name
     if path.exists():
         ck = torch.load(path, weights_only=False)
@@ -468,8 +470,8 @@ def plot(result, path):
     for a, key, title, ms, log_y in panels:
         for m in ms:
             rs = [r for r in runs if r["method"] == m]
-            if not rs:
-                continue
+            if not rs or (key in ("m2", "clip_fraction", "m2po_masked_fraction", "entropy_clipped") and m == "onpolicy"):
+                continue  # on-policy: ratios are 1, nothing to clip or mask
             xs, mean, lo, hi = mean_curve(rs, key)
             if key not in ("acc_sampled", "acc_greedy"):
                 xs, mean, lo, hi = xs[1:], mean[1:], lo[1:], hi[1:]
@@ -535,6 +537,8 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=str(ROOT / "examples" / "results"))
     p.add_argument("--cache-dir", default=os.environ.get("STALE_RL_CACHE", str(Path.home() / ".cache" / "m2po_stale_rl")))
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the PNG of a results JSON")
+    p.add_argument("--collapse-plot", nargs="+", metavar="JSON", help="only draw accuracy curves of several results JSONs")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -544,8 +548,48 @@ def parse_args(argv=None):
     return args
 
 
+def collapse_plot(paths, out):
+    """Sampled accuracy vs update of every run in several results JSONs (the collapse attempts)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(14, 5))
+    for path in paths:
+        res = json.loads(Path(path).read_text())
+        c = res["config"]
+        for r in res["runs"]:
+            xs = [row["update"] for row in r["curve"]]
+            name = (
+                f"{r['method']} s={r['staleness']} lr={c['lr']:g} clip={c['grad_clip']:g} T={c['temperature']:g} "
+                f"{c['digits']}d"
+            )
+            (line,) = ax[0].plot(xs, [row["acc_sampled"] for row in r["curve"]], label=name)
+            ax[1].plot(xs[1:], [row.get("m2", float("nan")) for row in r["curve"][1:]], color=line.get_color())
+    ax[0].set_title("held-out sampled accuracy")
+    ax[1].set_title("m2 over the trust region (before masking)")
+    ax[1].set_yscale("log")
+    for a in ax:
+        a.set_xlabel("update")
+        a.grid(alpha=0.3)
+    ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.replot:
+        res = json.loads(Path(args.replot).read_text())
+        plot(res, Path(args.replot).with_suffix(".png"))
+        return res
+    if args.collapse_plot:
+        out = Path(args.out_dir) / f"stale_rl_{args.tag or 'collapse'}.png"
+        collapse_plot(args.collapse_plot, out)
+        print(f"wrote {out}")
+        return {}
     torch.set_num_threads(args.threads)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     task = Task(args.digits, args.base)
