@@ -37,25 +37,28 @@ def _configs():
     out = []
     for official, in_dtype in itertools.product((False, True), ("fp32", "bf16", "fp16")):
         sig = {
-            "lp_ptr": f"*{in_dtype}", "olp_ptr": f"*{in_dtype}", "adv_ptr": f"*{in_dtype}",
-            "adv_first_ptr": f"*{in_dtype}", "valid_ptr": "*i1", "key_ptr": "*i32", "hist1_ptr": "*i64",
-            "part_ptr": "*fp64", "n_valid_ptr": "*i64", "n": "i64",
-            "OFFICIAL": "constexpr", "NB1": "constexpr", "BLOCK": "constexpr", "INTERP": "constexpr",
+            "lp_ptr": f"*{in_dtype}", "olp_ptr": f"*{in_dtype}", "adv_ptr": f"*{in_dtype}", "adv_div": "i32",
+            "first_ptr": f"*{in_dtype}", "first_div": "i32", "first_mul": "i32", "mask_ptr": "*i1",
+            "key_ptr": "*i32", "hist1_ptr": "*i64", "part_ptr": "*fp64", "n_valid_ptr": "*i64", "n": "i64",
+            "OFFICIAL": "constexpr", "HAS_MASK": "constexpr", "NB1": "constexpr", "BLOCK": "constexpr",
+            "INTERP": "constexpr",
         }
         out.append((f"stats[official={official},{in_dtype}]", histogram.stats_kernel, sig,
-                    dict(OFFICIAL=official, NB1=L1_BUCKETS, BLOCK=block, INTERP=False), warps))
+                    dict(OFFICIAL=official, HAS_MASK=True, NB1=L1_BUCKETS, BLOCK=block, INTERP=False), warps))
         for weights in (apply.W_NONE, apply.W_COUNT, apply.W_SCALAR, apply.W_TENSOR_DENOM, apply.W_PER_TOKEN):
             wtype = "*i64" if weights in (apply.W_NONE, apply.W_COUNT, apply.W_SCALAR) else "*fp32"
             sig = {
-                "lp_ptr": f"*{in_dtype}", "olp_ptr": f"*{in_dtype}", "adv_ptr": f"*{in_dtype}", "valid_ptr": "*i1",
-                "key_ptr": "*i32", "w_ptr": wtype, "denom_bits": "i64", "value_ptr": "*i32", "ties_kept_ptr": "*i64",
+                "lp_ptr": f"*{in_dtype}", "olp_ptr": f"*{in_dtype}", "adv_ptr": f"*{in_dtype}", "adv_div": "i32",
+                "mask_ptr": "*i1", "key_ptr": "*i32", "w_ptr": wtype, "denom_bits": "i64", "value_ptr": "*i32", "ties_kept_ptr": "*i64",
                 "lower_ptr": "*fp32", "upper_ptr": "*fp32", "ties_ptr": "*i64", "keep_ptr": "*i1",
                 "grad_ptr": "*fp32", "part_ptr": "*fp64", "n": "i64",
-                "OFFICIAL": "constexpr", "WEIGHTS": "constexpr", "KEEP_ALL": "constexpr", "BLOCK": "constexpr",
+                "OFFICIAL": "constexpr", "HAS_MASK": "constexpr", "WEIGHTS": "constexpr", "KEEP_ALL": "constexpr",
+                "BLOCK": "constexpr",
                 "INTERP": "constexpr",
             }
             out.append((f"apply[official={official},{in_dtype},w={weights}]", apply.apply_kernel, sig,
-                        dict(OFFICIAL=official, WEIGHTS=weights, KEEP_ALL=KEEP_ALL_BITS, BLOCK=block, INTERP=False),
+                        dict(OFFICIAL=official, HAS_MASK=True, WEIGHTS=weights, KEEP_ALL=KEEP_ALL_BITS, BLOCK=block,
+                             INTERP=False),
                         warps))
     out.append(("level2", histogram.level2_kernel,
                 {"key_ptr": "*i32", "state_ptr": "*i64", "hist2_ptr": "*i64", "n": "i64", "NB2": "constexpr",

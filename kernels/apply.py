@@ -10,7 +10,7 @@ no float atomics) into the loss and the metrics.
 import triton
 import triton.language as tl
 
-from .common import as_f64, exp_f32, ratio_f32
+from .common import as_f64, exp_f32, load_tokens, ratio_f32
 
 # weights
 W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = 0, 1, 2, 3, 4
@@ -19,19 +19,16 @@ APPLY_COLS = 2
 
 @triton.jit
 def apply_kernel(
-    lp_ptr, olp_ptr, adv_ptr, valid_ptr, key_ptr, w_ptr, denom_bits,
+    lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, denom_bits,
     value_ptr, ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr,
     keep_ptr, grad_ptr, part_ptr, n,
-    OFFICIAL: tl.constexpr, WEIGHTS: tl.constexpr, KEEP_ALL: tl.constexpr,
+    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, WEIGHTS: tl.constexpr, KEEP_ALL: tl.constexpr,
     BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
-    valid = tl.load(valid_ptr + offs, mask=inb, other=0) != 0
-    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    olp = tl.load(olp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    lp, olp, adv, valid, _ = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK)
     delta = tl.where(valid, lp - olp, 0.0)
     adv = tl.where(valid, adv, 0.0)
     if OFFICIAL:
@@ -81,7 +78,8 @@ def apply_kernel(
 
 @triton.jit
 def finalize_kernel(stats_ptr, apply_ptr, out_ptr, nblocks, STATS_COLS: tl.constexpr, CHUNK: tl.constexpr):
-    """out: loss, masked_fraction, trust_region_fraction, kl, ratio_mean, ratio_max (float32)."""
+    """out: loss, masked_fraction, trust_region_fraction, kl, ratio_mean, ratio_max,
+    num_nonfinite (float32)."""
     n_valid = tl.zeros((), tl.float64)
     n_trust = tl.zeros((), tl.float64)
     neg_delta = tl.zeros((), tl.float64)
@@ -89,6 +87,7 @@ def finalize_kernel(stats_ptr, apply_ptr, out_ptr, nblocks, STATS_COLS: tl.const
     ratio_max = tl.zeros((), tl.float64)
     loss = tl.zeros((), tl.float64)
     masked = tl.zeros((), tl.float64)
+    nonfinite = tl.zeros((), tl.float64)
     for c in range(0, nblocks, CHUNK):
         b = c + tl.arange(0, CHUNK)
         inb = b < nblocks
@@ -98,6 +97,7 @@ def finalize_kernel(stats_ptr, apply_ptr, out_ptr, nblocks, STATS_COLS: tl.const
         neg_delta += tl.sum(tl.load(row + 2, mask=inb, other=0.0))
         ratio_sum += tl.sum(tl.load(row + 3, mask=inb, other=0.0))
         ratio_max = tl.maximum(ratio_max, tl.max(tl.load(row + 4, mask=inb, other=0.0)))
+        nonfinite += tl.sum(tl.load(row + 5, mask=inb, other=0.0))
         arow = apply_ptr + b.to(tl.int64) * 2
         loss += tl.sum(tl.load(arow + 0, mask=inb, other=0.0))
         masked += tl.sum(tl.load(arow + 1, mask=inb, other=0.0))
@@ -108,3 +108,4 @@ def finalize_kernel(stats_ptr, apply_ptr, out_ptr, nblocks, STATS_COLS: tl.const
     tl.store(out_ptr + 3, (neg_delta / denom).to(tl.float32))
     tl.store(out_ptr + 4, (ratio_sum / denom).to(tl.float32))
     tl.store(out_ptr + 5, ratio_max.to(tl.float32))
+    tl.store(out_ptr + 6, nonfinite.to(tl.float32))

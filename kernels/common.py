@@ -113,3 +113,19 @@ def ratio_f32(delta):
     m2po_ops.reference.ratio_f32, except where exp lies within ~1.5 float64 ulps of a float32
     rounding midpoint."""
     return exp_f64(delta.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: tl.constexpr):
+    """Load one block of tokens as float32 and decide validity in the kernel: the mask is
+    nonzero (any dtype) and log-probs and advantage are finite. Returns
+    (lp, olp, adv, valid, nonfinite) where nonfinite marks masked-in tokens with inf/NaN."""
+    inb = offs < n
+    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    olp = tl.load(olp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + offs // adv_div, mask=inb, other=0.0).to(tl.float32)
+    base = inb
+    if HAS_MASK:
+        base = base & (tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32) != 0)
+    finite = ((lp - lp) == 0) & ((olp - olp) == 0) & ((adv - adv) == 0)  # x - x is NaN for inf/NaN
+    return lp, olp, adv, base & finite, base & ~finite

@@ -14,25 +14,25 @@ so the apply pass knows how many tied tokens precede each block; exits at once l
 import triton
 import triton.language as tl
 
-from .common import L1_SHIFT, exp_f32, ratio_f32, significand
+from .common import L1_SHIFT, exp_f32, load_tokens, ratio_f32, significand
 
-# per-block partials written by stats_kernel (float64 columns)
-P_VALID, P_TRUST, P_NEG_DELTA, P_RATIO, P_RATIO_MAX = 0, 1, 2, 3, 4
-STATS_COLS = 5
+# per-block partials written by stats_kernel (float64 columns): valid tokens, trust-region
+# tokens, sum of -delta, sum of ratios, max ratio, masked-in tokens holding inf/NaN
+STATS_COLS = 6
+_STATS_COLS = tl.constexpr(STATS_COLS)  # kernels may only read constexpr globals
 
 
 @triton.jit
 def stats_kernel(
-    lp_ptr, olp_ptr, adv_ptr, adv_first_ptr, valid_ptr,
+    lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr,
     key_ptr, hist1_ptr, part_ptr, n_valid_ptr, n,
-    OFFICIAL: tl.constexpr, NB1: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
+    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, NB1: tl.constexpr, BLOCK: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
-    valid = tl.load(valid_ptr + offs, mask=inb, other=0) != 0
-    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    olp = tl.load(olp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    lp, olp, adv, valid, nonfinite = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK)
     delta = tl.where(valid, lp - olp, 0.0)
     m2 = delta * delta
     if OFFICIAL:
@@ -40,12 +40,12 @@ def stats_kernel(
         # the authors' "harmful" tokens: first-token advantage sign and ratio side, in float32.
         # With r = exp(delta) correctly rounded to float32: r > 1 iff delta >= 2**-24 and
         # r < 1 iff delta < -2**-25 (exp rounds to 1 in between), so no exp is needed here.
-        adv_first = tl.load(adv_first_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        adv_first = tl.load(first_ptr + (offs // first_div) * first_mul, mask=inb, other=0.0).to(tl.float32)
+        adv_first = tl.where((adv_first - adv_first) == 0, adv_first, 0.0)  # garbage first position reads 0
         trust = valid & (((adv_first > 1e-12) & (delta >= 5.9604644775390625e-08))
                          | ((adv_first < -1e-12) & (delta < -2.9802322387695312e-08)))
         ratio = ratio_f32(delta)
     else:
-        adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         trust = valid & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
         ratio = exp_f32(tl.minimum(tl.maximum(delta, -20.0), 20.0), INTERP)
     bits = m2.to(tl.int32, bitcast=True)
@@ -60,12 +60,13 @@ def stats_kernel(
     ratio = tl.where(valid, ratio, 0.0)
     n_valid = tl.sum(valid.to(tl.int64))
     tl.atomic_add(n_valid_ptr, n_valid, sem="relaxed")
-    row = part_ptr + pid.to(tl.int64) * 5
+    row = part_ptr + pid.to(tl.int64) * _STATS_COLS
     tl.store(row + 0, n_valid.to(tl.float64))
     tl.store(row + 1, tl.sum(trust.to(tl.int64)).to(tl.float64))
     tl.store(row + 2, tl.sum(-delta).to(tl.float64))
     tl.store(row + 3, tl.sum(ratio).to(tl.float64))
     tl.store(row + 4, tl.max(ratio).to(tl.float64))
+    tl.store(row + 5, tl.sum(nonfinite.to(tl.int64)).to(tl.float64))
 
 
 @triton.jit

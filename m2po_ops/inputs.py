@@ -11,6 +11,7 @@ device memory. The checks that must read values (finiteness of valid tokens, the
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -24,28 +25,34 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 @dataclass(frozen=True)
 class Tokens:
-    """The flat view of one call's tokens. All tensors are (N,) and on one device.
+    """The flat view of one call's tokens, in two forms.
 
-    logprobs / old_logprobs / advantages keep the caller's dtype (kernels upcast on load).
-    valid: bool, the caller's mask, restricted to tokens inside a sequence (packed input) and,
-    with ``validate=False``, to tokens whose values are finite.
-    adv_first: the advantage of the first token of each token's sequence (official variant).
-    seq_id: int64 sequence index per token (num_seqs for tokens outside every sequence), or
-    None for 1-D input without cu_seqlens.
-    norm_length: the divisor of "seq-mean-token-sum-norm" (T of a padded batch, the longest
-    sequence of a packed one), as a 0-d tensor.
+    Sources, as the kernels read them (no copies, no launches for the common layouts):
+    logprobs / old_logprobs: (N,) in the caller's dtype.
+    adv_src, adv_div: token i's advantage is adv_src[i // adv_div] (adv_div = T for per-row
+        advantages of a (B, T) batch, 1 otherwise; kernels take max(adv_div, 1)).
+    first_src, first_div, first_mul: the advantage of token i's sequence's first token is
+        first_src[(i // first_div) * first_mul] (official variant; None when not needed).
+    mask_src: (N,) mask of any dtype (nonzero = valid), or None for "all valid".
+    A valid token is one whose mask is nonzero and whose log-probs and advantage are finite
+    (non-finite ones only get this far with validate=False).
+
+    Derived per-token tensors for the reference (computed on first use): ``advantages``,
+    ``adv_first``, ``valid``, ``nonfinite``, ``seq_id``.
     """
 
     logprobs: Tensor
     old_logprobs: Tensor
-    advantages: Tensor
-    valid: Tensor
-    nonfinite: Tensor
-    adv_first: Optional[Tensor]
-    seq_id: Optional[Tensor]
+    adv_src: Tensor
+    adv_div: int
+    first_src: Optional[Tensor]
+    first_div: int
+    first_mul: int
+    mask_src: Optional[Tensor]
     num_seqs: int
-    norm_length: Optional[Tensor]
     shape: torch.Size
+    row_len: int = 0  # T of a (B, T) batch
+    cu: Optional[Tensor] = None  # cu_seqlens of packed input
 
     @property
     def numel(self) -> int:
@@ -54,6 +61,68 @@ class Tokens:
     @property
     def device(self) -> torch.device:
         return self.logprobs.device
+
+    def _positions(self) -> Tensor:
+        return torch.arange(self.numel, device=self.device, dtype=torch.int64)
+
+    @functools.cached_property
+    def advantages(self) -> Tensor:
+        if self.adv_div == 1:
+            return self.adv_src.reshape(-1)
+        return self.adv_src.repeat_interleave(self.adv_div, output_size=self.numel)
+
+    @functools.cached_property
+    def adv_first(self) -> Optional[Tensor]:
+        if self.first_src is None:
+            return None
+        if self.first_div == 1 and self.first_mul == 1 and self.first_src.numel() == self.numel:
+            first = self.first_src.reshape(-1)
+        else:
+            first = self.first_src.reshape(-1)[(self._positions() // self.first_div) * self.first_mul]
+        # A sequence's first position may be padding holding garbage (left padding, a hole): it
+        # then reads as 0, so the sequence is ineligible, exactly as with zero padding. A valid
+        # first token with a non-finite advantage is caught (or made padding) like any other.
+        return torch.where(torch.isfinite(first), first, torch.zeros_like(first))
+
+    @functools.cached_property
+    def _base_and_finite(self):
+        base = torch.ones(self.numel, dtype=torch.bool, device=self.device) if self.mask_src is None else (
+            _mask_to_bool(self.mask_src))
+        finite = torch.isfinite(self.logprobs) & torch.isfinite(self.old_logprobs) & torch.isfinite(self.advantages)
+        return base, finite
+
+    @functools.cached_property
+    def valid(self) -> Tensor:
+        base, finite = self._base_and_finite
+        return base & finite
+
+    @functools.cached_property
+    def nonfinite(self) -> Tensor:
+        """How many tokens the mask calls valid hold a non-finite value (int64 0-d)."""
+        base, finite = self._base_and_finite
+        return (base & ~finite).sum()
+
+    @functools.cached_property
+    def seq_id(self) -> Optional[Tensor]:
+        """Sequence index per token (num_seqs for tokens outside every sequence), or None."""
+        if self.cu is not None:
+            cu = self.cu
+            pos = self._positions()
+            seq = torch.searchsorted(cu[1:], pos, right=True) if self.num_seqs > 0 else pos.new_zeros(self.numel)
+            inside = (pos >= cu[0]) & (pos < cu[-1])
+            return torch.where(inside, seq, torch.full_like(seq, self.num_seqs))
+        if len(self.shape) == 2:
+            return self._positions() // max(self.row_len, 1)
+        return None
+
+    @functools.cached_property
+    def norm_length(self) -> Tensor:
+        """The divisor of "seq-mean-token-sum-norm": T of a padded batch, the longest sequence
+        of a packed one."""
+        if self.cu is not None:
+            lengths = self.cu[1:] - self.cu[:-1]
+            return (lengths.max() if self.num_seqs > 0 else lengths.new_zeros(())).to(torch.float32)
+        return torch.full((), float(self.row_len), device=self.device)
 
 
 def _check_tensor(name: str, x, *, floating: bool) -> Tensor:
@@ -127,105 +196,83 @@ def prepare(
     n = logprobs.numel()
     lp = logprobs.detach().reshape(-1)
     olp = old_logprobs.detach().reshape(-1)
-    valid = torch.ones(n, dtype=torch.bool, device=device) if mask is None else _mask_to_bool(mask).reshape(-1)
+    mask_src = None if mask is None else mask.reshape(-1)
     advantages = advantages.detach()
 
     needs_seqs = config.variant == "official" or config.loss_agg_mode != "token-mean"
-    seq_id = adv_first = norm_length = None
-    num_seqs = 0
+    official = config.variant == "official"
+    common = dict(logprobs=lp, old_logprobs=olp, shape=shape)
 
     if logprobs.dim() == 2:
         if cu_seqlens is not None:
             raise ValueError("cu_seqlens is only for 1-D packed logprobs; got (B, T) logprobs")
         b, t = shape
         if advantages.shape == shape:
-            adv_seq_first = advantages[:, 0] if t > 0 else advantages.new_zeros(b)
-            adv = advantages.reshape(-1)
+            # the authors take the advantage of position 0 of each row (verl right-pads responses)
+            adv = dict(adv_src=advantages.reshape(-1), adv_div=1, first_src=advantages.reshape(-1),
+                       first_div=max(t, 1), first_mul=t)
         elif advantages.shape == (b,):
-            adv_seq_first = advantages
-            adv = advantages[:, None].expand(b, t).reshape(-1)
+            adv = dict(adv_src=advantages, adv_div=t, first_src=advantages, first_div=max(t, 1), first_mul=1)
         else:
             raise ValueError(
                 f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) or ({b},) (per sequence)"
             )
-        num_seqs = b
-        seq_id = torch.arange(b, device=device, dtype=torch.int64)[:, None].expand(b, t).reshape(-1)
-        # The authors take the advantage of position 0 of each row (verl right-pads responses).
-        adv_first = adv_seq_first[:, None].expand(b, t).reshape(-1)
-        norm_length = torch.tensor(float(t), device=device)
+        if not official:
+            adv["first_src"] = None
+        tok = Tokens(**common, **adv, mask_src=mask_src, num_seqs=b, row_len=t)
+    elif cu_seqlens is None:
+        if needs_seqs:
+            what = (
+                "variant='official' (it reads each sequence's first advantage)"
+                if official
+                else f"loss_agg_mode={config.loss_agg_mode!r}"
+            )
+            raise ValueError(f"1-D packed logprobs need cu_seqlens for {what}")
+        if advantages.shape != shape:
+            raise ValueError(
+                f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} like 1-D logprobs "
+                "(per-sequence advantages need cu_seqlens)"
+            )
+        tok = Tokens(**common, adv_src=advantages.reshape(-1), adv_div=1, first_src=None, first_div=1, first_mul=1,
+                     mask_src=mask_src, num_seqs=0)
     else:
-        if cu_seqlens is None:
-            if needs_seqs:
-                what = (
-                    "variant='official' (it reads each sequence's first advantage)"
-                    if config.variant == "official"
-                    else f"loss_agg_mode={config.loss_agg_mode!r}"
-                )
-                raise ValueError(f"1-D packed logprobs need cu_seqlens for {what}")
-            if advantages.shape != shape:
-                raise ValueError(
-                    f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} like 1-D logprobs "
-                    "(per-sequence advantages need cu_seqlens)"
-                )
-            adv = advantages.reshape(-1)
+        cu = _as_cu_seqlens(cu_seqlens, device)
+        num_seqs = cu.numel() - 1
+        if config.validate and num_seqs > 0:
+            if bool((cu[1:] < cu[:-1]).any()) or int(cu[0]) < 0 or int(cu[-1]) > n:
+                raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
+        pos = torch.arange(n, device=device, dtype=torch.int64)
+        # Sequence i holds tokens cu[i] <= pos < cu[i+1]; tokens outside every sequence are padding.
+        seq = torch.searchsorted(cu[1:], pos, right=True) if num_seqs > 0 else pos.new_zeros(n)
+        inside = (pos >= cu[0]) & (pos < cu[-1])
+        safe_seq = seq.clamp(max=max(num_seqs - 1, 0))
+        if advantages.shape == shape:
+            adv_tok = advantages.reshape(-1)
+            starts = cu[:-1].clamp(max=max(n - 1, 0))
+            adv_seq_first = adv_tok[starts] if n > 0 else adv_tok.new_zeros(num_seqs)
+        elif advantages.shape == (num_seqs,):
+            adv_seq_first = advantages
+            adv_tok = advantages[safe_seq] if num_seqs > 0 else advantages.new_zeros(n)
         else:
-            cu = _as_cu_seqlens(cu_seqlens, device)
-            num_seqs = cu.numel() - 1
-            if config.validate and num_seqs > 0:
-                if bool((cu[1:] < cu[:-1]).any()) or int(cu[0]) < 0 or int(cu[-1]) > n:
-                    raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
-            pos = torch.arange(n, device=device, dtype=torch.int64)
-            # Sequence i holds tokens cu[i] <= pos < cu[i+1]; tokens outside every sequence get
-            # id num_seqs and are treated as padding.
-            seq_id = torch.searchsorted(cu[1:], pos, right=True) if num_seqs > 0 else pos.new_zeros(n)
-            inside = (pos >= cu[0]) & (pos < cu[-1])
-            seq_id = torch.where(inside, seq_id, torch.full_like(seq_id, num_seqs))
-            valid = valid & inside
-            safe_seq = seq_id.clamp(max=max(num_seqs - 1, 0))
-            if advantages.shape == shape:
-                adv = advantages.reshape(-1)
-                starts = cu[:-1].clamp(max=max(n - 1, 0))
-                adv_seq_first = adv[starts] if n > 0 else adv.new_zeros(num_seqs)
-            elif advantages.shape == (num_seqs,):
-                adv_seq_first = advantages
-                adv = advantages[safe_seq] if num_seqs > 0 else advantages.new_zeros(n)
-            else:
-                raise ValueError(
-                    f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) "
-                    f"or ({num_seqs},) (per sequence of cu_seqlens)"
-                )
-            adv_first = adv_seq_first[safe_seq] if num_seqs > 0 else adv.new_zeros(n)
-            lengths = cu[1:] - cu[:-1]
-            norm_length = (lengths.max() if num_seqs > 0 else lengths.new_zeros(())).to(torch.float32)
+            raise ValueError(
+                f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) "
+                f"or ({num_seqs},) (per sequence of cu_seqlens)"
+            )
+        first = (adv_seq_first[safe_seq] if num_seqs > 0 else adv_tok.new_zeros(n)) if official else None
+        tok = Tokens(**common, adv_src=adv_tok, adv_div=1, first_src=first, first_div=1, first_mul=1,
+                     mask_src=inside if mask is None else (_mask_to_bool(mask_src) & inside),
+                     num_seqs=num_seqs, cu=cu)
 
-    finite = torch.isfinite(lp) & torch.isfinite(olp) & torch.isfinite(adv)
-    if adv_first is not None:
-        # A sequence's first position may be padding holding garbage (left padding, a hole): it
-        # then reads as 0, so the sequence is ineligible, exactly as with zero padding. A valid
-        # first token with a non-finite advantage is caught (or made padding) like any other.
-        adv_first = torch.where(torch.isfinite(adv_first), adv_first, torch.zeros_like(adv_first))
-    bad = valid & ~finite
     if config.validate:
-        if bool(bad.any()):
-            for name, x in (("logprobs", lp), ("old_logprobs", olp), ("advantages", adv)):
-                if bool((valid & ~torch.isfinite(x)).any()):
+        base, finite = tok._base_and_finite
+        if bool((base & ~finite).any()):
+            for name, x in (("logprobs", lp), ("old_logprobs", olp), ("advantages", tok.advantages)):
+                if bool((base & ~torch.isfinite(x)).any()):
                     raise ValueError(
                         f"{name} holds non-finite values (inf/NaN) on valid tokens; fix the data, or pass "
                         "validate=False to treat such tokens as padding (counted in metrics['num_nonfinite'])"
                     )
-    valid = valid & finite
-    return Tokens(
-        logprobs=lp,
-        old_logprobs=olp,
-        advantages=adv,
-        valid=valid,
-        nonfinite=bad.sum(),
-        adv_first=adv_first,
-        seq_id=seq_id,
-        num_seqs=num_seqs,
-        norm_length=norm_length,
-        shape=shape,
-    )
+    return tok
 
 
 def check_num_tokens(num_tokens, config: M2POConfig):

@@ -71,13 +71,13 @@ class Workspace:
     stats_part: Tensor  # float64 [nblocks, STATS_COLS]
     apply_part: Tensor  # float64 [nblocks, 2]
     ties: Tensor  # int64 [nblocks]
-    f32: Tensor  # float32 [12]: cut (lower, upper, m2, m2_after, threshold), outputs, value bits
+    f32: Tensor  # float32 [14]: cut (lower, upper, m2, m2_after, threshold), 7 outputs, value bits
     nblocks: int
 
     @staticmethod
     def allocate(n: int, device) -> "Workspace":
         nblocks = max(1, math.ceil(n / BLOCK))
-        sizes = [2 * L1_BUCKETS, 4 * L2_BUCKETS, 4, 1, 3, nblocks * K.STATS_COLS, nblocks * 2, nblocks, 6]
+        sizes = [2 * L1_BUCKETS, 4 * L2_BUCKETS, 4, 1, 3, nblocks * K.STATS_COLS, nblocks * 2, nblocks, 7]
         buf = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
         parts = list(torch.split(buf, sizes))
         f32 = parts[8].view(torch.float32)
@@ -98,7 +98,7 @@ class Workspace:
         f = self.f32
         return Cut(
             variant=variant,
-            value=f[11:12].view(torch.int32).view(()),
+            value=f[12:13].view(torch.int32).view(()),
             ties_kept=self.cut_i64[0].view(()),
             lower=f[0].view(()),
             upper=f[1].view(()),
@@ -128,12 +128,14 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace) -> Tensor:
     """Keys (int32: m2 bits in the trust region, else -1), level-1 histogram, partials."""
     n = tok.numel
     key = torch.empty(n, dtype=torch.int32, device=tok.device)
-    adv_first = tok.adv_first if tok.adv_first is not None else tok.advantages
+    first = tok.first_src if tok.first_src is not None else tok.adv_src
+    mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
     _launch(
         K.stats_kernel, (ws.nblocks,),
-        tok.logprobs, tok.old_logprobs, tok.advantages, adv_first, tok.valid,
+        tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), first, tok.first_div, tok.first_mul, mask,
         key, ws.hist1, ws.stats_part, ws.n_valid, n,
-        OFFICIAL=config.variant == "official", NB1=L1_BUCKETS, BLOCK=BLOCK, INTERP=INTERPRET,
+        OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, NB1=L1_BUCKETS, BLOCK=BLOCK,
+        INTERP=INTERPRET,
         num_warps=TOKEN_WARPS,
     )
     return key
@@ -154,7 +156,7 @@ def select2(ws: Workspace, config: M2POConfig, num_valid: Tensor) -> Cut:
     args = _tau_args(config)
     _launch(
         K.select2_kernel, (1,),
-        ws.hist1, ws.hist2, ws.state1, num_valid, ws.f32[11:12].view(torch.int32), ws.cut_i64, ws.f32,
+        ws.hist1, ws.hist2, ws.state1, num_valid, ws.f32[12:13].view(torch.int32), ws.cut_i64, ws.f32,
         args["tau_hi_bits"], args["tau_lo_bits"], args["tau_bits"], args["tau_eps_bits"], args["eps_bits"],
         f64_bits(config.miniclip_low or 0.0), f64_bits(config.miniclip_high or 0.0),
         OFFICIAL=args["OFFICIAL"], TAU_INF=args["TAU_INF"],
@@ -190,16 +192,17 @@ def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Works
     grad = torch.empty(n, dtype=torch.float32, device=tok.device) if want_loss else keep
     code, wptr, bits = _weights(tok, config, num_tokens, count if count is not None else ws.n_valid) if want_loss else (
         K.W_NONE, ws.n_valid, 0)
-    lower, upper = cut.lower, cut.upper
+    mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
     _launch(
         K.apply_kernel, (ws.nblocks,),
-        tok.logprobs, tok.old_logprobs, tok.advantages, tok.valid, key, wptr, bits,
-        cut.value, cut.ties_kept, lower, upper, ws.ties,
+        tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), mask, key, wptr, bits,
+        cut.value, cut.ties_kept, cut.lower, cut.upper, ws.ties,
         keep, grad, ws.apply_part, n,
-        OFFICIAL=config.variant == "official", WEIGHTS=code, KEEP_ALL=KEEP_ALL_BITS,
+        OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, WEIGHTS=code,
+        KEEP_ALL=KEEP_ALL_BITS,
         BLOCK=BLOCK, INTERP=INTERPRET, num_warps=TOKEN_WARPS,
     )
-    out = ws.f32[5:11]
+    out = ws.f32[5:12]
     _launch(K.finalize_kernel, (1,), ws.stats_part, ws.apply_part, out, ws.nblocks, STATS_COLS=K.STATS_COLS,
             CHUNK=FINAL_CHUNK)
     return keep, (grad if want_loss else None), out
@@ -215,7 +218,7 @@ def metrics_from(out: Tensor, cut: Cut, tok: Tokens, variant: str) -> dict:
         "ratio_mean": out[4],
         "ratio_max": out[5],
         "cut": cut.threshold,
-        "num_nonfinite": tok.nonfinite.float(),
+        "num_nonfinite": out[6],
     }
     if variant == "official":
         m["clip_low"] = cut.lower
@@ -226,7 +229,7 @@ def metrics_from(out: Tensor, cut: Cut, tok: Tokens, variant: str) -> dict:
 def _contiguous(tok: Tokens) -> Tokens:
     """Kernels index flat, dense tensors: copy the (rare) strided or broadcast ones."""
     fields = {}
-    for name in ("logprobs", "old_logprobs", "advantages", "valid", "adv_first"):
+    for name in ("logprobs", "old_logprobs", "adv_src", "first_src", "mask_src"):
         x = getattr(tok, name)
         if x is not None and not x.is_contiguous():
             fields[name] = x.contiguous()

@@ -417,3 +417,74 @@ def test_official_eligibility_at_the_ratio_rounding_edges():
         expected = float(((delta >= 2.0**-24) if sign > 0 else (delta < -(2.0**-25))).float().mean())
         assert float(m_ref["trust_region_fraction"]) == pytest.approx(expected)
         assert float(m_tri["trust_region_fraction"]) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.bfloat16, None])
+def test_garbage_padding_and_nonfinite_valid_tokens(variant, mask_dtype):
+    """The kernels decide validity themselves (mask of any dtype, finiteness with validate=False):
+    NaN/inf in padding changes nothing; in valid tokens they act as padding and are counted."""
+    lp, olp, adv, mask = (x.reshape(20, 150) for x in _inputs("some", n=3000, seed=5))
+    lp, olp, adv = lp.clone(), olp.clone(), adv.clone()
+    pad = ~mask
+    lp[pad], olp[pad] = float("nan"), float("inf")
+    adv[pad & (torch.arange(150) % 2 == 0)] = float("-inf")
+    bad = torch.zeros_like(mask)
+    bad[3, 7] = bad[11, 0] = bad[19, 149] = True
+    bad &= mask
+    lp[bad] = float("inf")
+    m = None if mask_dtype is None else mask.to(mask_dtype)
+    if m is None:  # no mask: every padding token is a non-finite valid token
+        lp, olp, adv = (torch.where(mask, x, torch.zeros_like(x)) for x in (lp, olp, adv))
+        lp[bad] = float("nan")
+    assert_backends_agree((lp, olp, adv, m), variant, f"mask={mask_dtype}", validate=False)
+    _, metrics = m2po_mask(lp, olp, adv, m, variant=variant, backend="triton", validate=False)
+    assert float(metrics["num_nonfinite"]) == int(bad.sum())
+
+
+def test_no_pytorch_compute_ops_beside_the_kernels():
+    """Besides the Triton kernels, forward+backward with validate=False runs exactly two PyTorch
+    ops of its own that launch work on a GPU: the workspace memset and the backward multiply
+    (10 launches in all). Views and allocations of uninitialised memory launch nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    launch = tb._launch
+    state = {"in_kernel": False}
+
+    def quiet_launch(*args, **kwargs):  # the interpreter's own tensor traffic is not ours
+        state["in_kernel"] = True
+        try:
+            return launch(*args, **kwargs)
+        finally:
+            state["in_kernel"] = False
+
+    free = {"view", "_unsafe_view", "reshape", "alias", "split", "split_with_sizes", "slice", "select",
+            "empty", "empty_like", "empty_strided", "detach", "as_strided", "expand", "t", "unsqueeze",
+            "squeeze", "lift_fresh", "_to_copy_noop"}
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not state["in_kernel"]:
+                name = func.overloadpacket.__name__
+                if name not in free:
+                    self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    lp, olp, adv, mask = (x.reshape(30, 100) for x in _inputs("ties"))
+    leaf = lp.clone().requires_grad_(True)
+    tb._launch = quiet_launch
+    try:
+        for variant in ("paper", "official"):
+            leaf.grad = None  # (accumulating into an existing .grad would add an add_)
+            with Record() as rec:
+                loss, _ = m2po_loss(leaf, olp, adv, mask, variant=variant, backend="triton", validate=False)
+                loss.backward()
+            # zeros: the workspace memset; ones_like: autograd's seed of loss.backward() (any loss
+            # has it); mul: AttachGrad's backward
+            assert sorted(rec.ops) == ["mul", "ones_like", "zeros"], rec.ops
+    finally:
+        tb._launch = launch
