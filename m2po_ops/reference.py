@@ -273,18 +273,3 @@ def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Tensor, vari
         out["clip_low"] = cut.lower
         out["clip_high"] = cut.upper
     return out
-
-
-class ReferenceLoss(torch.autograd.Function):
-    """loss = sum_i w_i l_i with the per-token gradient computed in forward; backward scales it."""
-
-    @staticmethod
-    def forward(ctx, logprobs: Tensor, weighted_loss: Tensor, weighted_grad: Tensor):
-        ctx.save_for_backward(weighted_grad)
-        ctx.shape, ctx.dtype = logprobs.shape, logprobs.dtype
-        return weighted_loss.sum()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (g,) = ctx.saved_tensors
-        return (grad_output * g).reshape(ctx.shape).to(ctx.dtype), None, None
