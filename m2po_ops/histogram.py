@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .config import OFFICIAL_EPS, M2POConfig
 from .cut import KEEP_ALL_BITS, Cut, make_cut
-from .reference import official_bounds
+from .reference import official_cut
 
 L1_SHIFT = 16
 L1_BUCKETS = 1 << 15
@@ -243,21 +243,7 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
     k_star = torch.where(found, kj + t, p.k_end[b1])
     v_prev = torch.where(found, torch.where(t > 0, vj, pred_value), values[_last(nonempty2).clamp_min(0)])
     c_prev = torch.where(found, s_base + (pj + t * sig_v).double() * scale, p.s_end[b1])
-    at_zero = (k_star == 0) | tiny
-    tau_c2 = torch.where(at_zero, torch.zeros_like(v_prev), (v_prev - e).clamp_min(0))
-    m2_after = torch.where(at_zero, torch.zeros_like(v_prev), (v_prev * (nf - k_star.double()) + c_prev) / nf.clamp_min(1))
-    lower, upper = official_bounds(torch.sqrt(tau_c2), constrained, config)
-    return make_cut(
-        "official",
-        device,
-        lower=lower,
-        upper=upper,
-        num_valid=num_valid,
-        num_trust_region=p.n,
-        m2=m2_before,
-        m2_after=torch.where(constrained, m2_after.float(), m2_before),
-        threshold=torch.where(constrained, tau_c2, torch.full((), float("inf"), dtype=torch.float64, device=device)).float(),
-    )
+    return official_cut(v_prev, c_prev, k_star, p.n, p.total, constrained, tiny, num_valid, config)
 
 
 def solve_keys(key: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:

@@ -165,20 +165,30 @@ def solve_official(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig
     hit = (f >= target - e) & (kk < n)
     k = torch.where(hit, kk, torch.full_like(kk, n_all)).min() if n_all > 0 else torch.zeros((), dtype=torch.int64, device=device)
     constrained = constrained & (k < n)
-    tiny_budget = target <= e  # the authors return tau_c = 0 here
+    tiny_budget = target <= e
     prev = (k - 1).clamp(min=0, max=max(n_all - 1, 0))
     v_prev = _at(values, prev) if n_all > 0 else torch.zeros((), dtype=torch.float64, device=device)
     c_prev = _at(csum, prev) if n_all > 0 else torch.zeros((), dtype=torch.float64, device=device)
-    at_zero = (k == 0) | tiny_budget
+    return official_cut(v_prev, c_prev, k, n, total, constrained, tiny_budget, num_valid, config)
+
+
+def official_cut(v_prev: Tensor, c_prev: Tensor, k_star: Tensor, n: Tensor, total: Tensor, constrained: Tensor,
+                 tiny_budget: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
+    """The authors' tau_c, reported M2_after and clip bounds, from the first index k_star whose
+    test passes, the value just before it (v_prev) and the sum up to it (c_prev), all float64.
+    Shared by the sort-based and the histogram solvers."""
+    e = OFFICIAL_EPS
+    nf = n.double()
+    at_zero = (k_star == 0) | tiny_budget  # the authors return tau_c = 0 here
     tau_c2 = torch.where(at_zero, torch.zeros_like(v_prev), (v_prev - e).clamp_min(0))
-    tau_c = torch.sqrt(tau_c2)
-    m2_after = torch.where(at_zero, torch.zeros_like(v_prev), (v_prev * (nf - k.double()) + c_prev) / nf.clamp_min(1))
+    m2_after = torch.where(at_zero, torch.zeros_like(v_prev),
+                           (v_prev * (nf - k_star.double()) + c_prev) / nf.clamp_min(1))
     m2_before = total / nf.clamp_min(1)
-    lower, upper = official_bounds(tau_c, constrained, config)
-    inf = torch.full((), float("inf"), dtype=torch.float64, device=device)
+    lower, upper = official_bounds(torch.sqrt(tau_c2), constrained, config)
+    inf = torch.full((), float("inf"), dtype=torch.float64, device=v_prev.device)
     return make_cut(
         "official",
-        device,
+        v_prev.device,
         lower=lower,
         upper=upper,
         num_valid=num_valid,
