@@ -5,6 +5,32 @@ optimizer step split into micro-batches ``M2POStats`` / ``M2POCuts`` (across dat
 ``group=``).
 """
 
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+
+class _SourceTreeKernels(importlib.abc.MetaPathFinder):
+    """Find ``m2po_ops.kernels`` in a source checkout used without installing
+    (``PYTHONPATH=<repo>``, as bench/run_gpu.sh does): the kernels live in ``<repo>/kernels`` and
+    setup.py installs them as ``m2po_ops.kernels``. Installed and editable layouts find the
+    package before this finder is asked (it sits last on sys.meta_path)."""
+
+    location = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != __name__ + ".kernels" or not os.path.isfile(os.path.join(self.location, "__init__.py")):
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, os.path.join(self.location, "__init__.py"), submodule_search_locations=[self.location]
+        )
+
+
+if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")):
+    if not any(isinstance(f, _SourceTreeKernels) for f in sys.meta_path):
+        sys.meta_path.append(_SourceTreeKernels())
+
 from .api import m2po_loss, m2po_mask, resolve_backend, triton_available
 from .config import M2POConfig
 from .cut import Cut
