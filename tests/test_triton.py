@@ -22,7 +22,7 @@ from m2po_ops import histogram, m2po_loss, m2po_mask, resolve_backend  # noqa: E
 from m2po_ops import triton_backend as tb  # noqa: E402
 from m2po_ops.config import M2POConfig  # noqa: E402
 from m2po_ops.inputs import prepare  # noqa: E402
-from test_reference import case_grid, make_case  # noqa: E402
+from cases import case_grid, make_case  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
