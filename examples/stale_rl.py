@@ -549,34 +549,56 @@ def parse_args(argv=None):
 
 
 def collapse_plot(paths, out):
-    """Sampled accuracy vs update of every run in several results JSONs (the collapse attempts)."""
+    """Held-out sampled accuracy vs update, one panel per results JSON (the collapse attempts):
+    colour = method, line style = seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(14, 5))
-    for path in paths:
+    cols = min(4, len(paths))
+    rows = -(-len(paths) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for a, path in zip(axes.flat, paths):
         res = json.loads(Path(path).read_text())
         c = res["config"]
         for r in res["runs"]:
             xs = [row["update"] for row in r["curve"]]
-            name = (
-                f"{r['method']} s={r['staleness']} lr={c['lr']:g} clip={c['grad_clip']:g} T={c['temperature']:g} "
-                f"{c['digits']}d"
+            a.plot(
+                xs,
+                [row["acc_sampled"] for row in r["curve"]],
+                color=COLORS.get(r["method"]),
+                ls=styles[r["seed"] % len(styles)],
+                label=f"{r['method']} seed {r['seed']}",
             )
-            (line,) = ax[0].plot(xs, [row["acc_sampled"] for row in r["curve"]], label=name)
-            ax[1].plot(xs[1:], [row.get("m2", float("nan")) for row in r["curve"][1:]], color=line.get_color())
-    ax[0].set_title("held-out sampled accuracy")
-    ax[1].set_title("m2 over the trust region (before masking)")
-    ax[1].set_yscale("log")
-    for a in ax:
-        a.set_xlabel("update")
+        a.set_title(
+            f"s={c['staleness']} lr={c['lr']:g} gradclip={'off' if c['grad_clip'] <= 0 else c['grad_clip']:} "
+            f"T={c['temperature']:g} {c['digits']}-digit",
+            fontsize=9,
+        )
+        a.set_ylim(-0.02, 1.02)
+        a.set_xlabel("update", fontsize=8)
         a.grid(alpha=0.3)
-    ax[0].legend(fontsize=7)
+        a.legend(fontsize=6)
+    for a in list(axes.flat)[len(paths) :]:
+        a.axis("off")
+    fig.suptitle("collapse attempts: held-out sampled accuracy (black on-policy, orange no-TR, blue M2PO)", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=70)
     plt.close(fig)
+
+
+def _git_head() -> str:
+    """The repository commit the run used (best effort; a dirty tree is marked)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "m2po_ops"], cwd=ROOT, capture_output=True, text=True).stdout
+        return head + ("+dirty(m2po_ops)" if dirty.strip() else "")
+    except Exception:
+        return "unknown"
 
 
 def main(argv=None) -> dict:
@@ -623,7 +645,7 @@ def main(argv=None) -> dict:
     included = [w for w in warm_infos if w["reached"]]
     warm_acc = nanmean([w["heldout_acc_sampled"] for w in included])
     config = {k: v for k, v in vars(args).items() if k not in ("quiet", "no_plot", "out_dir", "cache_dir")}
-    config.update(params=n_params, backend=backend, torch=torch.__version__)
+    config.update(params=n_params, backend=backend, torch=torch.__version__, library_commit=_git_head())
     result = {
         "config": config,
         "warm_start": warm_infos,
