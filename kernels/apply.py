@@ -17,7 +17,7 @@ W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = 0, 1, 2, 3, 4
 APPLY_COLS = 2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["denom_bits"])
 def apply_kernel(
     lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, denom_bits,
     value_ptr, ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr,

@@ -116,16 +116,28 @@ def ratio_f32(delta):
 
 
 @triton.jit
+def is_finite(x):
+    """x - x is NaN exactly for inf/NaN. Tested in the loaded dtype when that is float64 (a
+    finite float64 can overflow float32), in float32 otherwise (exact for fp16/bf16; the
+    interpreter cannot do bf16 arithmetic)."""
+    if x.dtype == tl.float64:
+        return (x - x) == 0
+    else:
+        xf = x.to(tl.float32)
+        return (xf - xf) == 0
+
+
+@triton.jit
 def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: tl.constexpr):
     """Load one block of tokens as float32 and decide validity in the kernel: the mask is
     nonzero (any dtype) and log-probs and advantage are finite. Returns
     (lp, olp, adv, valid, nonfinite) where nonfinite marks masked-in tokens with inf/NaN."""
     inb = offs < n
-    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    olp = tl.load(olp_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-    adv = tl.load(adv_ptr + offs // adv_div, mask=inb, other=0.0).to(tl.float32)
+    lp = tl.load(lp_ptr + offs, mask=inb, other=0.0)
+    olp = tl.load(olp_ptr + offs, mask=inb, other=0.0)
+    adv = tl.load(adv_ptr + offs // adv_div, mask=inb, other=0.0)
     base = inb
     if HAS_MASK:
         base = base & (tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32) != 0)
-    finite = ((lp - lp) == 0) & ((olp - olp) == 0) & ((adv - adv) == 0)  # x - x is NaN for inf/NaN
-    return lp, olp, adv, base & finite, base & ~finite
+    finite = is_finite(lp) & is_finite(olp) & is_finite(adv)
+    return lp.to(tl.float32), olp.to(tl.float32), adv.to(tl.float32), base & finite, base & ~finite

@@ -14,7 +14,7 @@ so the apply pass knows how many tied tokens precede each block; exits at once l
 import triton
 import triton.language as tl
 
-from .common import L1_SHIFT, exp_f32, load_tokens, ratio_f32, significand
+from .common import L1_SHIFT, exp_f32, is_finite, load_tokens, ratio_f32, significand
 
 # per-block partials written by stats_kernel (float64 columns): valid tokens, trust-region
 # tokens, sum of -delta, sum of ratios, max ratio, masked-in tokens holding inf/NaN
@@ -40,8 +40,8 @@ def stats_kernel(
         # the authors' "harmful" tokens: first-token advantage sign and ratio side, in float32.
         # With r = exp(delta) correctly rounded to float32: r > 1 iff delta >= 2**-24 and
         # r < 1 iff delta < -2**-25 (exp rounds to 1 in between), so no exp is needed here.
-        adv_first = tl.load(first_ptr + (offs // first_div) * first_mul, mask=inb, other=0.0).to(tl.float32)
-        adv_first = tl.where((adv_first - adv_first) == 0, adv_first, 0.0)  # garbage first position reads 0
+        adv_first = tl.load(first_ptr + (offs // first_div) * first_mul, mask=inb, other=0.0)
+        adv_first = tl.where(is_finite(adv_first), adv_first.to(tl.float32), 0.0)  # garbage first position reads 0
         trust = valid & (((adv_first > 1e-12) & (delta >= 5.9604644775390625e-08))
                          | ((adv_first < -1e-12) & (delta < -2.9802322387695312e-08)))
         ratio = ratio_f32(delta)

@@ -53,7 +53,7 @@ def _total_count(hist1_ptr, NB1: tl.constexpr, CHUNK: tl.constexpr):
     return n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tau_hi_bits", "tau_lo_bits", "tau_bits", "tau_eps_bits", "eps_bits"])
 def select1_kernel(
     hist1_ptr, state_ptr, tau_hi_bits, tau_lo_bits, tau_bits, tau_eps_bits, eps_bits,
     OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, NB1: tl.constexpr, CHUNK: tl.constexpr,
@@ -94,12 +94,19 @@ def select1_kernel(
 
 
 @triton.jit
+def _scaled(sig_sum, scale):
+    """An exact level-2 significand sum times its bucket's scale (0 stays 0 in the inf bucket)."""
+    return tl.where(sig_sum == 0, 0.0, sig_sum.to(tl.float64) * scale)
+
+
+@triton.jit
 def _pick(x, idx, at):
     """x[at] for a vector x indexed by idx (0 when at is outside); exact."""
     return tl.sum(tl.where(idx == at, x, 0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tau_hi_bits", "tau_lo_bits", "tau_bits", "tau_eps_bits", "eps_bits",
+                               "mini_lo_bits", "mini_hi_bits"])
 def select2_kernel(
     hist1_ptr, hist2_ptr, state_ptr, n_valid_ptr,
     cut_i32_ptr, cut_i64_ptr, cut_f32_ptr,
@@ -148,10 +155,10 @@ def select2_kernel(
         p_end = p_carry + tl.cumsum(sig2, 0)
         if OFFICIAL:
             v = bits_to_f64((b1 << L1_SHIFT) | idx)
-            f_last = _f_official(v, k_base + k2_end - 1, s_base + p_end.to(tl.float64) * scale, nf, eps)
+            f_last = _f_official(v, k_base + k2_end - 1, s_base + _scaled(p_end, scale), nf, eps)
             pred = (cnt2 > 0) & (f_last >= target - eps)
         else:
-            pred = (cnt2 > 0) & ~_cond_paper(s_base + p_end.to(tl.float64) * scale, k_base + k2_end, tau_hi, tau_lo, TAU_INF)
+            pred = (cnt2 > 0) & ~_cond_paper(s_base + _scaled(p_end, scale), k_base + k2_end, tau_hi, tau_lo, TAU_INF)
         jmin = tl.min(tl.where(pred, idx, NB2)).to(tl.int64)
         first = (j1 == NB2) & (jmin < NB2)
         kj = tl.where(first, k_base + _pick(k2_end - cnt2, idx, jmin), kj)
@@ -168,13 +175,13 @@ def select2_kernel(
     if OFFICIAL:
         vj = bits_to_f64(bits)
         # first t in the run with a hit: binary search for the last miss
-        f0 = _f_official(vj, kj, s_base + (pj + sig_v).to(tl.float64) * scale, nf, eps)
+        f0 = _f_official(vj, kj, s_base + _scaled(pj + sig_v, scale), nf, eps)
         first_hits = f0 >= target - eps
         lo = tl.zeros((), tl.int64)
         hi = m
         for _ in range(SEARCH_STEPS):
             mid = (lo + hi) // 2
-            f_mid = _f_official(vj, kj + mid, s_base + (pj + (mid + 1) * sig_v).to(tl.float64) * scale, nf, eps)
+            f_mid = _f_official(vj, kj + mid, s_base + _scaled(pj + (mid + 1) * sig_v, scale), nf, eps)
             go = (f_mid < target - eps) & (hi - lo > 1)
             hi = tl.where(go | (hi - lo <= 1), hi, mid)
             lo = tl.where(go, mid, lo)
@@ -196,13 +203,14 @@ def select2_kernel(
         k_star = tl.where(found, kj + t, k_end_b1)
         v_last = bits_to_f64((b1 << L1_SHIFT) | tl.maximum(j_last, 0))
         v_prev = tl.where(found, tl.where(t > 0, vj, pred_value), v_last)
-        c_prev = tl.where(found, s_base + (pj + t * sig_v).to(tl.float64) * scale, s_end_b1)
+        c_prev = tl.where(found, s_base + _scaled(pj + t * sig_v, scale), s_end_b1)
         constrained = (n > 0) & (total / tl.maximum(nf, 1.0) > as_f64(tau_eps_bits)) & (target < total - eps)
+        constrained = constrained & (k_star < n)  # no hit at all (an inf m2 makes the test NaN)
         at_zero = (k_star == 0) | (target <= eps)
         tau_c2 = tl.where(at_zero, 0.0, tl.maximum(v_prev - eps, 0.0))
         m2_after = tl.where(at_zero, 0.0, (v_prev * (nf - k_star.to(tl.float64)) + c_prev) / tl.maximum(nf, 1.0))
         # the authors' chain from tau_c to float32 clip bounds (see reference.official_bounds)
-        tc = tl.sqrt(tau_c2).to(tl.float32).to(tl.float64)
+        tc = tl.sqrt(tau_c2)  # float64 sqrt is correctly rounded (sqrt.rn.f64).to(tl.float32).to(tl.float64)
         clip_low = exp_f64(-tc).to(tl.float32).to(tl.float64)
         clip_high = exp_f64(tc).to(tl.float32).to(tl.float64)
         clip_low = tl.where(constrained, clip_low, 0.0)
@@ -225,13 +233,19 @@ def select2_kernel(
         hi = m
         for _ in range(SEARCH_STEPS):
             mid = (lo + hi) // 2
-            ok = _cond_paper(s_base + (pj + mid * sig_v).to(tl.float64) * scale, kj + mid, tau_hi, tau_lo, TAU_INF)
+            ok = _cond_paper(s_base + _scaled(pj + mid * sig_v, scale), kj + mid, tau_hi, tau_lo, TAU_INF)
             go = ok & (hi - lo > 1)
             hi = tl.where(go | (hi - lo <= 1), hi, mid)
             lo = tl.where(go, mid, lo)
         t = lo
         keep_count = kj + t
-        kept_sum = s_base + (pj + t * sig_v).to(tl.float64) * scale
+        kept_sum = s_base + _scaled(pj + t * sig_v, scale)
+        # level 1 said bucket b1 fails at its end but no value inside it does (the two prefix sums
+        # differ in the last ulp): keep all of b1, cut at the first bits of the next bucket
+        bits = tl.where(found, bits, (b1 + 1) << L1_SHIFT)
+        t = tl.where(found, t, 0)
+        keep_count = tl.where(found, keep_count, k_end_b1)
+        kept_sum = tl.where(found, kept_sum, s_end_b1)
         m2_after = tl.where(refine, kept_sum / tl.maximum(keep_count.to(tl.float64), 1.0), total / tl.maximum(nf, 1.0))
         tl.store(cut_i32_ptr, tl.where(refine, bits.to(tl.int32), KEEP_ALL))
         tl.store(cut_i64_ptr + 0, tl.where(refine, t, 0))

@@ -172,7 +172,7 @@ def m2po_loss(
     respect to ``logprobs`` (old_logprobs and advantages are constants).
 
     logprobs, old_logprobs: (B, T) padded, or (N,) packed with ``cu_seqlens``; float32, bfloat16,
-        float16 or float64. Computed in float32 (float64 for float64 input).
+        float16 or float64. Computed in float32 (the torch backend: float64 for float64 input).
     advantages: like logprobs, or one value per sequence: (B,) / (num_seqs,).
     mask: 1 for valid response tokens (bool, integer or float 0/1); None means all valid.
     tau: second-moment budget (paper: 0.04). variant: "paper" or "official".

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .config import OFFICIAL_EPS, M2POConfig
 from .cut import KEEP_ALL_BITS, Cut, make_cut
-from .reference import official_cut
+from .reference import _at, official_cut
 
 L1_SHIFT = 16
 L1_BUCKETS = 1 << 15
@@ -159,6 +159,11 @@ def select1(hist1: Tensor, config: M2POConfig) -> Tensor:
     return torch.stack([refine.to(torch.int64), b1, b0, torch.zeros_like(b1)])
 
 
+def _scaled(sig_sum: Tensor, scale: Tensor) -> Tensor:
+    """An exact level-2 significand sum times its bucket's scale (0 stays 0 in the inf bucket)."""
+    return torch.where(sig_sum == 0, 0.0, sig_sum.double() * scale)
+
+
 def _bsearch(pred, lo: Tensor, hi: Tensor) -> Tensor:
     """Largest t in [lo, hi) with pred(t), given pred(lo) and a monotone pred (True then False)."""
     for _ in range(SEARCH_STEPS):
@@ -180,7 +185,7 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
     p_end = torch.cumsum(sig2, 0)
     p_excl = p_end - sig2
     k2_excl = torch.cumsum(count2, 0) - count2
-    k_base, s_base = p.k_excl[b1], p.s_excl[b1]
+    k_base, s_base = _at(p.k_excl, b1), _at(p.s_excl, b1)
     low_ids = torch.arange(L2_BUCKETS, device=device, dtype=torch.int64)
     values = bits_to_float((b1 << L1_SHIFT) | low_ids)
     nonempty2 = count2 > 0
@@ -188,19 +193,28 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
 
     if config.variant == "paper":
         k_end2 = k_base + k2_excl + count2
-        s_end2 = s_base + p_end.double() * scale
-        j1 = _first(nonempty2 & ~_cond_paper(s_end2, k_end2, config))
+        s_end2 = s_base + _scaled(p_end, scale)
+        fails = nonempty2 & ~_cond_paper(s_end2, k_end2, config)
+        found = fails.any()
+        j1 = _first(fails)
         bits = (b1 << L1_SHIFT) | j1
         sig_v = significand(bits)
-        kj, pj, m = k_base + k2_excl[j1], p_excl[j1], count2[j1]
+        kj, pj, m = k_base + _at(k2_excl, j1), _at(p_excl, j1), _at(count2, j1)
 
         def s_at(t):
-            return s_base + (pj + t * sig_v).double() * scale
+            return s_base + _scaled(pj + t * sig_v, scale)
 
         t = _bsearch(lambda t: _cond_paper(s_at(t), kj + t, config), torch.zeros_like(m), m)
         keep_count = kj + t
+        kept_sum = s_at(t)
+        # level 1 said bucket b1 fails at its end but no value inside it does (the two prefix sums
+        # differ in the last ulp): keep all of b1, cut at the first bits of the next bucket
+        bits = torch.where(found, bits, (b1 + 1) << L1_SHIFT)
+        t = torch.where(found, t, torch.zeros_like(t))
+        keep_count = torch.where(found, keep_count, _at(p.k_end, b1))
+        kept_sum = torch.where(found, kept_sum, _at(p.s_end, b1))
         value = torch.where(refine, bits.to(torch.int32), torch.full((), KEEP_ALL_BITS, dtype=torch.int32, device=device))
-        m2_after = torch.where(refine, s_at(t) / keep_count.double().clamp_min(1), p.total / p.n.double().clamp_min(1))
+        m2_after = torch.where(refine, kept_sum / keep_count.double().clamp_min(1), p.total / p.n.double().clamp_min(1))
         return make_cut(
             "paper",
             device,
@@ -220,15 +234,15 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
     constrained = (p.n > 0) & (p.total / nf.clamp_min(1) > config.tau + e) & (target < p.total - e)
     tiny = target <= e
     kj_all = k_base + k2_excl
-    f_last = _f_official(values, kj_all + count2 - 1, s_base + p_end.double() * scale, p.n)
+    f_last = _f_official(values, kj_all + count2 - 1, s_base + _scaled(p_end, scale), p.n)
     hit = nonempty2 & (f_last >= target - e)
     found = hit.any()
     j1 = _first(hit)
     sig_v = significand((b1 << L1_SHIFT) | j1)
-    kj, pj, m, vj = kj_all[j1], p_excl[j1], count2[j1], values[j1]
+    kj, pj, m, vj = _at(kj_all, j1), _at(p_excl, j1), _at(count2, j1), _at(values, j1)
 
     def f_at(t):
-        return _f_official(vj, kj + t, s_base + (pj + (t + 1) * sig_v).double() * scale, p.n)
+        return _f_official(vj, kj + t, s_base + _scaled(pj + (t + 1) * sig_v, scale), p.n)
 
     # first t with a hit = (largest t without a hit) + 1, or 0 when the run's first token hits
     first_hits = f_at(torch.zeros_like(m)) >= target - e
@@ -239,10 +253,11 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
     b0 = state1[B0]
     top_b0 = _last(hist2[1, 0] > 0)
     pred_in_b0 = bits_to_float((b0.clamp_min(0) << L1_SHIFT) | top_b0.clamp_min(0))
-    pred_value = torch.where(j_prev >= 0, values[j_prev.clamp_min(0)], pred_in_b0)
-    k_star = torch.where(found, kj + t, p.k_end[b1])
-    v_prev = torch.where(found, torch.where(t > 0, vj, pred_value), values[_last(nonempty2).clamp_min(0)])
-    c_prev = torch.where(found, s_base + (pj + t * sig_v).double() * scale, p.s_end[b1])
+    pred_value = torch.where(j_prev >= 0, _at(values, j_prev.clamp_min(0)), pred_in_b0)
+    k_star = torch.where(found, kj + t, _at(p.k_end, b1))
+    v_prev = torch.where(found, torch.where(t > 0, vj, pred_value), _at(values, _last(nonempty2).clamp_min(0)))
+    c_prev = torch.where(found, s_base + _scaled(pj + t * sig_v, scale), _at(p.s_end, b1))
+    constrained = constrained & (k_star < p.n)  # no hit at all (an inf m2 makes the test NaN)
     return official_cut(v_prev, c_prev, k_star, p.n, p.total, constrained, tiny, num_valid, config)
 
 

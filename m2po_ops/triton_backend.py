@@ -35,7 +35,8 @@ from .kernels.common import INTERPRET, KEEP_ALL_BITS, L1_BUCKETS, L2_BUCKETS, f6
 BLOCK = 1024
 TOKEN_WARPS = 4
 SELECT_CHUNK = 32768 if INTERPRET else 2048
-SELECT_WARPS = 8
+SELECT_WARPS = 8  # select kernels also run without FMA contraction: their float64 tests are
+# written as separate multiplies and adds (as the PyTorch description and the authors' code)
 TIE_CHUNK = 1024  # blocks per step of tie_scan_kernel
 FINAL_CHUNK = 1024
 
@@ -143,7 +144,7 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace) -> Tensor:
 
 def select1(ws: Workspace, config: M2POConfig) -> None:
     _launch(K.select1_kernel, (1,), ws.hist1, ws.state1, **_tau_args(config), NB1=L1_BUCKETS, CHUNK=SELECT_CHUNK,
-            num_warps=SELECT_WARPS)
+            num_warps=SELECT_WARPS, enable_fp_fusion=False)
 
 
 def level2(key: Tensor, ws: Workspace) -> None:
@@ -162,7 +163,7 @@ def select2(ws: Workspace, config: M2POConfig, num_valid: Tensor) -> Cut:
         OFFICIAL=args["OFFICIAL"], TAU_INF=args["TAU_INF"],
         HAS_MINI_LO=config.miniclip_low is not None, HAS_MINI_HI=config.miniclip_high is not None,
         KEEP_ALL=KEEP_ALL_BITS, NB1=L1_BUCKETS, NB2=L2_BUCKETS, CHUNK=SELECT_CHUNK, INTERP=INTERPRET,
-        num_warps=SELECT_WARPS,
+        num_warps=SELECT_WARPS, enable_fp_fusion=False,
     )
     return ws.cut(config.variant)
 

@@ -488,3 +488,105 @@ def test_no_pytorch_compute_ops_beside_the_kernels():
             assert sorted(rec.ops) == ["mul", "ones_like", "zeros"], rec.ops
     finally:
         tb._launch = launch
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU's select chunking, and edge values (regressions found in review)
+
+
+@pytest.fixture
+def gpu_select_chunk(monkeypatch):
+    """Run the select kernels with the GPU's chunk size (several chunks, carried prefix sums)
+    instead of the interpreter's single chunk."""
+    monkeypatch.setattr(tb, "SELECT_CHUNK", 2048)
+
+
+def test_random_suite_with_the_gpu_select_chunk(gpu_select_chunk):
+    for spec in case_grid("2d", 0, count=8) + case_grid("packed_cu", 1, count=8):
+        case = make_case(**spec)
+        for variant in ("paper", "official"):
+            assert_backends_agree(case, variant, f"{case.desc} variant={variant} chunk=2048")
+
+
+def test_a_last_ulp_disagreement_between_levels_keeps_the_bucket(gpu_select_chunk):
+    """Level 1's chunked prefix sum fails the test at the end of a bucket while level 2's exact
+    sums pass every value in it: the cut must then sit at the bucket's end (not at its start,
+    which would mask the whole bucket)."""
+    import random
+
+    def chunked_ends(hist1, chunk=2048):
+        cnt = hist1[0].numpy()
+        sums = hist1[1].double().numpy() * torch.where(hist1[0] > 0, histogram.bucket_scale(
+            torch.arange(histogram.L1_BUCKETS)), torch.zeros(())).numpy()
+        out, carry = sums.copy(), 0.0
+        for c in range(0, len(sums), chunk):
+            out[c:c + chunk] = carry + np.cumsum(sums[c:c + chunk])
+            carry = out[c + chunk - 1]
+        return out, sums, np.cumsum(cnt)
+
+    def cond(s, k, tau):
+        hi, lo = M2POConfig(tau=tau).tau_split
+        return (s - k * hi) <= k * lo
+
+    import numpy as np
+
+    rng = random.Random(1)
+    lo_b = 0.03125 + 77 * 0.03125 / 128
+    for _ in range(3000):
+        d = [10 ** rng.uniform(-12.5, -6) for _ in range(rng.randint(1, 5))]
+        d += [math.sqrt(rng.uniform(0.02, 0.03)) for _ in range(rng.randint(1, 30))]
+        d += [math.sqrt(lo_b + rng.uniform(1e-6, 2.4e-4)) for _ in range(200)]
+        delta = torch.tensor(d, dtype=torch.float32)
+        key = (delta * delta).view(torch.int32)
+        if len(set((key.long() >> 16)[-200:].tolist())) != 1:
+            continue
+        hist1 = histogram.level1(key)
+        s_end, sums, k_end = chunked_ends(hist1)
+        nz = np.nonzero(hist1[0].numpy())[0]
+        b1, bprev = nz[-1], nz[-2]
+        a, b = float(s_end[b1]), float(np.float64(s_end[bprev]) + sums[b1])
+        if not a > b:
+            continue
+        k = int(k_end[b1])
+        tau = b / k
+        for _ in range(10):
+            if cond(b, k, tau) and not cond(a, k, tau):
+                break
+            tau = math.nextafter(tau, math.inf) if not cond(b, k, tau) else math.nextafter(tau, -math.inf)
+        if cond(b, k, tau) and not cond(a, k, tau):
+            break
+    else:
+        pytest.fail("no case constructed")
+    lp = delta[torch.randperm(len(d), generator=torch.Generator().manual_seed(0))].reshape(1, -1)
+    olp, adv = torch.zeros_like(lp), torch.ones_like(lp)
+    keep_ref, m_ref = m2po_mask(lp, olp, adv, tau=tau, backend="torch")
+    keep_tri, m_tri = m2po_mask(lp, olp, adv, tau=tau, backend="triton")
+    # the two answers may differ by the one token the spec leaves open, never by a bucket
+    assert abs(int(keep_ref.sum()) - int(keep_tri.sum())) <= 1
+    assert abs(float(m_tri["m2_after"]) - float(m_ref["m2_after"])) < 1e-3
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_an_infinite_m2_in_the_trust_region(variant):
+    """|delta| > 1.8e19 makes m2 = inf (the authors' test value is then NaN): both backends
+    still agree, and nothing becomes NaN in the mask."""
+    lp = torch.tensor([[0.1, 0.0]])
+    olp = torch.tensor([[0.0, -2e19]])
+    adv = torch.ones(1)
+    k_ref, m_ref = m2po_mask(lp, olp, adv, variant=variant, backend="torch")
+    k_tri, m_tri = m2po_mask(lp, olp, adv, variant=variant, backend="triton")
+    assert k_ref.tolist() == k_tri.tolist() == [[True, False]]
+    for name in ("clip_low", "clip_high") if variant == "official" else ("m2_after",):
+        torch.testing.assert_close(m_tri[name], m_ref[name])
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_float64_values_beyond_float32_range_are_finite(variant):
+    """Finiteness is decided on the float64 value, not after the cast to float32."""
+    lp = torch.tensor([[-1.0, -1e39, -2.0]], dtype=torch.float64)
+    olp = torch.tensor([[-1.5, -1e39, -2.5]], dtype=torch.float64)
+    adv = torch.ones(1, 3, dtype=torch.float64)
+    k_ref, m_ref = m2po_mask(lp, olp, adv, variant=variant, backend="torch")
+    k_tri, m_tri = m2po_mask(lp, olp, adv, variant=variant, backend="triton")
+    assert torch.equal(k_ref, k_tri)
+    assert float(m_ref["num_nonfinite"]) == float(m_tri["num_nonfinite"]) == 0.0
