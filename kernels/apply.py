@@ -14,7 +14,8 @@ from .common import as_f64, exp_f32, load_tokens, ratio_f32
 
 # weights
 W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = 0, 1, 2, 3, 4
-APPLY_COLS = 2
+APPLY_COLS = 2  # per-block partials of apply_kernel (float64): loss sum, masked tokens
+_APPLY_COLS = tl.constexpr(APPLY_COLS)
 
 
 @triton.jit(do_not_specialize=["denom_bits"])
@@ -61,7 +62,7 @@ def apply_kernel(
         grad = loss  # straight-through: d(-A r)/d logprobs = -A r
     tl.store(keep_ptr + offs, keep, mask=inb)
     masked = tl.sum((valid & ~keep).to(tl.int64)).to(tl.float64)
-    tl.store(part_ptr + pid.to(tl.int64) * 2 + 1, masked)
+    tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS + 1, masked)
     if WEIGHTS != 0:
         if WEIGHTS == 1:  # token-mean over a valid-token count (int64 at w_ptr)
             w = 1.0 / tl.maximum(tl.load(w_ptr).to(tl.float32), 1.0)
@@ -73,7 +74,7 @@ def apply_kernel(
             w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         w = tl.where(valid, w, 0.0)
         tl.store(grad_ptr + offs, w * grad, mask=inb)
-        tl.store(part_ptr + pid.to(tl.int64) * 2, tl.sum(w * loss).to(tl.float64))
+        tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS, tl.sum(w * loss).to(tl.float64))
 
 
 @triton.jit
@@ -98,7 +99,7 @@ def finalize_kernel(stats_ptr, apply_ptr, out_ptr, nblocks, STATS_COLS: tl.const
         ratio_sum += tl.sum(tl.load(row + 3, mask=inb, other=0.0))
         ratio_max = tl.maximum(ratio_max, tl.max(tl.load(row + 4, mask=inb, other=0.0)))
         nonfinite += tl.sum(tl.load(row + 5, mask=inb, other=0.0))
-        arow = apply_ptr + b.to(tl.int64) * 2
+        arow = apply_ptr + b.to(tl.int64) * _APPLY_COLS
         loss += tl.sum(tl.load(arow + 0, mask=inb, other=0.0))
         masked += tl.sum(tl.load(arow + 1, mask=inb, other=0.0))
     denom = tl.maximum(n_valid, 1.0)

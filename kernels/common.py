@@ -14,13 +14,11 @@ import triton.language as tl
 
 # libdevice calls fail under the interpreter; use the plain tl.* forms there.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_INTERP = tl.constexpr(INTERPRET)
 
 L1_SHIFT = tl.constexpr(16)
 L1_BUCKETS = 1 << 15
 L2_BUCKETS = 1 << 16
 KEEP_ALL_BITS = 0x7FFFFFFF
-INF_BITS = 0x7F800000
 
 if not INTERPRET:  # pragma: no cover - GPU only
     from triton.language.extra import libdevice

@@ -201,6 +201,7 @@ def select2_kernel(
         pred_in_b0 = bits_to_f64((tl.maximum(b0, 0) << L1_SHIFT) | tl.maximum(top_b0, 0))
         pred_value = tl.where(j_prev >= 0, bits_to_f64((b1 << L1_SHIFT) | tl.maximum(j_prev, 0)), pred_in_b0)
         k_star = tl.where(found, kj + t, k_end_b1)
+        k_star = tl.where(target <= eps, 0, k_star)  # tiny budget: the authors' tau_c = 0 (k = 0)
         v_last = bits_to_f64((b1 << L1_SHIFT) | tl.maximum(j_last, 0))
         v_prev = tl.where(found, tl.where(t > 0, vj, pred_value), v_last)
         c_prev = tl.where(found, s_base + _scaled(pj + t * sig_v, scale), s_end_b1)

@@ -255,6 +255,7 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
     pred_in_b0 = bits_to_float((b0.clamp_min(0) << L1_SHIFT) | top_b0.clamp_min(0))
     pred_value = torch.where(j_prev >= 0, _at(values, j_prev.clamp_min(0)), pred_in_b0)
     k_star = torch.where(found, kj + t, _at(p.k_end, b1))
+    k_star = torch.where(tiny, torch.zeros_like(k_star), k_star)  # tiny budget: the authors' tau_c = 0 (k = 0)
     v_prev = torch.where(found, torch.where(t > 0, vj, pred_value), _at(values, _last(nonempty2).clamp_min(0)))
     c_prev = torch.where(found, s_base + _scaled(pj + t * sig_v, scale), _at(p.s_end, b1))
     constrained = constrained & (k_star < p.n)  # no hit at all (an inf m2 makes the test NaN)
@@ -266,8 +267,3 @@ def solve_keys(key: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
     hist1 = level1(key)
     state1 = select1(hist1, config)
     return select2(hist1, level2(key, state1), state1, config, num_valid)
-
-
-def tie_count(key: Tensor, cut: Cut) -> Tensor:
-    """How many of these keys sit exactly at a paper cut's value (int64 0-d)."""
-    return (key == cut.value).sum()

@@ -78,7 +78,7 @@ class Workspace:
     @staticmethod
     def allocate(n: int, device) -> "Workspace":
         nblocks = max(1, math.ceil(n / BLOCK))
-        sizes = [2 * L1_BUCKETS, 4 * L2_BUCKETS, 4, 1, 3, nblocks * K.STATS_COLS, nblocks * 2, nblocks, 7]
+        sizes = [2 * L1_BUCKETS, 4 * L2_BUCKETS, 4, 1, 3, nblocks * K.STATS_COLS, nblocks * K.APPLY_COLS, nblocks, 7]
         buf = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
         parts = list(torch.split(buf, sizes))
         f32 = parts[8].view(torch.float32)
@@ -89,7 +89,7 @@ class Workspace:
             n_valid=parts[3].view(()),
             cut_i64=parts[4],
             stats_part=parts[5].view(torch.float64).view(nblocks, K.STATS_COLS),
-            apply_part=parts[6].view(torch.float64).view(nblocks, 2),
+            apply_part=parts[6].view(torch.float64).view(nblocks, K.APPLY_COLS),
             ties=parts[7],
             f32=f32,
             nblocks=nblocks,

@@ -82,9 +82,9 @@ def test_triton_matches_reference_on_the_random_suite(layout, chunk):
         case = make_case(**spec)
         variants = ["paper"] if layout == "packed" else ["paper", "official"]
         for variant in variants:
-            extra = {}
+            extra = dict(tau=spec["tau"])
             if variant == "official" and spec["seed"] % 2:
-                extra = dict(miniclip_low=0.3, miniclip_high=0.5)
+                extra.update(miniclip_low=0.3, miniclip_high=0.5)
             assert_backends_agree(case, variant, f"{case.desc} variant={variant} {extra}", **extra)
 
 
@@ -505,7 +505,7 @@ def test_random_suite_with_the_gpu_select_chunk(gpu_select_chunk):
     for spec in case_grid("2d", 0, count=8) + case_grid("packed_cu", 1, count=8):
         case = make_case(**spec)
         for variant in ("paper", "official"):
-            assert_backends_agree(case, variant, f"{case.desc} variant={variant} chunk=2048")
+            assert_backends_agree(case, variant, f"{case.desc} variant={variant} chunk=2048", tau=spec["tau"])
 
 
 def test_a_last_ulp_disagreement_between_levels_keeps_the_bucket(gpu_select_chunk):
