@@ -205,6 +205,8 @@ def m2po_loss(
         validate=validate,
     )
     tok = prepare(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
+    if isinstance(num_tokens, Tensor) and num_tokens.device != tok.device:
+        raise ValueError(f"num_tokens is on {num_tokens.device} but logprobs is on {tok.device}")
     num_tokens = check_num_tokens(num_tokens, config)
     cut = _check_cut(cut, config, tok.device)
     be = resolve_backend(backend, tok.device)

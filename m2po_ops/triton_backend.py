@@ -209,7 +209,7 @@ def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Works
     return keep, (grad if want_loss else None), out
 
 
-def metrics_from(out: Tensor, cut: Cut, tok: Tokens, variant: str) -> dict:
+def metrics_from(out: Tensor, cut: Cut, variant: str) -> dict:
     m = {
         "m2": cut.m2,
         "m2_after": cut.m2_after,
@@ -239,7 +239,8 @@ def _contiguous(tok: Tokens) -> Tokens:
 
 def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_loss: bool, num_tokens=None,
                    solver=None):
-    """Run the passes. ``solver(key, ws) -> Cut`` replaces the local solve (distributed use).
+    """Run the passes. ``solver(key, ws) -> (cut, valid count)`` replaces the local solve
+    (distributed use; the count is then the group's).
 
     Returns keep, metrics, loss (0-d) or None, grad (float32, (N,)) or None.
     """
@@ -258,5 +259,5 @@ def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_los
             cut = select2(ws, config, ws.n_valid)
     ties_pass(key, cut, ws)
     keep, grad, out = apply_pass(tok, config, key, cut, ws, want_loss, num_tokens, count)
-    metrics = metrics_from(out, cut, tok, config.variant)
+    metrics = metrics_from(out, cut, config.variant)
     return keep, metrics, (out[0] if want_loss else None), grad

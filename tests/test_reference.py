@@ -762,3 +762,9 @@ def test_runs_on_meta_device_without_host_sync(variant, mode):
                               tau=0.04, variant=variant, loss_agg_mode=mode, validate=False, backend="torch")
     loss.backward()
     assert all(v.device == meta for v in metrics.values())
+
+
+def test_num_tokens_tensor_on_another_device_is_named():
+    lp = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="num_tokens"):
+        m2po_loss(lp, lp, torch.ones(2), None, num_tokens=torch.tensor(6.0, device="meta"))
