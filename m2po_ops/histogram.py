@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .config import OFFICIAL_EPS, M2POConfig
 from .cut import KEEP_ALL_BITS, Cut, make_cut
-from .reference import _at, official_cut
+from .reference import _at, official_cut, official_test_value, within_budget
 
 L1_SHIFT = 16
 L1_BUCKETS = 1 << 15
@@ -124,27 +124,13 @@ def _last(flags: Tensor) -> Tensor:
     return torch.where(flags, idx, -1).max()
 
 
-def _cond_paper(s: Tensor, k: Tensor, config: M2POConfig) -> Tensor:
-    """S_k <= tau * k, evaluated as (S - k*tau_hi) <= k*tau_lo in float64."""
-    if config.tau == float("inf"):
-        return torch.ones_like(s, dtype=torch.bool)
-    hi, lo = config.tau_split
-    kf = k.double()
-    return (s - kf * hi) <= kf * lo
-
-
-def _f_official(v: Tensor, k: Tensor, c: Tensor, n: Tensor) -> Tensor:
-    """The authors' test value (v_k - 1e-12) * (n - k - 1) + c_k in float64."""
-    return (v - OFFICIAL_EPS) * (n.double() - k.double() - 1.0) + c
-
-
 def select1(hist1: Tensor, config: M2POConfig) -> Tensor:
     """Pick the level-1 bucket holding the cut. Returns state1 (int64[4])."""
     p = prefix(hist1)
     nonempty = p.count > 0
     if config.variant == "paper":
-        refine = ~_cond_paper(p.total, p.n, config)
-        b1 = _first(nonempty & ~_cond_paper(p.s_end, p.k_end, config))
+        refine = ~within_budget(p.total, p.n, config)
+        b1 = _first(nonempty & ~within_budget(p.s_end, p.k_end, config))
     else:
         nf = p.n.double()
         target = config.tau * nf
@@ -152,7 +138,7 @@ def select1(hist1: Tensor, config: M2POConfig) -> Tensor:
         refine = refine & ~(target <= OFFICIAL_EPS)
         buckets = torch.arange(L1_BUCKETS, device=hist1.device, dtype=torch.int64)
         hi = bits_to_float(((buckets + 1) << L1_SHIFT).clamp(max=0x7F7FFFFF))  # <= FLT_MAX: no inf * 0
-        upper = _f_official(hi, p.k_end - 1, p.s_end, p.n)
+        upper = official_test_value(hi, p.k_end - 1, p.s_end, p.n)
         b1 = _first(nonempty & (upper >= target - OFFICIAL_EPS))
     idx = torch.arange(L1_BUCKETS, device=hist1.device, dtype=torch.int64)
     b0 = _last(nonempty & (idx < b1))
@@ -194,7 +180,7 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
     if config.variant == "paper":
         k_end2 = k_base + k2_excl + count2
         s_end2 = s_base + _scaled(p_end, scale)
-        fails = nonempty2 & ~_cond_paper(s_end2, k_end2, config)
+        fails = nonempty2 & ~within_budget(s_end2, k_end2, config)
         found = fails.any()
         j1 = _first(fails)
         bits = (b1 << L1_SHIFT) | j1
@@ -204,7 +190,7 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
         def s_at(t):
             return s_base + _scaled(pj + t * sig_v, scale)
 
-        t = _bsearch(lambda t: _cond_paper(s_at(t), kj + t, config), torch.zeros_like(m), m)
+        t = _bsearch(lambda t: within_budget(s_at(t), kj + t, config), torch.zeros_like(m), m)
         keep_count = kj + t
         kept_sum = s_at(t)
         # level 1 said bucket b1 fails at its end but no value inside it does (the two prefix sums
@@ -234,7 +220,7 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
     constrained = (p.n > 0) & (p.total / nf.clamp_min(1) > config.tau + e) & (target < p.total - e)
     tiny = target <= e
     kj_all = k_base + k2_excl
-    f_last = _f_official(values, kj_all + count2 - 1, s_base + _scaled(p_end, scale), p.n)
+    f_last = official_test_value(values, kj_all + count2 - 1, s_base + _scaled(p_end, scale), p.n)
     hit = nonempty2 & (f_last >= target - e)
     found = hit.any()
     j1 = _first(hit)
@@ -242,7 +228,7 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
     kj, pj, m, vj = _at(kj_all, j1), _at(p_excl, j1), _at(count2, j1), _at(values, j1)
 
     def f_at(t):
-        return _f_official(vj, kj + t, s_base + _scaled(pj + (t + 1) * sig_v, scale), p.n)
+        return official_test_value(vj, kj + t, s_base + _scaled(pj + (t + 1) * sig_v, scale), p.n)
 
     # first t with a hit = (largest t without a hit) + 1, or 0 when the run's first token hits
     first_hits = f_at(torch.zeros_like(m)) >= target - e

@@ -53,6 +53,8 @@ class Tokens:
     shape: torch.Size
     row_len: int = 0  # T of a (B, T) batch
     cu: Optional[Tensor] = None  # cu_seqlens of packed input
+    packed_seq: Optional[Tensor] = None  # packed input: searchsorted sequence index per token
+    inside: Optional[Tensor] = None  # packed input: token lies inside some sequence
 
     @property
     def numel(self) -> int:
@@ -106,11 +108,7 @@ class Tokens:
     def seq_id(self) -> Optional[Tensor]:
         """Sequence index per token (num_seqs for tokens outside every sequence), or None."""
         if self.cu is not None:
-            cu = self.cu
-            pos = self._positions()
-            seq = torch.searchsorted(cu[1:], pos, right=True) if self.num_seqs > 0 else pos.new_zeros(self.numel)
-            inside = (pos >= cu[0]) & (pos < cu[-1])
-            return torch.where(inside, seq, torch.full_like(seq, self.num_seqs))
+            return torch.where(self.inside, self.packed_seq, torch.full_like(self.packed_seq, self.num_seqs))
         if len(self.shape) == 2:
             return self._positions() // max(self.row_len, 1)
         return None
@@ -261,7 +259,7 @@ def prepare(
         first = (adv_seq_first[safe_seq] if num_seqs > 0 else adv_tok.new_zeros(n)) if official else None
         tok = Tokens(**common, adv_src=adv_tok, adv_div=1, first_src=first, first_div=1, first_mul=1,
                      mask_src=inside if mask is None else (_mask_to_bool(mask_src) & inside),
-                     num_seqs=num_seqs, cu=cu)
+                     num_seqs=num_seqs, cu=cu, packed_seq=seq, inside=inside)
 
     if config.validate:
         base, finite = tok._base_and_finite

@@ -85,6 +85,20 @@ def _at(x: Tensor, i: Tensor) -> Tensor:
     return x.index_select(0, i.reshape(1)).reshape(())
 
 
+def within_budget(s: Tensor, k: Tensor, config: M2POConfig) -> Tensor:
+    """S_k <= tau * k, evaluated as (S - k*tau_hi) <= k*tau_lo in float64 (exact tau * k)."""
+    if config.tau == float("inf"):
+        return torch.ones_like(s, dtype=torch.bool)
+    hi, lo = config.tau_split
+    kf = k.double()
+    return (s - kf * hi) <= kf * lo
+
+
+def official_test_value(v: Tensor, k: Tensor, c: Tensor, n: Tensor) -> Tensor:
+    """The authors' water-filling test value (v_k - 1e-12) * (n - k - 1) + c_k in float64."""
+    return (v - OFFICIAL_EPS) * (n.double() - k.double() - 1.0) + c
+
+
 def solve_paper(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
     """Algorithm 1 of the paper as one cut: keep the longest (m2, index)-ordered prefix of T whose
     mean is <= tau."""
@@ -94,13 +108,7 @@ def solve_paper(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig) -
     values, skey = _sorted_trust_region(m2, tr)
     csum = torch.cumsum(values, 0)
     k = torch.arange(1, n + 1, device=device, dtype=torch.int64)
-    kf = k.double()
-    tau_hi, tau_lo = config.tau_split
-    if config.tau == float("inf"):
-        ok = torch.ones(n, dtype=torch.bool, device=device)
-    else:
-        ok = (csum - kf * tau_hi) <= kf * tau_lo
-    ok = ok & (k <= n_tr)
+    ok = within_budget(csum, k, config) & (k <= n_tr)
     keep_count = _max_or_zero(torch.where(ok, k, torch.zeros_like(k)))
     masked_any = keep_count < n_tr
     at = keep_count.clamp(max=max(n - 1, 0))
@@ -161,7 +169,7 @@ def solve_official(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig
     target = tau * nf
     constrained = (n > 0) & (total / nf.clamp_min(1) > tau + e) & (target < total - e)
     kk = torch.arange(n_all, device=device, dtype=torch.int64)
-    f = (values - e) * (nf - kk.double() - 1) + csum
+    f = official_test_value(values, kk, csum, n)
     hit = (f >= target - e) & (kk < n)
     k = torch.where(hit, kk, torch.full_like(kk, n_all)).min() if n_all > 0 else torch.zeros((), dtype=torch.int64, device=device)
     constrained = constrained & (k < n)
