@@ -144,7 +144,8 @@ def official_port(log_prob, old_log_prob, advantages, response_mask, budget, min
     lower / upper (the Python-float clamp bounds), tau_c, n (eligible tokens), and
     ``fragile``: True when a decision of the solve would change if the float32 sums were done in
     float64 (the library's choice), so such cases can be avoided by a generator; ``exp_ulp``: True
-    when exp(+-tau_c) in float32 differs from exp in float64 rounded to float32 (the library's).
+    when exp(+-tau_c) in float32 differs from exp in float64 rounded to float32 (the library's);
+    ``bounds_f64exp``: (lower, upper) from that float64 exp (what the library documents).
     """
     assert log_prob.dtype == torch.float32 and log_prob.dim() == 2
     tr = _harmful_delta_sq(old_log_prob.detach(), log_prob.detach(), advantages, response_mask)
@@ -165,34 +166,42 @@ def official_port(log_prob, old_log_prob, advantages, response_mask, budget, min
                 fragile = True
             if sol is not None:
                 tau_c = sol[0]
-    exp_ulp = False
     if tau_c is None:
         clip_low, clip_high = 0.0, 100000
+        clip_low64, clip_high64 = clip_low, clip_high
     else:
         clip_low = float(torch.exp(torch.tensor(-tau_c)).item())
         clip_high = float(torch.exp(torch.tensor(+tau_c)).item())
-        # The library rounds exp evaluated in float64; the authors evaluate exp in float32.
+        # The library rounds exp evaluated in float64; the authors evaluate exp in float32, whose
+        # last bit depends on the CPU's vector unit (torch's expf is not correctly rounded).
         t64 = torch.tensor(tau_c).double()
-        exp_ulp = (float(torch.exp(-t64).float()), float(torch.exp(t64).float())) != (clip_low, clip_high)
-    # compute_m2po_policy_loss: eps from the bounds, then the optional floors (released code:
-    # ``if clip_low < miniclip_low: clip_low = miniclip_low``, the same for clip_high).
-    eps_low = 1 - clip_low
-    eps_high = clip_high - 1
-    if miniclip_low is not None and eps_low < miniclip_low:
-        eps_low = miniclip_low
-    if miniclip_high is not None and eps_high < miniclip_high:
-        eps_high = miniclip_high
+        clip_low64, clip_high64 = float(torch.exp(-t64).float()), float(torch.exp(t64).float())
+    exp_ulp = (clip_low64, clip_high64) != (clip_low, clip_high)
+
+    def clamp_bounds(clip_low, clip_high):
+        # compute_m2po_policy_loss: eps from the bounds, then the optional floors (released code:
+        # ``if clip_low < miniclip_low: clip_low = miniclip_low``, the same for clip_high).
+        eps_low = 1 - clip_low
+        eps_high = clip_high - 1
+        if miniclip_low is not None and eps_low < miniclip_low:
+            eps_low = miniclip_low
+        if miniclip_high is not None and eps_high < miniclip_high:
+            eps_high = miniclip_high
+        return 1 - eps_low, 1 + eps_high
+
+    lower, upper = clamp_bounds(clip_low, clip_high)
     ratio = torch.exp(log_prob - old_log_prob)
     pg_losses1 = -advantages * ratio
-    pg_losses2 = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    pg_losses2 = -advantages * torch.clamp(ratio, lower, upper)
     clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
     mask_f = response_mask.to(clip_pg_losses1.dtype)
     loss = (clip_pg_losses1 * mask_f).sum() / mask_f.sum()
     return dict(
         loss=loss,
         clipped=torch.gt(pg_losses2, pg_losses1).detach(),
-        lower=1 - eps_low,
-        upper=1 + eps_high,
+        lower=lower,
+        upper=upper,
+        bounds_f64exp=clamp_bounds(clip_low64, clip_high64),
         tau_c=tau_c,
         n=n,
         fragile=fragile,

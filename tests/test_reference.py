@@ -400,15 +400,26 @@ def test_official_matches_authors_port(per_seq, miniclip):
         done += 1
         desc = f"seed={seed} dtype={dtype} tau={tau} per_seq={per_seq} miniclip={miniclip}"
         loss, grad, metrics, keep = run_loss(lp, olp, adv, mask, tau=tau, variant="official", **clip)
-        assert torch.equal(keep, mask & ~port["clipped"]), desc
+        differ = keep != (mask & ~port["clipped"])
+        if port["exp_ulp"]:  # only a ratio between the two versions of a bound may decide differently
+            r = torch.exp(lp.float() - olp.float()).double()
+            (lo64, hi64), lo, hi = port["bounds_f64exp"], port["lower"], port["upper"]
+            between = ((r - lo64) * (r - lo) <= 0) | ((r - hi64) * (r - hi) <= 0)
+            differ &= ~between
+        assert not differ.any(), desc
         if int(mask.sum()):
             terms = (adv_full.float() * torch.exp(lp.float() - olp.float())).abs()[mask]
             assert_close_rel(loss, port["loss"].detach(), 1e-5, desc, scale=terms.mean())
             port_lp = lp.float().detach().requires_grad_(True)
             literal.official_port(port_lp, olp.float(), adv_full.float(), mask, tau, **clip)["loss"].backward()
             assert_close_rel(grad.float(), port_lp.grad, 1e-5 if dtype == torch.float32 else 1e-2, desc)
-        assert float(metrics["clip_low"]) == np.float32(port["lower"]), desc
-        assert float(metrics["clip_high"]) == np.float32(port["upper"]), desc
+        # the bounds follow the documented float64-exp chain; the authors' float32 exp may be one
+        # float32 ulp away (torch's expf is not correctly rounded, and differs between CPUs)
+        lower64, upper64 = port["bounds_f64exp"]
+        assert float(metrics["clip_low"]) == np.float32(lower64), desc
+        assert float(metrics["clip_high"]) == np.float32(upper64), desc
+        for ours, theirs in ((lower64, port["lower"]), (upper64, port["upper"])):
+            assert abs(np.float32(ours) - np.float32(theirs)) <= np.spacing(np.float32(theirs)), desc
         counts["constrained"] += port["tau_c"] is not None
         counts["clipped"] += bool((mask & port["clipped"]).any())
         if miniclip and port["tau_c"] is not None:
