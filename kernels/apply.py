@@ -10,7 +10,7 @@ no float atomics) into the loss and the metrics.
 import triton
 import triton.language as tl
 
-from .common import as_f64, exp_f32, load_tokens, ratio_f32
+from .common import as_f64, exp_f32, load_tokens, ratio_f32, reciprocal_f32
 
 # weights
 W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = 0, 1, 2, 3, 4
@@ -18,18 +18,20 @@ APPLY_COLS = 2  # per-block partials of apply_kernel (float64): loss sum, masked
 _APPLY_COLS = tl.constexpr(APPLY_COLS)
 
 
-@triton.jit(do_not_specialize=["denom_bits"])
+@triton.jit(do_not_specialize=["adv_div", "denom_bits", "n"],
+            do_not_specialize_on_alignment=["w_ptr", "value_ptr", "ties_kept_ptr", "lower_ptr", "upper_ptr", "ties_ptr"])
 def apply_kernel(
-    lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, denom_bits,
+    lp_ptr, olp_ptr, adv_ptr, adv_div: tl.int64, mask_ptr, key_ptr, w_ptr, denom_bits: tl.int64,
     value_ptr, ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr,
-    keep_ptr, grad_ptr, part_ptr, n,
-    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, WEIGHTS: tl.constexpr, KEEP_ALL: tl.constexpr,
-    BLOCK: tl.constexpr, INTERP: tl.constexpr,
+    keep_ptr, grad_ptr, part_ptr, n: tl.int64,
+    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr,
+    KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
-    lp, olp, adv, valid, _ = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK)
+    lp, olp, adv, valid, _ = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK,
+                                         ADV_PER_ROW)
     delta = tl.where(valid, lp - olp, 0.0)
     adv = tl.where(valid, adv, 0.0)
     if OFFICIAL:
@@ -64,21 +66,24 @@ def apply_kernel(
     masked = tl.sum((valid & ~keep).to(tl.int64)).to(tl.float64)
     tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS + 1, masked)
     if WEIGHTS != 0:
+        # the same float32 weight as the torch backend's valid / denom
         if WEIGHTS == 1:  # token-mean over a valid-token count (int64 at w_ptr)
-            w = 1.0 / tl.maximum(tl.load(w_ptr).to(tl.float32), 1.0)
-        elif WEIGHTS == 2:  # token-mean over a Python-number denominator
-            w = (1.0 / as_f64(denom_bits)).to(tl.float32)
+            w = reciprocal_f32(tl.maximum(tl.load(w_ptr).to(tl.float32), 1.0))
+        elif WEIGHTS == 2:  # token-mean over a Python-number denominator (rounded to float32 first)
+            w = reciprocal_f32(as_f64(denom_bits).to(tl.float32))
         elif WEIGHTS == 3:  # token-mean over a tensor denominator
-            w = 1.0 / tl.load(w_ptr).to(tl.float32)
+            w = reciprocal_f32(tl.load(w_ptr))
         else:  # per-token weights (sequence-level modes)
             w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         w = tl.where(valid, w, 0.0)
         tl.store(grad_ptr + offs, w * grad, mask=inb)
-        tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS, tl.sum(w * loss).to(tl.float64))
+        # float64 partial sums of the float32 terms: exact for realistic batches, so the loss is
+        # the same bits as the torch backend's float64 sum whatever the order
+        tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS, tl.sum((w * loss).to(tl.float64)))
 
 
-@triton.jit
-def finalize_kernel(stats_ptr, apply_ptr, out_ptr, nblocks, STATS_COLS: tl.constexpr, CHUNK: tl.constexpr):
+@triton.jit(do_not_specialize=["nblocks"], do_not_specialize_on_alignment=["out_ptr"])
+def finalize_kernel(stats_ptr, apply_ptr, out_ptr, nblocks: tl.int64, STATS_COLS: tl.constexpr, CHUNK: tl.constexpr):
     """out: loss, masked_fraction, trust_region_fraction, kl, ratio_mean, ratio_max,
     num_nonfinite (float32)."""
     n_valid = tl.zeros((), tl.float64)

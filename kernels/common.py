@@ -54,6 +54,14 @@ def significand(bits):
 
 
 @triton.jit
+def reciprocal_f32(x):
+    """1 / x in float32, correctly rounded (a plain fp32 "/" compiles to an approximate divide on
+    the GPU), as torch computes 1 / x."""
+    x = x.to(tl.float32)
+    return tl.div_rn(tl.full(x.shape, 1.0, tl.float32), x)
+
+
+@triton.jit
 def bucket_scale(bucket):
     """2**(exponent - 150) as float64 for level-1 bucket ids (inf for the inf/NaN exponent)."""
     e = tl.maximum(bucket.to(tl.int64) >> 7, 1)
@@ -126,14 +134,26 @@ def is_finite(x):
 
 
 @triton.jit
-def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: tl.constexpr):
+def row_of(offs, row_len):
+    """offs // row_len in int32 (the launcher keeps token counts below 2**31): an int64 division
+    is a subroutine call per token on the GPU, an int32 one a few inline instructions."""
+    return offs.to(tl.int32) // row_len.to(tl.int32)
+
+
+@triton.jit
+def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: tl.constexpr,
+                ADV_PER_ROW: tl.constexpr):
     """Load one block of tokens as float32 and decide validity in the kernel: the mask is
     nonzero (any dtype) and log-probs and advantage are finite. Returns
-    (lp, olp, adv, valid, nonfinite) where nonfinite marks masked-in tokens with inf/NaN."""
+    (lp, olp, adv, valid, nonfinite) where nonfinite marks masked-in tokens with inf/NaN.
+    ADV_PER_ROW: advantages hold one value per row of adv_div tokens (else one per token)."""
     inb = offs < n
     lp = tl.load(lp_ptr + offs, mask=inb, other=0.0)
     olp = tl.load(olp_ptr + offs, mask=inb, other=0.0)
-    adv = tl.load(adv_ptr + offs // adv_div, mask=inb, other=0.0)
+    if ADV_PER_ROW:
+        adv = tl.load(adv_ptr + row_of(offs, adv_div), mask=inb, other=0.0)
+    else:
+        adv = tl.load(adv_ptr + offs, mask=inb, other=0.0)
     base = inb
     if HAS_MASK:
         base = base & (tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32) != 0)

@@ -14,7 +14,7 @@ so the apply pass knows how many tied tokens precede each block; exits at once l
 import triton
 import triton.language as tl
 
-from .common import L1_SHIFT, exp_f32, is_finite, load_tokens, ratio_f32, significand
+from .common import L1_SHIFT, exp_f32, is_finite, load_tokens, ratio_f32, row_of, significand
 
 # per-block partials written by stats_kernel (float64 columns): valid tokens, trust-region
 # tokens, sum of -delta, sum of ratios, max ratio, masked-in tokens holding inf/NaN
@@ -22,17 +22,19 @@ STATS_COLS = 6
 _STATS_COLS = tl.constexpr(STATS_COLS)  # kernels may only read constexpr globals
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["adv_div", "first_div", "first_mul", "n"],
+            do_not_specialize_on_alignment=["n_valid_ptr"])
 def stats_kernel(
-    lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr,
-    key_ptr, hist1_ptr, part_ptr, n_valid_ptr, n,
-    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, NB1: tl.constexpr, BLOCK: tl.constexpr,
-    INTERP: tl.constexpr,
+    lp_ptr, olp_ptr, adv_ptr, adv_div: tl.int64, first_ptr, first_div: tl.int64, first_mul: tl.int64, mask_ptr,
+    key_ptr, hist1_ptr, part_ptr, n_valid_ptr, n: tl.int64,
+    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
+    NB1: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
-    lp, olp, adv, valid, nonfinite = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK)
+    lp, olp, adv, valid, nonfinite = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK,
+                                                 ADV_PER_ROW)
     delta = tl.where(valid, lp - olp, 0.0)
     m2 = delta * delta
     if OFFICIAL:
@@ -40,7 +42,11 @@ def stats_kernel(
         # the authors' "harmful" tokens: first-token advantage sign and ratio side, in float32.
         # With r = exp(delta) correctly rounded to float32: r > 1 iff delta >= 2**-24 and
         # r < 1 iff delta < -2**-25 (exp rounds to 1 in between), so no exp is needed here.
-        adv_first = tl.load(first_ptr + (offs // first_div) * first_mul, mask=inb, other=0.0)
+        if FIRST_PER_ROW:
+            first_idx = row_of(offs, first_div).to(tl.int64) * first_mul
+        else:
+            first_idx = offs
+        adv_first = tl.load(first_ptr + first_idx, mask=inb, other=0.0)
         adv_first = tl.where(is_finite(adv_first), adv_first.to(tl.float32), 0.0)  # garbage first position reads 0
         trust = valid & (((adv_first > 1e-12) & (delta >= 5.9604644775390625e-08))
                          | ((adv_first < -1e-12) & (delta < -2.9802322387695312e-08)))
@@ -69,8 +75,8 @@ def stats_kernel(
     tl.store(row + 5, tl.sum(nonfinite.to(tl.int64)).to(tl.float64))
 
 
-@triton.jit
-def level2_kernel(key_ptr, state_ptr, hist2_ptr, n, NB2: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["state_ptr"])
+def level2_kernel(key_ptr, state_ptr, hist2_ptr, n: tl.int64, NB2: tl.constexpr, BLOCK: tl.constexpr):
     refine = tl.load(state_ptr + 0)
     if refine != 0:
         b1 = tl.load(state_ptr + 1)
@@ -90,8 +96,8 @@ def level2_kernel(key_ptr, state_ptr, hist2_ptr, n, NB2: tl.constexpr, BLOCK: tl
         tl.atomic_add(hist2_ptr + 3 * NB2 + low, sig, mask=sel0, sem="relaxed")
 
 
-@triton.jit
-def ties_kernel(key_ptr, value_ptr, ties_ptr, n, KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["value_ptr"])
+def ties_kernel(key_ptr, value_ptr, ties_ptr, n: tl.int64, KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr):
     value = tl.load(value_ptr)
     if value != KEEP_ALL:
         pid = tl.program_id(0)
@@ -100,8 +106,8 @@ def ties_kernel(key_ptr, value_ptr, ties_ptr, n, KEEP_ALL: tl.constexpr, BLOCK: 
         tl.store(ties_ptr + pid, tl.sum((key == value).to(tl.int64)))
 
 
-@triton.jit
-def tie_scan_kernel(value_ptr, ties_ptr, nblocks, KEEP_ALL: tl.constexpr, CHUNK: tl.constexpr):
+@triton.jit(do_not_specialize=["nblocks"], do_not_specialize_on_alignment=["value_ptr"])
+def tie_scan_kernel(value_ptr, ties_ptr, nblocks: tl.int64, KEEP_ALL: tl.constexpr, CHUNK: tl.constexpr):
     value = tl.load(value_ptr)
     if value != KEEP_ALL:
         carry = tl.zeros((), tl.int64)

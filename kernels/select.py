@@ -53,9 +53,11 @@ def _total_count(hist1_ptr, NB1: tl.constexpr, CHUNK: tl.constexpr):
     return n
 
 
-@triton.jit(do_not_specialize=["tau_hi_bits", "tau_lo_bits", "tau_bits", "tau_eps_bits", "eps_bits"])
+@triton.jit(do_not_specialize=["tau_hi_bits", "tau_lo_bits", "tau_bits", "tau_eps_bits", "eps_bits"],
+            do_not_specialize_on_alignment=["state_ptr"])
 def select1_kernel(
-    hist1_ptr, state_ptr, tau_hi_bits, tau_lo_bits, tau_bits, tau_eps_bits, eps_bits,
+    hist1_ptr, state_ptr, tau_hi_bits: tl.int64, tau_lo_bits: tl.int64, tau_bits: tl.int64, tau_eps_bits: tl.int64,
+    eps_bits: tl.int64,
     OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, NB1: tl.constexpr, CHUNK: tl.constexpr,
 ):
     tau_hi = as_f64(tau_hi_bits)
@@ -106,11 +108,13 @@ def _pick(x, idx, at):
 
 
 @triton.jit(do_not_specialize=["tau_hi_bits", "tau_lo_bits", "tau_bits", "tau_eps_bits", "eps_bits",
-                               "mini_lo_bits", "mini_hi_bits"])
+                               "mini_lo_bits", "mini_hi_bits"],
+            do_not_specialize_on_alignment=["state_ptr", "n_valid_ptr", "cut_i32_ptr", "cut_i64_ptr", "cut_f32_ptr"])
 def select2_kernel(
     hist1_ptr, hist2_ptr, state_ptr, n_valid_ptr,
     cut_i32_ptr, cut_i64_ptr, cut_f32_ptr,
-    tau_hi_bits, tau_lo_bits, tau_bits, tau_eps_bits, eps_bits, mini_lo_bits, mini_hi_bits,
+    tau_hi_bits: tl.int64, tau_lo_bits: tl.int64, tau_bits: tl.int64, tau_eps_bits: tl.int64, eps_bits: tl.int64,
+    mini_lo_bits: tl.int64, mini_hi_bits: tl.int64,
     OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, HAS_MINI_LO: tl.constexpr, HAS_MINI_HI: tl.constexpr,
     KEEP_ALL: tl.constexpr, NB1: tl.constexpr, NB2: tl.constexpr, CHUNK: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -211,7 +215,9 @@ def select2_kernel(
         tau_c2 = tl.where(at_zero, 0.0, tl.maximum(v_prev - eps, 0.0))
         m2_after = tl.where(at_zero, 0.0, (v_prev * (nf - k_star.to(tl.float64)) + c_prev) / tl.maximum(nf, 1.0))
         # the authors' chain from tau_c to float32 clip bounds (see reference.official_bounds)
-        tc = tl.sqrt(tau_c2)  # float64 sqrt is correctly rounded (sqrt.rn.f64).to(tl.float32).to(tl.float64)
+        # tau_c is rounded to float32 before exp, as the authors' float32 tensor holds it
+        # (float64 tl.sqrt compiles to sqrt.rn.f64, correctly rounded: the AOT test checks the PTX)
+        tc = tl.sqrt(tau_c2).to(tl.float32).to(tl.float64)
         clip_low = exp_f64(-tc).to(tl.float32).to(tl.float64)
         clip_high = exp_f64(tc).to(tl.float32).to(tl.float64)
         clip_low = tl.where(constrained, clip_low, 0.0)

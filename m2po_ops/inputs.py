@@ -21,6 +21,9 @@ from torch import Tensor
 from .config import M2POConfig
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Token indices are int32 inside the kernels' row arithmetic (an int64 division is a subroutine
+# call per token on the GPU).
+MAX_TOKENS = 2**31
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,12 @@ class Tokens:
     cu: Optional[Tensor] = None  # cu_seqlens of packed input
     packed_seq: Optional[Tensor] = None  # packed input: searchsorted sequence index per token
     inside: Optional[Tensor] = None  # packed input: token lies inside some sequence
+    adv_per_row: bool = False  # advantages given as (B,) for a (B, T) batch (a layout fact, whatever T is)
+
+    @property
+    def first_per_row(self) -> bool:
+        """The official variant's first-token advantage is read per row of a (B, T) batch."""
+        return self.first_src is not None and len(self.shape) == 2
 
     @property
     def numel(self) -> int:
@@ -155,6 +164,23 @@ def _as_cu_seqlens(cu_seqlens, device: torch.device) -> Tensor:
     return cu.to(torch.int64)
 
 
+def graph_capturing(device: torch.device) -> bool:
+    """Whether a CUDA-graph capture is recording on the current stream (a host query, no sync)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _check_capture(config: M2POConfig, cu_seqlens, device: torch.device) -> None:
+    """What a captured graph cannot hold: host reads, and host values it would bake in."""
+    if not graph_capturing(device):
+        return
+    if config.validate:
+        raise ValueError("validate=True reads values on the host, which CUDA-graph capture forbids: pass "
+                         "validate=False inside a captured graph")
+    if cu_seqlens is not None and not isinstance(cu_seqlens, Tensor):
+        raise ValueError("cu_seqlens given as a Python list would be baked into the captured CUDA graph: pass a "
+                         "device tensor and update it in place before each replay")
+
+
 def _mask_to_bool(mask: Tensor) -> Tensor:
     if mask.dtype == torch.bool:
         return mask
@@ -183,6 +209,7 @@ def prepare(
             raise TypeError(f"mask must be bool, integer or float 0/1, got {mask.dtype}")
         _check_device("mask", mask, device)
 
+    _check_capture(config, cu_seqlens, device)
     if logprobs.dim() not in (1, 2):
         raise ValueError(f"logprobs must be (B, T) or 1-D packed tokens, got shape {tuple(logprobs.shape)}")
     shape = logprobs.shape
@@ -192,6 +219,9 @@ def prepare(
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)} like logprobs")
 
     n = logprobs.numel()
+    if n >= MAX_TOKENS:
+        raise ValueError(f"logprobs holds {n} tokens; at most {MAX_TOKENS - 1} per call (split the batch into "
+                         "micro-batches with M2POStats)")
     lp = logprobs.detach().reshape(-1)
     olp = old_logprobs.detach().reshape(-1)
     mask_src = None if mask is None else mask.reshape(-1)
@@ -210,7 +240,8 @@ def prepare(
             adv = dict(adv_src=advantages.reshape(-1), adv_div=1, first_src=advantages.reshape(-1),
                        first_div=max(t, 1), first_mul=t)
         elif advantages.shape == (b,):
-            adv = dict(adv_src=advantages, adv_div=t, first_src=advantages, first_div=max(t, 1), first_mul=1)
+            adv = dict(adv_src=advantages, adv_div=t, first_src=advantages, first_div=max(t, 1), first_mul=1,
+                       adv_per_row=True)
         else:
             raise ValueError(
                 f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) or ({b},) (per sequence)"
@@ -273,12 +304,19 @@ def prepare(
     return tok
 
 
-def check_num_tokens(num_tokens, config: M2POConfig):
-    """num_tokens: the token-mean denominator override (a positive number or a 0-d tensor)."""
+def check_num_tokens(num_tokens, config: M2POConfig, device: torch.device):
+    """num_tokens: the token-mean denominator override (a positive number or a 0-d tensor on
+    ``device``)."""
     if num_tokens is None:
         return None
     if config.loss_agg_mode != "token-mean":
         raise ValueError(f"num_tokens only applies to loss_agg_mode='token-mean', got {config.loss_agg_mode!r}")
+    if isinstance(num_tokens, Tensor) and num_tokens.device != device:
+        raise ValueError(f"num_tokens is on {num_tokens.device} but logprobs is on {device}")
+    if not isinstance(num_tokens, Tensor) and graph_capturing(device):
+        # a replay would keep scaling by the number seen at capture, whatever the step's count
+        raise ValueError(f"num_tokens={num_tokens!r} is a Python number, which a captured CUDA graph bakes in: "
+                         "pass a 0-d device tensor and update it in place before each replay")
     if isinstance(num_tokens, Tensor):
         if num_tokens.numel() != 1:
             raise ValueError(f"num_tokens must be a scalar, got shape {tuple(num_tokens.shape)}")

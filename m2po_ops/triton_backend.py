@@ -10,7 +10,16 @@ case); the official variant never needs the tie passes, and they return at once 
 With a given cut (micro-batch pre-pass) select1/level2/select2 are skipped; with a process
 group the histograms are all-reduced between the passes (see m2po_ops/distributed.py).
 
-Every kernel launch goes through ``_launch`` so tests can count them (``launch_log``).
+Every kernel launch goes through ``_launch`` so tests can count them and the AOT tool can see
+the arguments the JIT specialises on (``launch_log``).
+
+Specialisation (what makes the JIT build another kernel variant): token counts, block counts,
+divisors and float bit patterns are ``do_not_specialize`` int64 arguments, pointers to scalars
+are not specialised on alignment, and every workspace slice starts on a 16-byte boundary. So
+one warm-up call compiles every variant a configuration (variant, dtypes, mask dtype, loss
+mode, tau = inf or not, miniclip) needs, at any size: a CUDA graph captured later loads no
+module. Input tensors whose data pointer is not 16-byte aligned (a view at an odd offset)
+still compile a variant of their own.
 """
 
 from __future__ import annotations
@@ -33,31 +42,59 @@ from .kernels.common import INTERPRET, KEEP_ALL_BITS, L1_BUCKETS, L2_BUCKETS, f6
 # Token kernels: BLOCK tokens per program. Select kernels: one program scanning CHUNK buckets
 # at a time (large under the interpreter, where each step is a numpy call).
 BLOCK = 1024
+# Warps of the token kernels: 1024 tokens over 128 (stats, level2, ties) or 256 threads (apply).
+# Chosen by the AOT spill check (python -m m2po_ops.kernels.aot): with 8 warps ptxas spills 8
+# bytes in the official stats kernel on sm_90; with 4 it spills 16 bytes in the float64 official
+# apply kernel on sm_80.
 TOKEN_WARPS = 4
+APPLY_WARPS = 8
 SELECT_CHUNK = 32768 if INTERPRET else 2048
 SELECT_WARPS = 8  # select kernels also run without FMA contraction: their float64 tests are
 # written as separate multiplies and adds (as the PyTorch description and the authors' code)
 TIE_CHUNK = 1024  # blocks per step of tie_scan_kernel
 FINAL_CHUNK = 1024
 
+@dataclass(frozen=True)
+class Launch:
+    """One recorded kernel launch: the kernel, its grid and the arguments as the JIT sees them."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
+
+
 _launches: Optional[list] = None
+_execute = True
 
 
 @contextlib.contextmanager
-def launch_log():
-    """Record the names of the Triton kernels launched inside the block."""
-    global _launches
-    previous, _launches = _launches, []
+def launch_log(execute: bool = True):
+    """Record the Triton launches made inside the block (a list of ``Launch``).
+
+    ``execute=False`` records without launching, on any device (no GPU, no interpreter needed):
+    the launcher never branches on device values, so the recorded sequence and arguments are
+    those of a real call. Outputs are then left uncomputed. The AOT tool uses it to compile
+    exactly the variants the JIT would build (m2po_ops/kernels/aot.py).
+    """
+    global _launches, _execute
+    previous = _launches, _execute
+    _launches, _execute = [], execute
     try:
         yield _launches
     finally:
-        _launches = previous
+        _launches, _execute = previous
 
 
 def _launch(kernel, grid, *args, **meta):
     if _launches is not None:
-        _launches.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
-    kernel[grid](*args, **meta)
+        _launches.append(Launch(kernel, grid, args, meta))
+    if _execute:
+        kernel[grid](*args, **meta)
 
 
 @dataclass
@@ -79,8 +116,11 @@ class Workspace:
     def allocate(n: int, device) -> "Workspace":
         nblocks = max(1, math.ceil(n / BLOCK))
         sizes = [2 * L1_BUCKETS, 4 * L2_BUCKETS, 4, 1, 3, nblocks * K.STATS_COLS, nblocks * K.APPLY_COLS, nblocks, 7]
-        buf = torch.zeros(sum(sizes), dtype=torch.int64, device=device)
-        parts = list(torch.split(buf, sizes))
+        # every part starts on a 16-byte boundary (2 int64), whatever nblocks: the JIT specialises
+        # pointers on 16-byte alignment, and a parity-dependent offset would be another variant
+        padded = [s + s % 2 for s in sizes]
+        buf = torch.zeros(sum(padded), dtype=torch.int64, device=device)
+        parts = [p[:s] for p, s in zip(torch.split(buf, padded), sizes)]
         f32 = parts[8].view(torch.float32)
         return Workspace(
             hist1=parts[0].view(2, L1_BUCKETS),
@@ -135,8 +175,8 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace) -> Tensor:
         K.stats_kernel, (ws.nblocks,),
         tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), first, tok.first_div, tok.first_mul, mask,
         key, ws.hist1, ws.stats_part, ws.n_valid, n,
-        OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, NB1=L1_BUCKETS, BLOCK=BLOCK,
-        INTERP=INTERPRET,
+        OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
+        FIRST_PER_ROW=tok.first_per_row, NB1=L1_BUCKETS, BLOCK=BLOCK, INTERP=INTERPRET,
         num_warps=TOKEN_WARPS,
     )
     return key
@@ -199,9 +239,10 @@ def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Works
         tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), mask, key, wptr, bits,
         cut.value, cut.ties_kept, cut.lower, cut.upper, ws.ties,
         keep, grad, ws.apply_part, n,
-        OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, WEIGHTS=code,
+        OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
+        WEIGHTS=code,
         KEEP_ALL=KEEP_ALL_BITS,
-        BLOCK=BLOCK, INTERP=INTERPRET, num_warps=TOKEN_WARPS,
+        BLOCK=BLOCK, INTERP=INTERPRET, num_warps=APPLY_WARPS,
     )
     out = ws.f32[5:12]
     _launch(K.finalize_kernel, (1,), ws.stats_part, ws.apply_part, out, ws.nblocks, STATS_COLS=K.STATS_COLS,
@@ -244,7 +285,7 @@ def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_los
 
     Returns keep, metrics, loss (0-d) or None, grad (float32, (N,)) or None.
     """
-    if tok.device.type != "cuda" and not INTERPRET:
+    if tok.device.type != "cuda" and not INTERPRET and _execute:
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)")
     tok = _contiguous(tok)
     ws = Workspace.allocate(tok.numel, tok.device)

@@ -13,6 +13,15 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the Triton backend runs: the GPU when there is one, else the CPU with the kernels
+    under the interpreter. Every test that calls the Triton backend takes its tensors here."""
+    return DEVICE
+
 
 @pytest.fixture(autouse=True)
 def _seed():

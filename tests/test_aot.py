@@ -1,8 +1,10 @@
-"""Issue 3: every kernel and configuration compiles for real GPUs (sm_80, sm_90) without one.
+"""Every kernel variant the JIT would build compiles for real GPUs (sm_80, sm_90) without one,
+and sizes never add a variant.
 
-Runs m2po_ops.kernels.aot in a fresh process without TRITON_INTERPRET and with an empty
-Triton cache (so ptxas really runs). Fails on a compile or ptxas error, on shared memory over
-the target's limit, and on register spills; prints registers and spills for every kernel.
+m2po_ops.kernels.aot records the launches of representative public-API calls (nothing runs),
+binds them with the JIT's own binder for the target, and compiles each distinct key. The tests
+run it in fresh processes without TRITON_INTERPRET and with an empty Triton cache (so ptxas
+really runs), one process per architecture, side by side.
 """
 
 import json
@@ -15,18 +17,36 @@ import pytest
 
 pytest.importorskip("triton")
 
+ARCHS = (80, 90)
+# Distinct variants per kernel over sizes 1 .. 2**20 for one configuration (variant, mask dtype,
+# layout): exactly one. Over the whole sweep (2 variants x 2 mask dtypes x 3 layouts) at most:
+SWEEP_BOUND = {"stats_kernel": 12, "apply_kernel": 12, "select1_kernel": 2, "select2_kernel": 2,
+               "level2_kernel": 1, "ties_kernel": 1, "tie_scan_kernel": 1, "finalize_kernel": 1}
+
+
+def _aot(*args, timeout=900):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cache = tempfile.mkdtemp()
+    env["TRITON_CACHE_DIR"] = cache
+    return subprocess.Popen([sys.executable, "-m", "m2po_ops.kernels.aot", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _collect(proc, timeout=900):
+    out, err = proc.communicate(timeout=timeout)
+    assert out.strip(), err[-3000:]
+    return json.loads(out)
+
 
 @pytest.fixture(scope="module")
 def aot_report():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    with tempfile.TemporaryDirectory() as cache:
-        env["TRITON_CACHE_DIR"] = cache
-        proc = subprocess.run(
-            [sys.executable, "-m", "m2po_ops.kernels.aot", "--json"],
-            capture_output=True, text=True, env=env, timeout=900,
-        )
-    assert proc.stdout.strip(), proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    procs = [_aot("--json", "--arch", str(arch)) for arch in ARCHS]
+    return [row for proc in procs for row in _collect(proc)]
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return _collect(_aot("--sweep"))
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90(aot_report):
@@ -40,7 +60,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(aot_report):
 
 def test_no_spills_and_shared_memory_within_limits(aot_report):
     for r in aot_report:
-        print(f"{r['arch']} {r['kernel']:55s} regs={r['registers']:3d} spill={r['spill_stack']} shared={r['shared']}")
+        print(f"{r['arch']} {r['kernel']:60s} regs={r['registers']:3d} spill={r['spill_stack']} shared={r['shared']}")
     spills = [f"{r['arch']} {r['kernel']}: STACK={r['spill_stack']}" for r in aot_report if r["spill_stack"] != 0]
     assert not spills, "\n".join(spills)
     over = [f"{r['arch']} {r['kernel']}: {r['shared']} > {r['shared_limit']}" for r in aot_report
@@ -49,9 +69,39 @@ def test_no_spills_and_shared_memory_within_limits(aot_report):
     assert all(0 < r["registers"] <= 255 for r in aot_report)
 
 
+def test_no_approximate_divide_or_square_root(aot_report):
+    """The weights (1 / count) and the official tau_c must be correctly rounded, as torch's:
+    a plain fp32 "/" compiles to div.full.f32 (up to 2 ulp)."""
+    bad = [f"{r['arch']} {r['kernel']}: {r['forbidden_ptx']}" for r in aot_report if r.get("forbidden_ptx")]
+    assert not bad, "\n".join(bad)
+    official_select2 = [r for r in aot_report if r["kernel"].startswith("select2[") and "OFFICIAL=True" in r["kernel"]]
+    assert official_select2 and all(r["sqrt_rn_f64"] for r in official_select2)
+
+
+def test_the_variants_are_those_the_jit_builds(aot_report):
+    """Bool masks reach the kernels as *u1 (not *i1), and each dtype and mask kind the API
+    accepts has its own stats and apply variants."""
+    stats = {r["kernel"] for r in aot_report if r["kernel"].startswith("stats[") and r["arch"] == "sm_90"}
+    assert any("mask:*u1" in k for k in stats) and not any("*i1" in r["kernel"] for r in aot_report)
+    for dtype in ("*fp32", "*bf16", "*fp16", "*fp64"):
+        assert any(f"lp:{dtype}" in k for k in stats), dtype
+
+
 def test_every_launched_kernel_is_covered(aot_report):
-    """A kernel added to the launcher but not to the AOT list would escape compilation checks."""
+    """A kernel added to the launcher but not reached by the scenarios would escape the checks."""
     from m2po_ops import kernels
 
     covered = {r["kernel"].split("[")[0] + "_kernel" for r in aot_report}
     assert {k.fn.__name__ if hasattr(k, "fn") else k.__name__ for k in kernels.ALL_KERNELS} == covered
+
+
+def test_sizes_never_add_a_variant(sweep):
+    """Sizes 1 .. 2**20 (every n up to 40, 2**k - 1, 2**k, 2**k + 1, odd sizes): one variant per
+    kernel per configuration, so one warm-up call at any size compiles what a CUDA graph
+    captured later at another size needs."""
+    assert sweep["sizes"][0] == 1 and sweep["sizes"][1] >= 2**20
+    for config, counts in sweep["per_config"].items():
+        assert set(counts) == set(SWEEP_BOUND), config
+        assert all(c == 1 for c in counts.values()), (config, counts)
+    over = {k: c for k, c in sweep["per_kernel"].items() if c > SWEEP_BOUND[k]}
+    assert not over, over

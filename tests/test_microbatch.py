@@ -93,6 +93,11 @@ def concat(pieces):
                 mask=torch.cat(mask), cu_seqlens=cu)
 
 
+def on(device, batch):
+    """The batch's tensors moved to ``device`` (cu_seqlens lists stay lists)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def split_piece(piece, parts: int, gen: torch.Generator):
     """Split one piece into ``parts`` micro-batches on sequence boundaries (some may be empty)."""
     x = piece["logprobs"]
@@ -171,7 +176,7 @@ def _tol(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_prepass_matches_single_call(backend, variant):
+def test_prepass_matches_single_call(backend, variant, device):
     """1 to 8 micro-batches (uneven, some empty), packed and padded: exact keep, matching grads."""
     gen = torch.Generator().manual_seed(1)
     counts = range(1, 9) if backend == "torch" else (2, 5)  # the interpreter is slow
@@ -179,6 +184,7 @@ def test_prepass_matches_single_call(backend, variant):
     saw_partial_tie = False
     for layout in layouts:
         (piece,) = make_pieces(10 + len(layout), [16], layout, _dtype(backend), extra_pad=2)
+        piece = on(device, piece)
         batch = concat([piece])
         keep0, grad0, loss0, m0 = single(batch, backend, variant)
         assert (~keep0 & batch["mask"]).any(), "the data should make M2PO mask something"
@@ -201,10 +207,10 @@ def test_prepass_matches_single_call(backend, variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_cut_applies_across_backends(variant):
+def test_cut_applies_across_backends(variant, device):
     """A cut solved by one backend's pre-pass gives the same keep when applied by the other."""
     gen = torch.Generator().manual_seed(2)
-    (piece,) = make_pieces(3, [14], "packed", torch.float32)
+    (piece,) = (on(device, p) for p in make_pieces(3, [14], "packed", torch.float32))
     micro = split_piece(piece, 3, gen)
     keep0 = flat(mask_of(concat([piece]), variant=variant, backend="torch"))
     for solve_be, apply_be in (("torch", "triton"), ("triton", "torch")):
@@ -239,8 +245,8 @@ def test_drift_warning_names_the_micro_batch():
         mask_of(drifted, variant="paper", backend="torch", cut=cuts.cut, check_drift=True)
 
 
-def test_drift_check_triton():
-    (piece,) = make_pieces(6, [6], "packed", torch.float32)
+def test_drift_check_triton(device):
+    (piece,) = (on(device, p) for p in make_pieces(6, [6], "packed", torch.float32))
     micro = split_piece(piece, 2, torch.Generator().manual_seed(0))
     _, cuts = prepass(micro, "triton", "official", check_drift=True)
     with no_drift_warning():

@@ -1,7 +1,9 @@
-"""Issue 3: the fused Triton backend against the PyTorch reference.
+"""The fused Triton backend against the PyTorch reference.
 
-Without a GPU the kernels run under TRITON_INTERPRET=1 (set in conftest.py). The GPU-only
-tests at the end (sync debug mode, CUDA graphs) skip without CUDA.
+Every test that runs the Triton backend takes the ``device`` fixture (conftest.py): the GPU when
+there is one, else the CPU with the kernels under TRITON_INTERPRET=1. The GPU tests (sync debug
+mode, CUDA-graph replay) run their whole harness on the CPU too, with stand-ins for what only a
+GPU has, so a harness error shows up without a GPU.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from m2po_ops.config import M2POConfig  # noqa: E402
 from m2po_ops.inputs import prepare  # noqa: E402
 from cases import case_grid, make_case  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FORWARD_KERNELS = [
     "stats_kernel", "select1_kernel", "level2_kernel", "select2_kernel",
@@ -32,7 +33,7 @@ FORWARD_KERNELS = [
 ]
 
 
-def run(backend, case_or_args, variant="paper", **kw):
+def run(backend, case_or_args, device, variant="paper", **kw):
     """(keep, loss, grad, metrics) of one backend: mask from m2po_mask, loss/grad from m2po_loss."""
     if hasattr(case_or_args, "lp"):
         c = case_or_args
@@ -41,8 +42,9 @@ def run(backend, case_or_args, variant="paper", **kw):
         lp, olp, adv, mask = case_or_args
         extra = {}
     kw = {**extra, **kw}
-    lp, olp, adv = lp.to(DEVICE), olp.to(DEVICE), adv.to(DEVICE)
-    mask = mask.to(DEVICE) if mask is not None else None
+    lp, olp, adv = lp.to(device), olp.to(device), adv.to(device)
+    mask = mask.to(device) if mask is not None else None
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     mask_kw = {k: v for k, v in kw.items() if k not in ("loss_agg_mode", "num_tokens")}
     keep, _ = m2po_mask(lp, olp, adv, mask, variant=variant, backend=backend, **mask_kw)
     leaf = lp.detach().clone().requires_grad_(True)
@@ -51,9 +53,9 @@ def run(backend, case_or_args, variant="paper", **kw):
     return keep, loss.detach(), leaf.grad, metrics
 
 
-def assert_backends_agree(case, variant, desc, rtol=1e-5, **kw):
-    k_ref, l_ref, g_ref, m_ref = run("torch", case, variant, **kw)
-    k_tri, l_tri, g_tri, m_tri = run("triton", case, variant, **kw)
+def assert_backends_agree(case, variant, desc, device, rtol=1e-5, **kw):
+    k_ref, l_ref, g_ref, m_ref = run("torch", case, device, variant, **kw)
+    k_tri, l_tri, g_tri, m_tri = run("triton", case, device, variant, **kw)
     assert torch.equal(k_ref, k_tri), f"keep differs at {(k_ref != k_tri).nonzero().flatten()[:8].tolist()}: {desc}"
     atol = 1e-7
     half = g_ref.dtype in (torch.bfloat16, torch.float16)
@@ -77,7 +79,7 @@ def assert_backends_agree(case, variant, desc, rtol=1e-5, **kw):
 
 @pytest.mark.parametrize("chunk", range(2))
 @pytest.mark.parametrize("layout", ["2d", "packed", "packed_cu"])
-def test_triton_matches_reference_on_the_random_suite(layout, chunk):
+def test_triton_matches_reference_on_the_random_suite(layout, chunk, device):
     for spec in case_grid(layout, chunk, count=40):
         case = make_case(**spec)
         variants = ["paper"] if layout == "packed" else ["paper", "official"]
@@ -85,19 +87,56 @@ def test_triton_matches_reference_on_the_random_suite(layout, chunk):
             extra = dict(tau=spec["tau"])
             if variant == "official" and spec["seed"] % 2:
                 extra.update(miniclip_low=0.3, miniclip_high=0.5)
-            assert_backends_agree(case, variant, f"{case.desc} variant={variant} {extra}", **extra)
+            assert_backends_agree(case, variant, f"{case.desc} variant={variant} {extra}", device, **extra)
 
 
 @pytest.mark.parametrize("mode", ["seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("variant", ["paper", "official"])
-def test_sequence_modes_and_num_tokens(mode, variant):
+def test_sequence_modes_and_num_tokens(mode, variant, device):
     for seed in range(6):
         case = make_case(seed=seed + 50, layout=["2d", "packed_cu"][seed % 2], per_seq=bool(seed % 3 == 0),
                          mask_kind="bool", dtype=torch.float32, style=["grid", "fine"][seed % 2], tau=0.04)
-        assert_backends_agree(case, variant, case.desc, loss_agg_mode=mode)
+        assert_backends_agree(case, variant, case.desc, device, loss_agg_mode=mode)
     case = make_case(seed=77, layout="2d", per_seq=False, mask_kind="int", dtype=torch.float32, style="fine", tau=0.04)
-    assert_backends_agree(case, variant, case.desc, num_tokens=123.0)
-    assert_backends_agree(case, variant, case.desc, num_tokens=torch.tensor(321, device=DEVICE))
+    assert_backends_agree(case, variant, case.desc, device, num_tokens=123.0)
+    assert_backends_agree(case, variant, case.desc, device, num_tokens=torch.tensor(321, device=device))
+
+
+def _official_batch(seed, device):
+    """A (B, T) batch whose official cut is constrained: heavy-tailed log-ratios, advantages on
+    a 1/64 grid (so every float64 sum of the float32 loss terms is exact, and the loss has one
+    right answer whatever the summation order), padding with holes."""
+    g = torch.Generator().manual_seed(seed)
+    b, t = 4, 257
+    olp = -torch.rand(b, t, generator=g) * 4
+    delta = torch.randn(b, t, generator=g) * 0.25 * torch.where(torch.rand(b, t, generator=g) < 0.05, 4.0, 1.0)
+    adv = torch.randint(-256, 257, (b, t), generator=g).float() / 64
+    mask = (torch.arange(t)[None, :] < torch.randint(t // 2, t + 1, (b, 1), generator=g)) & (
+        torch.rand(b, t, generator=g) < 0.9)
+    return tuple(x.to(device) for x in (olp + delta.clamp(-1, 1), olp, adv, mask))
+
+
+@pytest.mark.parametrize("miniclip", [False, True], ids=["bounds", "miniclip"])
+def test_official_bounds_keep_and_loss_are_bit_identical(miniclip, device):
+    """On constrained official cuts the two backends give the same clip bounds (tau_c rounded
+    to float32 before exp, as the reference and the authors' float32 tensor), the same keep
+    mask, loss and gradient, bit for bit."""
+    clip = dict(miniclip_low=0.3, miniclip_high=0.5) if miniclip else {}
+    constrained = 0
+    for seed in range(12):
+        args = _official_batch(seed, device)
+        for tau in (0.005, 0.02):
+            kw = dict(variant="official", tau=tau, **clip)
+            k_ref, l_ref, g_ref, m_ref = run("torch", args, device, **kw)
+            k_tri, l_tri, g_tri, m_tri = run("triton", args, device, **kw)
+            desc = f"seed={seed} tau={tau} {clip}"
+            assert torch.equal(m_tri["clip_low"], m_ref["clip_low"]), desc
+            assert torch.equal(m_tri["clip_high"], m_ref["clip_high"]), desc
+            assert torch.equal(k_tri, k_ref), desc
+            assert torch.equal(l_tri, l_ref), desc
+            assert torch.equal(g_tri, g_ref), desc
+            constrained += bool(torch.isfinite(m_ref["cut"]))
+    assert constrained >= 20  # the cases really cut
 
 
 def _tied_batch(n, seed, outliers=0.2):
@@ -114,29 +153,29 @@ def _tied_batch(n, seed, outliers=0.2):
 
 @pytest.mark.parametrize("offset", [-1, 0, 1])
 @pytest.mark.parametrize("blocks", [1, 2, 3])
-def test_sizes_straddling_block_boundaries(blocks, offset):
+def test_sizes_straddling_block_boundaries(blocks, offset, device):
     n = blocks * tb.BLOCK + offset
     lp, olp, adv, mask = _tied_batch(n, seed=n)
     for tau in (0.04, 0.1):
         keep, metrics = m2po_mask(lp, olp, adv, mask, tau=tau, backend="torch")
         assert 0 < metrics["masked_fraction"] < 1  # the cut is inside the batch, ties included
-        assert_backends_agree((lp, olp, adv, mask), "paper", f"n={n} tau={tau}", tau=tau)
+        assert_backends_agree((lp, olp, adv, mask), "paper", f"n={n} tau={tau}", device, tau=tau)
         # 2-D layout of the same tokens, with a row length that does not divide the block
         t = 63
         rows = n // t
         args2d = tuple(x[: rows * t].reshape(rows, t) for x in (lp, olp, adv, mask))
         for variant in ("paper", "official"):
-            assert_backends_agree(args2d, variant, f"2d rows={rows} tau={tau}", tau=tau)
+            assert_backends_agree(args2d, variant, f"2d rows={rows} tau={tau}", device, tau=tau)
 
 
-def test_ties_split_across_blocks_follow_flat_order():
+def test_ties_split_across_blocks_follow_flat_order(device):
     """Every trust-region token has the same m2: exactly the first keep_count (flat order) stay."""
     n = 2 * tb.BLOCK + 5
-    lp = torch.full((n,), 0.5)
-    olp = torch.zeros(n)
-    adv = torch.ones(n)
+    lp = torch.full((n,), 0.5, device=device)
+    olp = torch.zeros(n, device=device)
+    adv = torch.ones(n, device=device)
     adv[::3] = -1.0  # not in the trust region (A < 0, delta > 0)
-    mask = torch.ones(n, dtype=torch.bool)
+    mask = torch.ones(n, dtype=torch.bool, device=device)
     mask[7::11] = False
     keep, metrics = m2po_mask(lp, olp, adv, mask, tau=0.0, backend="triton")
     trust = mask & (adv > 0)
@@ -157,7 +196,7 @@ def test_ties_split_across_blocks_follow_flat_order():
 # Structure: launches, mergeable statistics, early exit
 
 
-def _inputs(regime, n=3000, seed=0):
+def _inputs(regime, n=3000, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     olp = -torch.rand(n, generator=g) * 3
     noise = {"none": 0.01, "some": 0.2, "ties": 0.0}[regime]
@@ -165,28 +204,28 @@ def _inputs(regime, n=3000, seed=0):
     if regime == "ties":
         delta = torch.randint(-2, 3, (n,), generator=g).float() * 0.5
     adv = torch.randn(n, generator=g)
-    return (olp + delta), olp, adv, torch.rand(n, generator=g) < 0.9
+    return tuple(x.to(device) for x in ((olp + delta), olp, adv, torch.rand(n, generator=g) < 0.9))
 
 
 @pytest.mark.parametrize("variant", ["paper", "official"])
-def test_launch_count_is_fixed(variant):
+def test_launch_count_is_fixed(variant, device):
     seen = []
     for regime in ("none", "some", "ties"):
-        lp, olp, adv, mask = _inputs(regime)
+        lp, olp, adv, mask = _inputs(regime, device=device)
         lp2 = lp.reshape(30, 100).requires_grad_(True)
         with tb.launch_log() as log:
             loss, metrics = m2po_loss(lp2, olp.reshape(30, 100), adv.reshape(30, 100), mask.reshape(30, 100),
                                       variant=variant, backend="triton", validate=False)
             loss.backward()
-        seen.append((regime, float(metrics["masked_fraction"]), list(log)))
+        seen.append((regime, float(metrics["masked_fraction"]), [launch.name for launch in log]))
     for regime, masked, log in seen:
         assert log == FORWARD_KERNELS, (regime, log)
     # the regimes really differ (nothing masked vs masked), yet the launches are the same
     assert seen[0][1] == 0.0 and seen[2][1] > 0.0
 
 
-def test_histograms_merge_and_match_the_torch_description():
-    lp, olp, adv, mask = _inputs("some", n=5000)
+def test_histograms_merge_and_match_the_torch_description(device):
+    lp, olp, adv, mask = _inputs("some", n=5000, device=device)
     config = M2POConfig(tau=0.04)
 
     def stats(sl):
@@ -204,8 +243,8 @@ def test_histograms_merge_and_match_the_torch_description():
     assert int(ws_a.n_valid + ws_b.n_valid) == int(mask.sum())
 
 
-def test_nothing_to_mask_skips_the_refinement_passes():
-    lp, olp, adv, mask = _inputs("none")
+def test_nothing_to_mask_skips_the_refinement_passes(device):
+    lp, olp, adv, mask = _inputs("none", device=device)
     config = M2POConfig(tau=0.04)
     tok = prepare(lp, olp, adv, mask, config)
     keep, metrics, loss, grad = tb.triton_forward(tok, config, None, want_loss=True)
@@ -290,24 +329,49 @@ def test_the_sync_guard_catches_syncs():
             m2po_loss(x, x, x, None, backend="torch", validate=True)  # validate=True syncs on purpose
 
 
+@contextlib.contextmanager
+def device_syncs_forbidden(device):
+    """Any host synchronisation inside the block fails the test. CUDA: torch's sync debug mode
+    "error" (what the device really does) and the Python-level guard. CPU: the guard alone."""
+    with forbid_host_syncs():
+        if device.type != "cuda":
+            yield
+            return
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["paper", "official"])
 @pytest.mark.parametrize("layout", ["2d", "packed_cu"])
-def test_triton_path_is_sync_free_with_validate_false(variant, layout):
-    lp, olp, adv, mask = _inputs("ties", n=600)
+def test_triton_path_is_sync_free_with_validate_false(variant, layout, device):
+    """Forward, backward, the mask and a sequence-level mode run without a host sync (after a
+    warm-up call that compiles the kernels)."""
+    n = 60_000 if device.type == "cuda" else 600
+    lp, olp, adv, mask = _inputs("ties", n=n, device=device)
     if layout == "2d":
-        args = [x.reshape(6, 100) for x in (lp, olp, adv, mask)]
+        args = [x.reshape(6, n // 6) for x in (lp, olp, adv, mask)]
         kw = {}
     else:
         args = [lp, olp, adv, mask]
-        kw = dict(cu_seqlens=torch.tensor([0, 150, 320, 600]))
+        kw = dict(cu_seqlens=torch.tensor([0, n // 4, n // 2 + 20, n], device=device))
     leaf = args[0].clone().requires_grad_(True)
-    with forbid_host_syncs():
+    modes = ("seq-mean-token-mean", "token-mean")
+    for mode in modes:  # warm-up: compiling and loading modules may sync
+        m2po_loss(leaf, *args[1:], variant=variant, backend="triton", validate=False, loss_agg_mode=mode, **kw)
+    m2po_mask(*args, variant=variant, backend="triton", validate=False, **kw)
+    with device_syncs_forbidden(device):
         loss, metrics = m2po_loss(leaf, *args[1:], variant=variant, backend="triton", validate=False, **kw)
         loss.backward()
         keep, _ = m2po_mask(*args, variant=variant, backend="triton", validate=False, **kw)
-        for mode in ("seq-mean-token-mean", "token-mean"):
+        for mode in modes:
             m2po_loss(leaf, *args[1:], variant=variant, backend="triton", validate=False, loss_agg_mode=mode, **kw)
-    assert math.isfinite(float(loss)) and all(torch.isfinite(v) or k == "cut" for k, v in metrics.items())
+    assert math.isfinite(float(loss.detach())) and all(torch.isfinite(v) or k == "cut" for k, v in metrics.items())
+    assert float(metrics["masked_fraction"]) > 0  # the data cuts inside the batch
 
 
 def test_triton_path_source_has_no_sync_calls():
@@ -329,70 +393,130 @@ def test_triton_path_source_has_no_sync_calls():
 
 
 # --------------------------------------------------------------------------------------------
-# GPU only
-
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# CUDA graphs: a real capture on a GPU, a stand-in on the CPU (the same harness runs in CI)
 
 
-@cuda
+class Captured:
+    """A step captured once and replayed on whatever its static input tensors then hold.
+
+    CUDA: a torch.cuda.CUDAGraph, after warm-up calls on a side stream (as torch documents).
+    CPU: a stand-in that runs the step again on replay and copies its outputs into the tensors
+    the capture returned, so the static buffers, in-place updates and comparisons run in CI.
+    """
+
+    def __init__(self, step, device, warmup: int = 2):
+        self.step, self.graph = step, None
+        if device.type != "cuda":
+            self.outputs = tuple(out.detach().clone() for out in step())
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = step()
+
+    def replay(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        for static, fresh in zip(self.outputs, self.step()):
+            static.copy_(fresh)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["paper", "official"])
-def test_gpu_sync_debug_mode_error(variant):
-    lp, olp, adv, mask = (x.cuda() for x in _inputs("ties", n=50_000))
-    cu = torch.tensor([0, 10_000, 30_000, 50_000], device="cuda")
-    leaf = lp.clone().requires_grad_(True)
-    m2po_loss(leaf, olp, adv, mask, variant=variant, backend="triton", validate=False, cu_seqlens=cu)  # warm-up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        loss, metrics = m2po_loss(leaf, olp, adv, mask, variant=variant, backend="triton", validate=False,
-                                  cu_seqlens=cu)
-        loss.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(loss)
+def test_cuda_graph_replay_matches_eager(variant, device):
+    """One captured forward+backward, replayed after new log-probs, advantages, mask and
+    num_tokens (a 0-d device tensor) are copied into its inputs, equals eager calls on the new
+    data, in regimes that mask nothing, some tokens, and inside a run of ties."""
+    rows, t = (40, 1000) if device.type == "cuda" else (4, 500)
+    n = rows * t
 
+    def batch(regime, seed):
+        return [x.reshape(rows, t) for x in _inputs(regime, n=n, seed=seed, device=device)]
 
-@cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["paper", "official"])
-def test_gpu_cuda_graph_replay_matches_eager(variant):
-    n = 40_000
-    static = [x.cuda() for x in _inputs("ties", n=n, seed=1)]
+    static = batch("ties", 1)
+    denom = torch.tensor(float(n), device=device)
     leaf = static[0].clone().requires_grad_(True)
 
     def step():
         leaf.grad = None
-        loss, metrics = m2po_loss(leaf, *static[1:], variant=variant, backend="triton", validate=False)
+        loss, metrics = m2po_loss(leaf, *static[1:], variant=variant, backend="triton", validate=False,
+                                  num_tokens=denom)
         loss.backward()
         return loss, metrics["masked_fraction"], leaf.grad
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    leaf.grad = None
-    with torch.cuda.graph(graph):
-        g_loss, g_masked, _ = step()
-    for seed in (2, 3, 4):
-        fresh = [x.cuda() for x in _inputs(["none", "some", "ties"][seed % 3], n=n, seed=seed)]
+    graph = Captured(step, device)
+    masked = []
+    for seed, regime in ((2, "none"), (3, "some"), (4, "ties")):
+        fresh = batch(regime, seed)
         with torch.no_grad():
             leaf.copy_(fresh[0])
-        for dst, src in zip(static[1:], fresh[1:]):
-            dst.copy_(src)
+            for dst, src in zip(static[1:], fresh[1:]):
+                dst.copy_(src)
+            denom.fill_(float(n + 1000 * seed))
         graph.replay()
         eager_leaf = fresh[0].clone().requires_grad_(True)
-        e_loss, e_metrics = m2po_loss(eager_leaf, *fresh[1:], variant=variant, backend="triton", validate=False)
+        e_loss, e_metrics = m2po_loss(eager_leaf, *fresh[1:], variant=variant, backend="triton", validate=False,
+                                      num_tokens=float(n + 1000 * seed))
         e_loss.backward()
-        torch.testing.assert_close(g_loss, e_loss.detach())
-        torch.testing.assert_close(g_masked, e_metrics["masked_fraction"])
-        torch.testing.assert_close(leaf.grad, eager_leaf.grad)
+        g_loss, g_masked, g_grad = graph.outputs
+        assert torch.equal(g_loss, e_loss.detach()), regime
+        assert torch.equal(g_masked, e_metrics["masked_fraction"]), regime
+        assert torch.equal(g_grad, eager_leaf.grad), regime
+        masked.append(float(g_masked))
+    assert masked[0] == 0.0 and masked[2] > 0.0  # the regimes really differ
 
 
-def test_official_eligibility_at_the_ratio_rounding_edges():
+@pytest.fixture
+def capturing(device, monkeypatch):
+    """A context in which the library sees a CUDA-graph capture in progress: a real capture on
+    a GPU, the library's capture probe patched on the CPU."""
+    if device.type == "cuda":
+        @contextlib.contextmanager
+        def capture():
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                yield
+    else:
+        @contextlib.contextmanager
+        def capture():
+            with monkeypatch.context() as m:
+                m.setattr(m2po_ops.inputs, "graph_capturing", lambda dev: True)
+                yield
+    return capture
+
+
+@pytest.mark.gpu
+def test_what_a_graph_would_bake_in_raises_during_capture(device, capturing):
+    """A Python-number num_tokens, a list cu_seqlens and validate=True would be baked into a
+    captured graph (or sync): during capture each raises, naming the argument."""
+    lp, olp, adv, mask = (x.reshape(4, 250) for x in _inputs("some", n=1000, device=device))
+    cu = torch.tensor([0, 400, 1000], device=device)
+    for variant in ("paper", "official"):  # warm-up outside the capture
+        m2po_loss(lp, olp, adv, mask, variant=variant, backend="triton", validate=False,
+                  num_tokens=torch.tensor(500.0, device=device))
+        m2po_mask(lp.reshape(-1), olp.reshape(-1), adv.reshape(-1), mask.reshape(-1), variant=variant,
+                  backend="triton", validate=False, cu_seqlens=cu)
+    denom = torch.tensor(500.0, device=device)  # (a tensor made from a host value copies: before capture)
+    with capturing():
+        with pytest.raises(ValueError, match="num_tokens"):
+            m2po_loss(lp, olp, adv, mask, backend="triton", validate=False, num_tokens=500.0)
+        with pytest.raises(ValueError, match="cu_seqlens"):
+            m2po_mask(lp.reshape(-1), olp.reshape(-1), adv.reshape(-1), mask.reshape(-1), variant="official",
+                      backend="triton", validate=False, cu_seqlens=[0, 400, 1000])
+        with pytest.raises(ValueError, match="validate"):
+            m2po_mask(lp, olp, adv, mask, backend="triton")
+        # what a graph may hold: tensors for everything that changes between replays
+        m2po_loss(lp, olp, adv, mask, backend="triton", validate=False, num_tokens=denom)
+        m2po_mask(lp.reshape(-1), olp.reshape(-1), adv.reshape(-1), mask.reshape(-1), variant="official",
+                  backend="triton", validate=False, cu_seqlens=cu)
+
+
+def test_official_eligibility_at_the_ratio_rounding_edges(device):
     """The kernels decide r > 1 / r < 1 from delta (r = exp(delta) rounded to float32 is 1 for
     -2**-25 <= delta < 2**-24); the reference evaluates exp. Probe the float32 neighbours."""
     edges = torch.tensor([2.0**-24, -(2.0**-25), 0.0, 2.0**-23, -(2.0**-24)])
@@ -411,7 +535,7 @@ def test_official_eligibility_at_the_ratio_rounding_edges():
     assert ((ratio > 1) == (delta >= 2.0**-24)).all() and ((ratio < 1) == (delta < -(2.0**-25))).all()
     for sign in (1.0, -1.0):
         adv = torch.full((1, n), sign)
-        args = (lp.reshape(1, n), olp.reshape(1, n), adv, torch.ones(1, n, dtype=torch.bool))
+        args = tuple(x.to(device) for x in (lp.reshape(1, n), olp.reshape(1, n), adv, torch.ones(1, n, dtype=torch.bool)))
         _, m_ref = m2po_mask(*args, variant="official", tau=0.0, backend="torch")
         _, m_tri = m2po_mask(*args, variant="official", tau=0.0, backend="triton")
         expected = float(((delta >= 2.0**-24) if sign > 0 else (delta < -(2.0**-25))).float().mean())
@@ -421,7 +545,7 @@ def test_official_eligibility_at_the_ratio_rounding_edges():
 
 @pytest.mark.parametrize("variant", ["paper", "official"])
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int32, torch.bfloat16, None])
-def test_garbage_padding_and_nonfinite_valid_tokens(variant, mask_dtype):
+def test_garbage_padding_and_nonfinite_valid_tokens(variant, mask_dtype, device):
     """The kernels decide validity themselves (mask of any dtype, finiteness with validate=False):
     NaN/inf in padding changes nothing; in valid tokens they act as padding and are counted."""
     lp, olp, adv, mask = (x.reshape(20, 150) for x in _inputs("some", n=3000, seed=5))
@@ -437,12 +561,13 @@ def test_garbage_padding_and_nonfinite_valid_tokens(variant, mask_dtype):
     if m is None:  # no mask: every padding token is a non-finite valid token
         lp, olp, adv = (torch.where(mask, x, torch.zeros_like(x)) for x in (lp, olp, adv))
         lp[bad] = float("nan")
-    assert_backends_agree((lp, olp, adv, m), variant, f"mask={mask_dtype}", validate=False)
-    _, metrics = m2po_mask(lp, olp, adv, m, variant=variant, backend="triton", validate=False)
+    assert_backends_agree((lp, olp, adv, m), variant, f"mask={mask_dtype}", device, validate=False)
+    args = tuple(x if x is None else x.to(device) for x in (lp, olp, adv, m))
+    _, metrics = m2po_mask(*args, variant=variant, backend="triton", validate=False)
     assert float(metrics["num_nonfinite"]) == int(bad.sum())
 
 
-def test_no_pytorch_compute_ops_beside_the_kernels():
+def test_no_pytorch_compute_ops_beside_the_kernels(device):
     """Besides the Triton kernels, forward+backward with validate=False runs exactly two PyTorch
     ops of its own that launch work on a GPU: the workspace memset and the backward multiply
     (10 launches in all). Views and allocations of uninitialised memory launch nothing."""
@@ -474,7 +599,7 @@ def test_no_pytorch_compute_ops_beside_the_kernels():
                     self.ops.append(name)
             return func(*args, **(kwargs or {}))
 
-    lp, olp, adv, mask = (x.reshape(30, 100) for x in _inputs("ties"))
+    lp, olp, adv, mask = (x.reshape(30, 100) for x in _inputs("ties", device=device))
     leaf = lp.clone().requires_grad_(True)
     tb._launch = quiet_launch
     try:
@@ -501,14 +626,14 @@ def gpu_select_chunk(monkeypatch):
     monkeypatch.setattr(tb, "SELECT_CHUNK", 2048)
 
 
-def test_random_suite_with_the_gpu_select_chunk(gpu_select_chunk):
+def test_random_suite_with_the_gpu_select_chunk(gpu_select_chunk, device):
     for spec in case_grid("2d", 0, count=8) + case_grid("packed_cu", 1, count=8):
         case = make_case(**spec)
         for variant in ("paper", "official"):
-            assert_backends_agree(case, variant, f"{case.desc} variant={variant} chunk=2048", tau=spec["tau"])
+            assert_backends_agree(case, variant, f"{case.desc} variant={variant} chunk=2048", device, tau=spec["tau"])
 
 
-def test_a_last_ulp_disagreement_between_levels_keeps_the_bucket(gpu_select_chunk):
+def test_a_last_ulp_disagreement_between_levels_keeps_the_bucket(gpu_select_chunk, device):
     """Level 1's chunked prefix sum fails the test at the end of a bucket while level 2's exact
     sums pass every value in it: the cut must then sit at the bucket's end (not at its start,
     which would mask the whole bucket)."""
@@ -557,7 +682,7 @@ def test_a_last_ulp_disagreement_between_levels_keeps_the_bucket(gpu_select_chun
             break
     else:
         pytest.fail("no case constructed")
-    lp = delta[torch.randperm(len(d), generator=torch.Generator().manual_seed(0))].reshape(1, -1)
+    lp = delta[torch.randperm(len(d), generator=torch.Generator().manual_seed(0))].reshape(1, -1).to(device)
     olp, adv = torch.zeros_like(lp), torch.ones_like(lp)
     keep_ref, m_ref = m2po_mask(lp, olp, adv, tau=tau, backend="torch")
     keep_tri, m_tri = m2po_mask(lp, olp, adv, tau=tau, backend="triton")
@@ -567,12 +692,12 @@ def test_a_last_ulp_disagreement_between_levels_keeps_the_bucket(gpu_select_chun
 
 
 @pytest.mark.parametrize("variant", ["paper", "official"])
-def test_an_infinite_m2_in_the_trust_region(variant):
+def test_an_infinite_m2_in_the_trust_region(variant, device):
     """|delta| > 1.8e19 makes m2 = inf (the authors' test value is then NaN): both backends
     still agree, and nothing becomes NaN in the mask."""
-    lp = torch.tensor([[0.1, 0.0]])
-    olp = torch.tensor([[0.0, -2e19]])
-    adv = torch.ones(1)
+    lp = torch.tensor([[0.1, 0.0]], device=device)
+    olp = torch.tensor([[0.0, -2e19]], device=device)
+    adv = torch.ones(1, device=device)
     k_ref, m_ref = m2po_mask(lp, olp, adv, variant=variant, backend="torch")
     k_tri, m_tri = m2po_mask(lp, olp, adv, variant=variant, backend="triton")
     assert k_ref.tolist() == k_tri.tolist() == [[True, False]]
@@ -581,11 +706,11 @@ def test_an_infinite_m2_in_the_trust_region(variant):
 
 
 @pytest.mark.parametrize("variant", ["paper", "official"])
-def test_float64_values_beyond_float32_range_are_finite(variant):
+def test_float64_values_beyond_float32_range_are_finite(variant, device):
     """Finiteness is decided on the float64 value, not after the cast to float32."""
-    lp = torch.tensor([[-1.0, -1e39, -2.0]], dtype=torch.float64)
-    olp = torch.tensor([[-1.5, -1e39, -2.5]], dtype=torch.float64)
-    adv = torch.ones(1, 3, dtype=torch.float64)
+    lp = torch.tensor([[-1.0, -1e39, -2.0]], dtype=torch.float64, device=device)
+    olp = torch.tensor([[-1.5, -1e39, -2.5]], dtype=torch.float64, device=device)
+    adv = torch.ones(1, 3, dtype=torch.float64, device=device)
     k_ref, m_ref = m2po_mask(lp, olp, adv, variant=variant, backend="torch")
     k_tri, m_tri = m2po_mask(lp, olp, adv, variant=variant, backend="triton")
     assert torch.equal(k_ref, k_tri)

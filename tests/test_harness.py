@@ -1,0 +1,74 @@
+"""The test harness itself: every test that runs the Triton backend takes the ``device`` fixture.
+
+On a GPU machine the Triton backend needs CUDA tensors; a test that builds CPU tensors and asks
+for backend="triton" passes here (interpreter) and fails on the first GPU. So the rule is checked
+statically, here, where no GPU is needed: a test function that names "triton" (a backend
+argument or parameter) or calls the launcher module ``tb`` must take ``device``.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+TESTS = pathlib.Path(__file__).resolve().parent
+FILES = ("test_triton.py", "test_microbatch.py")
+# CPU tensors on purpose: checks that backend="auto" keeps CPU tensors off the Triton path
+CPU_ONLY = {"test_auto_backend_picks_triton_for_cuda_and_torch_on_cpu"}
+
+
+def _names_holding_triton(tree: ast.Module) -> set:
+    """Module-level names bound to a value that contains "triton" (e.g. BACKENDS = (..., "triton"))."""
+    out = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(
+            isinstance(n, ast.Constant) and n.value == "triton" for n in ast.walk(node.value)
+        ):
+            out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return out
+
+
+def _runs_triton(fn: ast.FunctionDef, triton_names=frozenset()) -> bool:
+    nodes = [*fn.decorator_list, *fn.body]
+    for node in (n for top in nodes for n in ast.walk(top)):
+        if isinstance(node, ast.Constant) and node.value == "triton":
+            return True
+        if isinstance(node, ast.Name) and node.id in triton_names:
+            return True
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tb":
+            return node.attr != "launch_log"
+    return False
+
+
+def _tests(path: pathlib.Path):
+    tree = ast.parse(path.read_text())
+    names = _names_holding_triton(tree)
+    return [(n, names) for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_triton_test_takes_the_device_fixture(name):
+    missing = []
+    found = 0
+    for fn, triton_names in _tests(TESTS / name):
+        if fn.name in CPU_ONLY or not _runs_triton(fn, triton_names):
+            continue
+        found += 1
+        if "device" not in [a.arg for a in fn.args.args]:
+            missing.append(f"{name}:{fn.lineno} {fn.name}")
+    assert found >= 3, "the rule should apply to this file"
+    assert not missing, "tests that run the Triton backend without the device fixture:\n" + "\n".join(missing)
+
+
+def test_the_rule_sees_a_cpu_only_triton_test():
+    """The check flags a test that builds its tensors without the fixture."""
+    src = (
+        "BACKENDS = ('torch', 'triton')\n"
+        "@pytest.mark.parametrize('backend', BACKENDS)\n"
+        "def test_x(backend):\n    m2po_mask(torch.ones(3), torch.ones(3), torch.ones(3), backend=backend)\n"
+    )
+    tree = ast.parse(src)
+    fn = tree.body[1]
+    assert _runs_triton(fn, _names_holding_triton(tree)) and "device" not in [a.arg for a in fn.args.args]
