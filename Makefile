@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test bench bench-quick bench-pytest clean
+.PHONY: venv test bench bench-quick bench-pytest gpu-check clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,9 @@ bench-quick: $(STAMP)
 
 bench-pytest: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only
+
+gpu-check:  # on a GPU machine: everything only a GPU shows (without CUDA: a dry run on the CPU)
+	bash bench/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info
