@@ -2,10 +2,13 @@
 
     python -m bench.gpu_check <step> --out DIR [--dry-run]
     python -m bench.gpu_check list          # the steps, one line each (no torch import)
+    python -m bench.gpu_check probe         # first line "cuda <gpu-slug>" or "no-cuda", then the list
 
 Steps: tests, histogram, masks, kernels, bench (see STEPS). Each writes DIR/<step>.json (what it
 measured, "passed"), prints progress to stderr and a last line "RESULT <step>: ok|FAIL: ..." to
-stdout, and exits 1 when the check fails.
+stdout, and exits 1 when the check fails. Other files a step writes never take the name
+<step>.json, <step>.log or summary.* (the shell script's): tests.txt, kernels_table.json,
+kernels.md, and bench.run's <device>-<date>-quick.json/.md.
 
 Without CUDA, or with --dry-run, a step runs the same code at a tiny size on CPU tensors with the
 Triton kernels under the interpreter (TRITON_INTERPRET=1, set here before m2po_ops is imported),
@@ -28,18 +31,25 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# Run by the tests step whether or not it is marked gpu (see step_tests).
+OFFICIAL_TEST = "tests/test_triton.py::test_official_bounds_keep_and_loss_are_bit_identical"
+
 # name -> (what it checks, the real sizes on the GPU). Printed by `list` and in dry-run.
 STEPS = {
     "tests": ("the GPU tests (pytest -m gpu): sync-free under set_sync_debug_mode('error'), "
-              "CUDA-graph replay on new data, both variants", "the tests' own sizes"),
+              "CUDA-graph replay on new data, both variants, and the official clip bounds, keep, loss and "
+              f"gradient bit-identity test ({OFFICIAL_TEST}; run on its own if -m gpu does not select it)",
+              "the tests' own sizes"),
     "histogram": ("the stats and level2 kernels' histograms equal torch's scatter_add histograms exactly, "
                   "and two runs of loss+backward and mask are bit-identical (loss, grad, keep, metrics)",
                   "16M tokens, typical and stressed regimes, paper and official"),
-    "masks": ("keep masks of backend='triton' equal backend='torch' bit for bit: fp32/bf16 x paper/official "
-              "x spread, bf16-quantised, near-on-policy, all-equal and tied-run m2 x 2-3 taus",
+    "masks": ("backend='triton' against backend='torch' on fp32/bf16 x paper/official x spread, bf16-quantised, "
+              "near-on-policy, all-equal and tied-run m2 x 2-3 taus: keep masks and the official clip bounds "
+              "bit for bit (failing), loss bits and gradient differences (reported)",
               "1M tokens ((1024, 1024) padded)"),
-    "kernels": ("per-kernel device time (torch.profiler) of one forward+backward, against a plain read "
-                "and a device copy of the same bytes", "32K / 1M / 16M tokens, fp32, paper, typical and none"),
+    "kernels": ("per-kernel device time (torch.profiler, or CUDA events around each Triton launch where the "
+                "profiler records no device events) of one forward+backward, against a plain read and a "
+                "device copy of the same bytes", "32K / 1M / 16M tokens, fp32, paper, typical and none"),
     "bench": ("the short benchmark: python -m bench.run --quick --device cuda (every competitor's mask "
               "checked against the reference)", "32K and 1M tokens, fp32, 3 regimes"),
 }
@@ -103,31 +113,60 @@ def bit_equal(a, b) -> bool:
 # 1. tests
 
 
-def step_tests(ctx: Ctx) -> dict:
-    """pytest -m gpu: the tests marked gpu (on a GPU: sync debug mode "error", CUDA-graph replay).
-    Only the gpu selection runs, so tests/test_gpu_check.py (unmarked) never recurses."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests", "-p", "no:cacheprovider"]
-    log("running " + " ".join(cmd[1:]) + f" > {ctx.path('tests.txt')}")
-    with open(ctx.path("tests.txt"), "w") as f:
-        # stream, so a timeout still leaves what ran in tests.txt
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            f.write(line)
-            f.flush()
-            sys.stderr.write("  | " + line)
-        rc = proc.wait()
-    with open(ctx.path("tests.txt")) as f:
-        tail = f.read().strip().splitlines()[-1:] or [""]
+def _pytest(label: str, args: list, f) -> dict:
+    """Run pytest with ``args``, streaming its output into the open file ``f`` (so a timeout still
+    leaves what ran) and to stderr: {label, rc, summary (its last line), counts, command, ran
+    (node ids in the short summary: -rp lists the passed ones)}."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+    log("running " + " ".join(cmd[1:]) + f" >> {f.name}")
+    f.write(f"$ {' '.join(cmd[1:])}\n")
+    f.flush()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        f.write(line)
+        f.flush()
+        sys.stderr.write("  | " + line)
+        if line.strip():
+            lines.append(line.rstrip("\n"))
+    rc = proc.wait()
+    f.write(f"(rc {rc})\n\n")
+    f.flush()
+    tail = lines[-1].strip().strip("= ") if lines else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)",
-                                               tail[0])}
-    # rc 5 = no test collected: the gpu tests are gone, which is a failure of this check too
-    passed = rc == 0
-    skipped = counts.get("skipped", 0)
-    headline = f"pytest -m gpu rc={rc}: {tail[0].strip('= ')}"
+                                               tail)}
+    ran = [m.group(2) for m in map(re.compile(r"^(PASSED|FAILED|ERROR|XFAIL|XPASS) (\S+)").match, lines) if m]
+    return dict(label=label, rc=rc, summary=tail, counts=counts, command=" ".join(cmd[1:]), ran=ran)
+
+
+def step_tests(ctx: Ctx) -> dict:
+    """pytest -m gpu: the tests marked gpu (on a GPU: sync debug mode "error", CUDA-graph replay,
+    the official bit-identity test), and the official bit-identity test on its own if -m gpu did
+    not run it (were it unmarked). Dry run: the official test is deselected and only collected
+    (that its node id still resolves): it takes ~25 s under the interpreter on 2 cores, and
+    `make test` runs it there already. Only these run, so tests/test_gpu_check.py (unmarked)
+    never recurses. Both commands' output goes to tests.txt."""
+    runs = []
+    with open(ctx.path("tests.txt"), "w") as f:
+        first = ["-rfEsxXp", "-m", "gpu", "tests"] + (["--deselect", OFFICIAL_TEST] if ctx.dry else [])
+        runs.append(_pytest("pytest -m gpu", first, f))
+        if ctx.dry:
+            runs.append(_pytest("official bit-identity test (dry run: collected only)",
+                                ["--collect-only", OFFICIAL_TEST], f))
+        elif not any(n.startswith(OFFICIAL_TEST) for n in runs[0]["ran"]):
+            runs.append(_pytest("official bit-identity test (not in -m gpu)", ["-rfEsxXp", OFFICIAL_TEST], f))
+    # rc 5 = no test collected (the gpu tests are gone), rc 4 = the official test's node id is
+    # gone: failures of this check too
+    passed = all(r["rc"] == 0 for r in runs)
+    skipped = sum(r["counts"].get("skipped", 0) for r in runs)
+    official_ran = sorted(n for r in runs for n in r["ran"] if n.startswith(OFFICIAL_TEST))
+    headline = "; ".join(f"{r['label']} rc={r['rc']}: {r['summary']}" for r in runs)
+    if not ctx.dry:
+        headline += f"; official bit-identity test: {len(official_ran)} ran"
     if skipped and not ctx.dry:
         headline += f" (WARNING: {skipped} skipped on a GPU)"
-    return dict(passed=passed, headline=headline, rc=rc, counts=counts, command=" ".join(cmd[1:]),
-                output="tests.txt")
+    return dict(passed=passed, headline=headline, runs=runs, official_test=OFFICIAL_TEST,
+                official_test_ran=official_ran, output="tests.txt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,40 +297,119 @@ def mask_inputs(kind: str, n: int, dtype, device, seed: int = 0):
     return lp.to(dtype).to(device), old.to(dtype).to(device), adv.to(device), mask.to(device)
 
 
+def _loss_and_grad(leaf, args, backend: str, **kw):
+    """m2po_loss + backward on ``backend`` with ``leaf`` (the log-probs, a leaf requiring grad) in
+    place of args[0]: (loss, its gradient, metrics). The leaf's .grad is left None."""
+    from m2po_ops import m2po_loss
+
+    _, olp, adv, mask = args
+    leaf.grad = None
+    loss, metrics = m2po_loss(leaf, olp, adv, mask, backend=backend, validate=False, **kw)
+    loss.backward()
+    grad, leaf.grad = leaf.grad, None
+    return loss.detach(), grad, metrics
+
+
+def _grad_diff(a, b) -> tuple:
+    """(elements whose bits differ, max |a - b| / max(|a|, |b|) over them; 0 where equal)."""
+    import torch
+
+    differ = _bits(a) != _bits(b)
+    n = int(differ.sum())
+    if n == 0:
+        return 0, 0.0
+    a64, b64 = a.double()[differ], b.double()[differ]
+    diff = (a64 - b64).abs()
+    rel = torch.where(diff == 0, torch.zeros_like(diff), diff / torch.maximum(a64.abs(), b64.abs()))  # +0 vs -0: 0
+    return n, float(rel.max())
+
+
+def _case_name(r: dict) -> str:
+    return f"{'f32' if r['dtype'] == 'float32' else 'bf16'}/{r['case']}/{r['variant']}/tau={r['tau']:g}"
+
+
+def _list_cases(rows: list, limit: int = 10) -> str:
+    names = [_case_name(r) for r in rows]
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more in masks.json)" if len(names) > limit else "")
+
+
 def step_masks(ctx: Ctx) -> dict:
     """The fused kernels against the PyTorch reference on the distributions where GPU numerics
-    (FMA contraction, approximate divides, bf16 loads) or tie handling could differ."""
+    (FMA contraction, approximate divides, bf16 loads, libdevice exp) or tie handling could differ.
+
+    Fails on any keep-mask difference and on any official clip-bound difference (the bounds are
+    exp(+-tau_c) of a float32 tau_c on both backends: the Triton kernel matches torch's rounding).
+    Loss and gradient differences are reported, not failed: the paper variant's weights go through
+    exp, which on a GPU is libdevice's expf in Triton and torch's CUDA expf, possibly an ulp apart."""
     import torch
 
     from m2po_ops import m2po_mask
 
     n = ctx.sizes["masks"]
     rows, passed = [], True
-    for dname, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    for di, (dname, dtype) in enumerate((("float32", torch.float32), ("bfloat16", torch.bfloat16))):
         for kind, taus in MASK_CASES.items():
             args = mask_inputs(kind, n, dtype, ctx.device)
-            for variant in ("paper", "official"):
-                for tau in taus:
+            for vi, variant in enumerate(("paper", "official")):
+                for ti, tau in enumerate(taus):
+                    # dry run: one tau per dtype/distribution/variant, in turn (each tau still runs
+                    # somewhere: 20 cases, not 48; ~0.5 s each under the interpreter)
+                    if ctx.dry and ti != (di + vi) % len(taus):
+                        continue
                     kt, mt = m2po_mask(*args, tau=tau, variant=variant, backend="triton", validate=False)
                     kr, mr = m2po_mask(*args, tau=tau, variant=variant, backend="torch", validate=False)
+                    leaf = args[0].detach().clone().requires_grad_(True)  # one leaf, both backends
+                    lt, gt, mlt = _loss_and_grad(leaf, args, "triton", tau=tau, variant=variant)
+                    lr, gr, mlr = _loss_and_grad(leaf, args, "torch", tau=tau, variant=variant)
                     mismatches = int((kt != kr).sum())
                     row = dict(dtype=dname, case=kind, variant=variant, tau=tau, n_tokens=args[0].numel(),
                                masked_fraction_triton=float(mt["masked_fraction"]),
                                masked_fraction_torch=float(mr["masked_fraction"]),
                                trust_region_fraction=float(mr["trust_region_fraction"]),
                                mismatching_tokens=mismatches)
+                    if variant == "official":  # from the mask call and the loss call, both backends
+                        row["clip_low"] = float(mr["clip_low"])
+                        row["clip_high"] = float(mr["clip_high"])
+                        row["clip_bounds_identical"] = all(
+                            bit_equal(x[k], y[k]) for x, y in ((mt, mr), (mlt, mlr)) for k in ("clip_low", "clip_high"))
+                    else:
+                        row["clip_bounds_identical"] = None
+                    grad_differ, grad_rel = _grad_diff(gt, gr)
+                    row.update(loss_triton=float(lt), loss_torch=float(lr), loss_bits_identical=bit_equal(lt, lr),
+                               loss_rel_diff=(0.0 if bit_equal(lt, lr) else
+                                              abs(float(lt) - float(lr)) / max(abs(float(lt)), abs(float(lr)), 1e-300)),
+                               grad_differing_elements=grad_differ, grad_max_rel_diff=grad_rel)
                     rows.append(row)
-                    passed &= mismatches == 0
+                    passed &= mismatches == 0 and row["clip_bounds_identical"] is not False
                     log(f"  {dname:8s} {kind:15s} {variant:8s} tau={tau:<6g} masked {row['masked_fraction_torch']:8.4%}"
-                        f" (triton {row['masked_fraction_triton']:8.4%}), mismatching tokens {mismatches}")
+                        f" (triton {row['masked_fraction_triton']:8.4%}), mismatching tokens {mismatches}"
+                        + ("" if row["clip_bounds_identical"] is None else f", clip bounds identical "
+                           f"{row['clip_bounds_identical']}") + f", loss bits identical {row['loss_bits_identical']}"
+                        f", grad differs in {grad_differ} (max rel {grad_rel:.2e})")
+                    del kt, kr, lt, gt, lr, gr, leaf
+            del args
     bad = [r for r in rows if r["mismatching_tokens"]]
+    official = [r for r in rows if r["variant"] == "official"]
+    bad_bounds = [r for r in official if not r["clip_bounds_identical"]]
+    differ = [r for r in rows if not r["loss_bits_identical"] or r["grad_differing_elements"]]
     # a case meant to cut that masks nothing would check little: flagged, not failed
     uncut = sorted({f"{r['case']}/{r['variant']}" for r in rows if r["tau"] == 0.04 and r["masked_fraction_torch"] == 0})
-    headline = (f"{len(rows) - len(bad)}/{len(rows)} cases bit-identical at {n} tokens"
-                + (f"; MISMATCH in {len(bad)}: " + ", ".join(f"{r['dtype']}/{r['case']}/{r['variant']}/tau={r['tau']}"
-                                                           for r in bad[:6]) if bad else "")
-                + (f"; nothing masked at tau=0.04 in {uncut}" if uncut else ""))
-    return dict(passed=passed, headline=headline, n_tokens=n, cases=rows, nothing_masked_at_0_04=uncut)
+    if differ:  # reported, not failed: listed in the headline
+        loss_differ = sum(not r["loss_bits_identical"] for r in rows)
+        grad_differ = sum(bool(r["grad_differing_elements"]) for r in rows)
+        worst = max(r["grad_max_rel_diff"] for r in differ)
+        numerics = (f"; reported, not failed: loss bits differ in {loss_differ}, grad bits in {grad_differ} of "
+                    f"{len(rows)} cases (max grad rel diff {worst:.2e}): {_list_cases(differ)}")
+    else:
+        numerics = f"; loss and grad bit-identical in all {len(rows)}"
+    headline = (f"keep masks bit-identical in {len(rows) - len(bad)}/{len(rows)} cases, official clip bounds in "
+                f"{len(official) - len(bad_bounds)}/{len(official)} at {n} tokens"
+                + (f"; KEEP MISMATCH in {len(bad)}: {_list_cases(bad, 6)}" if bad else "")
+                + (f"; CLIP BOUNDS MISMATCH in {len(bad_bounds)}: {_list_cases(bad_bounds, 6)}" if bad_bounds else "")
+                + numerics + (f"; nothing masked at tau=0.04 in {uncut}" if uncut else ""))
+    return dict(passed=passed, headline=headline, n_tokens=n, cases=rows, nothing_masked_at_0_04=uncut,
+                keep_mismatch=[_case_name(r) for r in bad], clip_bounds_mismatch=[_case_name(r) for r in bad_bounds],
+                loss_or_grad_differ=[_case_name(r) for r in differ])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,49 +470,129 @@ def _group(durations) -> dict:
     return out
 
 
-def device_kernel_times(fn, ctx: Ctx, iters: int):
-    """Per-kernel device time over ``iters`` calls: {name: [total us, calls]}, and a note.
+def _kernel_name(kernel) -> str:
+    """A Triton kernel's function name (through Autotuner/Heuristics wrappers: .fn until the def)."""
+    obj, seen = kernel, 0
+    while hasattr(obj, "fn") and seen < 4:
+        obj, seen = obj.fn, seen + 1
+    return getattr(obj, "__name__", None) or getattr(kernel, "__name__", None) or str(kernel)
 
-    CUDA: torch.profiler's device events (kernels, memsets; time_range is the device interval in
-    every torch 2.x; device_time_total is the same number in newer ones). CPU (dry run): the
-    interpreter's wall time per Triton launch, by wrapping the backend's launcher."""
-    if ctx.device.type == "cuda":
-        import torch
-        from torch.profiler import ProfilerActivity, profile
 
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                fn()
-            torch.cuda.synchronize()
-        durations = []
-        for e in prof.events():
-            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
-                continue
-            tr = getattr(e, "time_range", None)
-            us = tr.elapsed_us() if tr is not None else getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0))
-            durations.append((e.name, float(us)))
-        note = None if durations else "the profiler recorded no device events (CUPTI unavailable?)"
-        return _group(durations), note
+def _wrapped_launches(record):
+    """A context manager patching m2po_ops.triton_backend._launch (every Triton launch of the
+    backend goes through it) to call ``record(kernel, launch)`` where ``launch()`` runs the
+    original; None when the backend has no _launch."""
     from unittest import mock
 
     from m2po_ops import triton_backend as tb
 
     original = getattr(tb, "_launch", None)
     if original is None:
-        return {}, "m2po_ops.triton_backend._launch not found: no per-kernel times"
+        return None
+
+    def wrapped(kernel, grid, *args, **meta):
+        return record(kernel, lambda: original(kernel, grid, *args, **meta))
+
+    return mock.patch.object(tb, "_launch", wrapped)
+
+
+PROFILER_NO_EVENTS = "the profiler recorded no device events (CUPTI unavailable, e.g. under gVisor?)"
+
+
+def _profiler_times(fn, iters: int):
+    """torch.profiler's device events (kernels, memsets) over ``iters`` calls: [(name, us)], or
+    (None, why) when it fails or records none. time_range is the device interval in every torch
+    2.x (device_time_total is the same number in newer ones; cuda_time_total is deprecated)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+        events = list(prof.events() or [])
+    except Exception as exc:  # pragma: no cover - depends on the machine's CUPTI
+        return None, f"torch.profiler failed ({type(exc).__name__}: {str(exc)[:200]})"
     durations = []
+    for e in events:
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        tr = getattr(e, "time_range", None)
+        if tr is not None:
+            us = tr.elapsed_us()
+        else:
+            us = getattr(e, "device_time_total", None)
+            if us is None:
+                us = getattr(e, "cuda_time_total", 0)
+        durations.append((e.name, float(us)))
+    if not durations:
+        return None, PROFILER_NO_EVENTS
+    return durations, None
 
-    def timed(kernel, grid, *args, **meta):
-        t0 = time.perf_counter()
-        original(kernel, grid, *args, **meta)
-        name = kernel.fn.__name__ if hasattr(kernel, "fn") else getattr(kernel, "__name__", str(kernel))
-        durations.append((name, (time.perf_counter() - t0) * 1e6))
 
-    with mock.patch.object(tb, "_launch", timed):
+def _event_times(fn, iters: int):
+    """CUDA events around each Triton launch (through the backend's _launch) over ``iters`` calls:
+    [(name, us)]. All pairs recorded during the loop; one synchronize at the end, then read."""
+    import torch
+
+    pairs = []
+
+    def record(kernel, launch):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = launch()
+        end.record()
+        pairs.append((_kernel_name(kernel), start, end))
+        return out
+
+    patch = _wrapped_launches(record)
+    if patch is None:
+        return None
+    torch.cuda.synchronize()
+    with patch:
         for _ in range(iters):
             fn()
-    return _group(durations), "CPU interpreter wall time per launch (not a device time)"
+    torch.cuda.synchronize()
+    return [(name, start.elapsed_time(end) * 1e3) for name, start, end in pairs]
+
+
+def device_kernel_times(fn, ctx: Ctx, iters: int, use_profiler: bool = True):
+    """Per-kernel time over ``iters`` calls: ({name: [total us, calls, names]}, method, note).
+
+    CUDA: torch.profiler's device events (every kernel and memset, Triton's and torch's); where
+    the profiler fails or records no device event (the lent GPU machines run under gVisor, where
+    CUPTI may not load), CUDA events around each Triton launch instead: Triton kernels only, and
+    each pair also spans any gap before the kernel starts (launch-bound small sizes read high).
+    CPU (dry run): the interpreter's wall time per Triton launch (the same _launch wrapper)."""
+    if ctx.device.type == "cuda":
+        note = "profiler skipped (it failed or recorded no device events in an earlier case)"
+        if use_profiler:
+            durations, note = _profiler_times(fn, iters)
+            if durations is not None:
+                return _group(durations), "profiler", None
+        durations = _event_times(fn, iters)
+        if durations is None:
+            return {}, "none", note + "; m2po_ops.triton_backend._launch not found: no per-kernel times"
+        return (_group(durations), "cuda_events",
+                note + "; per-kernel times from CUDA events around each Triton launch (torch's own kernels not "
+                "included; a pair also spans any launch gap before its kernel)")
+    durations = []
+
+    def record(kernel, launch):
+        t0 = time.perf_counter()
+        out = launch()
+        durations.append((_kernel_name(kernel), (time.perf_counter() - t0) * 1e6))
+        return out
+
+    patch = _wrapped_launches(record)
+    if patch is None:
+        return {}, "none", "m2po_ops.triton_backend._launch not found: no per-kernel times"
+    with patch:
+        for _ in range(iters):
+            fn()
+    return _group(durations), "cpu_wall", "CPU interpreter wall time per launch (not a device time)"
 
 
 def step_kernels(ctx: Ctx) -> dict:
@@ -408,7 +606,7 @@ def step_kernels(ctx: Ctx) -> dict:
 
     warmup, iters = (1, 1) if ctx.dry else (3, 20)
     unit = "CPU interpreter wall time, not meaningful" if ctx.dry else "device time"
-    cases = []
+    cases, methods, use_profiler = [], [], True
     for n in ctx.sizes["kernels"]:
         for regime in ("typical", "none"):
             batch = make_batch(n, regime, "float32", device=ctx.device, seed=0)
@@ -424,11 +622,16 @@ def step_kernels(ctx: Ctx) -> dict:
             ctx.sync()
             _, metrics = m2po_loss(lp, olp, adv, mask, backend="triton", validate=False)
             masked = float(metrics["masked_fraction"])  # read outside every timed region
-            per_kernel, note = device_kernel_times(step, ctx, iters)
+            per_kernel, method, note = device_kernel_times(step, ctx, iters, use_profiler)
+            use_profiler &= method == "profiler"  # one that failed or recorded nothing will not in the next case
+            methods.append(method)
             call_ms = statistics.median(time_calls(step, ctx, iters))
+            inputs = [t.detach() for t in (lp, olp, adv, mask)]
 
-            def plain_read():  # one reduction per input: each byte read once, nothing written
-                return lp.detach().sum() + olp.sum() + adv.sum() + mask.sum()
+            def plain_read():
+                # one reduction per input in its own dtype (a bool mask viewed as bytes: sum() would
+                # first convert it to int64): each input byte read once, nothing written but 4 scalars
+                return [(t.view(torch.uint8) if t.dtype == torch.bool else t).amax() for t in inputs]
 
             in_bytes = sum(t.numel() * t.element_size() for t in (lp, olp, adv, mask))
             src = torch.empty(in_bytes, dtype=torch.uint8, device=ctx.device)
@@ -446,7 +649,8 @@ def step_kernels(ctx: Ctx) -> dict:
             case = dict(
                 n_tokens=batch.n_tokens, regime=regime, masked_fraction=masked, iters=iters,
                 call_us=call_ms * 1e3, device_sum_us=device_sum_us, kernels=kernels,
-                launches_per_call=sum(k["calls_per_iter"] for k in kernels), profiler_note=note,
+                launches_per_call=sum(k["calls_per_iter"] for k in kernels), per_kernel_method=method,
+                profiler_note=note,
                 input_bytes=in_bytes, min_bytes_fwd_bwd=min_bytes,
                 read_us=read_ms * 1e3, copy_us=copy_ms * 1e3,
                 gbps_call=min_bytes / (call_ms * 1e-3) / 1e9,
@@ -459,19 +663,25 @@ def step_kernels(ctx: Ctx) -> dict:
                 f"(kernels {device_sum_us:.1f} us, {case['launches_per_call']:.0f} launches), plain read "
                 f"{case['read_us']:.1f} us, copy {case['copy_us']:.1f} us -> {case['ratio_vs_read']:.2f}x read"
                 + (f" [{note}]" if note else ""))
-            del batch, lp, olp, adv, mask
-    data = dict(unit=unit, dry_run=ctx.dry, cases=cases,
-                timing=("CUDA events around each call, back to back, median of iters; per-kernel: torch.profiler "
-                        "device events over iters calls after warm-up" if not ctx.dry else unit))
-    with open(ctx.path("kernels.json"), "w") as f:
+            del batch, lp, olp, adv, mask, inputs
+    per_kernel_method = "+".join(dict.fromkeys(methods))
+    how = {"profiler": "torch.profiler device events", "none": "none",
+           "cuda_events": "CUDA events around each Triton launch (the profiler recorded no device events)",
+           "cpu_wall": "CPU interpreter wall time per Triton launch"}
+    data = dict(unit=unit, dry_run=ctx.dry, cases=cases, per_kernel_method=per_kernel_method,
+                timing=("CUDA events around each call, back to back, median of iters; per-kernel: "
+                        + ", ".join(how.get(m, m) for m in dict.fromkeys(methods))
+                        + " over iters calls after warm-up" if not ctx.dry else unit))
+    with open(ctx.path("kernels_table.json"), "w") as f:  # kernels.json is the step's result (main)
         json.dump(data, f, indent=1)
     with open(ctx.path("kernels.md"), "w") as f:
         f.write(kernels_markdown(data))
     big = cases[-2] if len(cases) >= 2 else cases[-1]  # largest size, typical regime
     headline = (f"{big['n_tokens']} tokens {big['regime']}: fwd+bwd {big['call_us']:.1f} us = "
-                f"{big['ratio_vs_read']:.2f}x a plain read of the inputs ({big['gbps_call']:.0f} GB/s)"
-                + (" [interpreter time]" if ctx.dry else ""))
-    return dict(passed=True, headline=headline, output=["kernels.json", "kernels.md"], cases=cases)
+                f"{big['ratio_vs_read']:.2f}x a plain read of the inputs ({big['gbps_call']:.0f} GB/s); "
+                f"per-kernel times by {per_kernel_method}" + (" [interpreter time]" if ctx.dry else ""))
+    return dict(passed=True, headline=headline, output=["kernels_table.json", "kernels.md"],
+                per_kernel_method=per_kernel_method, cases=cases)
 
 
 def kernels_markdown(data: dict) -> str:
@@ -574,11 +784,23 @@ STEP_FUNCS = {"tests": step_tests, "histogram": step_histogram, "masks": step_ma
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
-    p.add_argument("step", choices=[*STEPS, "list", "env"])
+    p.add_argument("step", choices=[*STEPS, "list", "probe", "env"])
     p.add_argument("--out", default=None, help="the results folder (one for all steps)")
     p.add_argument("--dry-run", action="store_true", help="CPU tensors, Triton interpreter, tiny sizes")
     opts = p.parse_args(argv)
-    if opts.step == "list":
+    if opts.step == "probe":
+        # bench/gpu_check.sh's one python start before the steps (torch import + CUDA init once):
+        # does this python's torch see CUDA, the GPU's name as a folder slug, then the list
+        import torch
+
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name()
+            print("cuda " + (re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "gpu"))
+            log(f"probe: {sys.executable}: torch {torch.__version__}, CUDA {torch.version.cuda}, {name}")
+        else:
+            print("no-cuda")
+            log(f"probe: {sys.executable}: torch {torch.__version__} sees no CUDA device")
+    if opts.step in ("list", "probe"):
         for name, (what, sizes) in STEPS.items():
             print(f"  {name:10s} {what} [GPU: {sizes}]")
         return 0

@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -24,9 +25,12 @@ STEPS = ("tests", "histogram", "masks", "kernels", "bench")
 @pytest.mark.skipif(os.environ.get("M2PO_GPU_CHECK") == "1", reason="inside a run of bench/gpu_check.sh")
 def test_gpu_check_dry_run_passes(tmp_path):
     out = tmp_path / "gpu-check"
+    tar = tmp_path / "returned" / "gpu-check.tar.gz"  # what a device run hands back: 2 files
     env = dict(os.environ, PYTHON=sys.executable)  # the interpreter running these tests
     env.pop("TRITON_INTERPRET", None)  # the script sets it for its dry run
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out", str(out)],
+    env.pop("GPU_CHECK_BUDGET", None)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out", str(out),
+                           "--tar", str(tar)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     report = f"rc={proc.returncode}\n--- stdout (tail)\n{proc.stdout[-6000:]}\n--- stderr (tail)\n{proc.stderr[-4000:]}"
     assert "checks this script runs on a GPU:" in proc.stdout, report
@@ -42,3 +46,42 @@ def test_gpu_check_dry_run_passes(tmp_path):
         result = json.loads((out / f"{step}.json").read_text())
         assert result["passed"] and result["dry_run"], (step, result.get("headline"))
     assert (out / "tests.txt").is_file() and (out / "kernels.md").is_file() and (out / "summary.md").is_file()
+    # the step's detailed table has its own file: kernels.json is the step's result
+    assert json.loads((out / "kernels.json").read_text())["step"] == "kernels"
+    assert json.loads((out / "kernels_table.json").read_text())["cases"]
+    tests = json.loads((out / "tests.json").read_text())
+    assert [r["rc"] for r in tests["runs"]] == [0, 0], tests["headline"]  # -m gpu, then the official test
+    masks = json.loads((out / "masks.json").read_text())
+    for case in masks["cases"]:
+        assert case["mismatching_tokens"] == 0 and case["clip_bounds_identical"] is not False, case
+        assert {"loss_bits_identical", "grad_differing_elements", "grad_max_rel_diff"} <= set(case), case
+    assert all(c["clip_bounds_identical"] for c in masks["cases"] if c["variant"] == "official")
+    # --tar: the whole folder in one .tar.gz, summary.md beside it
+    assert sorted(p.name for p in tar.parent.iterdir()) == ["gpu-check.summary.md", "gpu-check.tar.gz"]
+    with tarfile.open(tar) as tf:
+        names = tf.getnames()
+    for name in ("summary.json", "summary.md", "env.txt", "kernels.json", "kernels_table.json", "masks.json"):
+        assert f"gpu-check/{name}" in names, (name, names)
+    assert (tar.parent / "gpu-check.summary.md").read_text() == (out / "summary.md").read_text()
+
+
+def test_gpu_check_exhausted_budget_skips_steps(tmp_path):
+    """GPU_CHECK_BUDGET=1: no step has time left, so none starts; each is SKIPPED, a failure
+    (exit 1), and --tar still packs the folder. No torch import, no step: well under a second."""
+    out = tmp_path / "gpu-check"
+    tar = tmp_path / "gc.tar.gz"
+    env = dict(os.environ, PYTHON=sys.executable, GPU_CHECK_BUDGET="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--out", str(out),
+                           "--tar", str(tar)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    report = f"rc={proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 1, report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is False and summary["budget_s"] == 1, report
+    assert [(s["step"], s["status"], s["rc"], s["json"]) for s in summary["steps"]] == [
+        (step, "SKIPPED", None, None) for step in STEPS], report
+    assert "SKIPPED" in (out / "summary.md").read_text()
+    assert tar.is_file() and (tmp_path / "gc.summary.md").is_file()
+    with tarfile.open(tar) as tf:
+        assert "gpu-check/summary.json" in tf.getnames()
