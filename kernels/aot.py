@@ -44,7 +44,7 @@ def _check_process():
 
 
 def _calls(n: int, variant: str, dtype, mask_kind: str, mode: str = "mask", tau: float = 0.04,
-           layout: str = "2d", **extra):
+           layout: str = "2d", adv_dtype=None, **extra):
     """One public-API call on CPU tensors of n tokens, returned as a thunk. layout: "2d" (B, T)
     with per-token advantages (T = 64, or n when 64 does not divide n), "per_row" the same with
     (B,) advantages, "packed" 1-D with cu_seqlens."""
@@ -58,7 +58,7 @@ def _calls(n: int, variant: str, dtype, mask_kind: str, mode: str = "mask", tau:
     olp = -torch.rand(shape, generator=g)
     lp = (olp + torch.randn(shape, generator=g) * 0.3).to(dtype)
     olp = olp.to(dtype)
-    adv = torch.randn(shape[:1] if layout == "per_row" else shape, generator=g).to(dtype)
+    adv = torch.randn(shape[:1] if layout == "per_row" else shape, generator=g).to(adv_dtype or dtype)
     mask = {"none": None, "bool": torch.rand(shape, generator=g) < 0.9}.get(mask_kind)
     if mask is None and mask_kind != "none":
         mask = (torch.rand(shape, generator=g) < 0.9).to(getattr(torch, mask_kind))
@@ -69,6 +69,8 @@ def _calls(n: int, variant: str, dtype, mask_kind: str, mode: str = "mask", tau:
         return lambda: m2po_ops.m2po_mask(lp, olp, adv, mask, **kw)
     if mode == "num_tokens_tensor":
         kw["num_tokens"] = torch.tensor(float(n))
+    elif mode == "num_tokens_int64":  # M2POStats' cuts.num_valid
+        kw["num_tokens"] = torch.tensor(n)
     elif mode == "num_tokens_number":
         kw["num_tokens"] = float(n)
     elif mode != "loss":
@@ -89,14 +91,61 @@ def scenarios(n: int = 4096):
         for dtype, mask_kind in ((f32, "none"), (f64, "bool"), (f32, "int32"), (bf16, "bfloat16")):
             for mode in ("mask", "loss"):
                 out.append((f"{variant} {dtype} {mask_kind}-mask {mode}", _calls(n, variant, dtype, mask_kind, mode)))
-        for mode in ("num_tokens_number", "num_tokens_tensor", "seq-mean-token-mean"):
+        for mode in ("num_tokens_number", "num_tokens_tensor", "num_tokens_int64", "seq-mean-token-mean"):
             out.append((f"{variant} fp32 {mode}", _calls(n, variant, f32, "bool", mode)))
         for layout in ("per_row", "packed"):
-            for dtype in (f32, bf16):
+            for dtype in (f32, bf16, f16):
                 out.append((f"{variant} {dtype} {layout}", _calls(n, variant, dtype, "bool", "loss", layout=layout)))
+        for mask_kind in ("int64", "uint8", "float32"):  # HF attention masks, byte masks, float masks
+            out.append((f"{variant} fp32 {mask_kind}-mask", _calls(n, variant, f32, mask_kind, "loss")))
+        # bf16 log-probs with float32 advantages (what most trainers hold)
+        out.append((f"{variant} bf16 fp32-adv", _calls(n, variant, bf16, "bool", "loss", adv_dtype=f32)))
+        out.append((f"{variant} micro-batch pre-pass", _prepass(n, variant)))
+        out.append((f"{variant} process group", _group_call(n, variant)))
         out.append((f"{variant} tau=inf", _calls(n, variant, f32, "bool", "loss", tau=float("inf"))))
     out.append(("official miniclip", _calls(n, "official", f32, "bool", "loss", miniclip_low=0.3, miniclip_high=0.5)))
     return out
+
+
+def _prepass(n: int, variant: str):
+    """M2POStats over two micro-batches, then each micro-batch's loss with its cut."""
+
+    def call():
+        import torch
+
+        import m2po_ops
+
+        g = torch.Generator().manual_seed(n)
+        olp = -torch.rand(2, n // 64, 64, generator=g)
+        lp, adv = olp + torch.randn(olp.shape, generator=g) * 0.3, torch.randn(olp.shape, generator=g)
+        mask = torch.rand(olp.shape, generator=g) < 0.9
+        stats = m2po_ops.M2POStats(variant=variant, backend="triton", validate=False)
+        for i in range(2):
+            stats.update(lp[i], olp[i], adv[i], mask[i])
+        cuts = stats.solve()
+        for i in range(2):
+            m2po_ops.m2po_loss(lp[i], olp[i], adv[i], mask[i], variant=variant, backend="triton", validate=False,
+                               cut=cuts[i], num_tokens=cuts.num_valid)
+
+    return call
+
+
+def _group_call(n: int, variant: str):
+    """A one-rank gloo group: the distributed solve's launches (collectives run on CPU tensors)."""
+
+    def call():
+        import socket
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        _calls(n, variant, __import__("torch").float32, "bool", "loss", group=dist.group.WORLD)()
+
+    return call
 
 
 def record(thunk) -> list:
@@ -190,6 +239,7 @@ def compile_all(archs=(80, 90)):
                 forbidden = [op for op in FORBIDDEN_PTX if op in ptx]
                 row.update(registers=reg, spill_stack=stack, shared=shared, shared_limit=SHARED_LIMIT[arch],
                            forbidden_ptx=forbidden, sqrt_rn_f64="sqrt.rn.f64" in ptx,
+                           vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
                            ok=stack == 0 and shared <= SHARED_LIMIT[arch] and not forbidden)
             except Exception as exc:  # report every failure, not only the first
                 row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:500]}")
@@ -197,8 +247,8 @@ def compile_all(archs=(80, 90)):
     return results
 
 
-# the size sweep: every n in 1..40, then 2**k - 1, 2**k, 2**k + 1 up to 2**20, and a few odd sizes
-SWEEP_SIZES = sorted(set(range(1, 41)) | {2**k + d for k in range(6, 21) for d in (-1, 0, 1)}
+# the size sweep: every n in 1..17, then 2**k - 1, 2**k, 2**k + 1 up to 2**20, and a few odd sizes
+SWEEP_SIZES = sorted(set(range(1, 18)) | {2**k + d for k in range(5, 21) for d in (-1, 0, 1)}
                      | {3000, 4097 * 3, 99_999, 777_777})
 
 

@@ -53,12 +53,36 @@ def significand(bits):
     return (b & 0x7FFFFF) | tl.where((b >> 23) > 0, 0x800000, 0)
 
 
+_RCP_A = tl.constexpr(f64_bits(24.0 / 17.0))
+_RCP_B = tl.constexpr(f64_bits(8.0 / 17.0))
+
+
 @triton.jit
 def reciprocal_f32(x):
-    """1 / x in float32, correctly rounded (a plain fp32 "/" compiles to an approximate divide on
-    the GPU), as torch computes 1 / x."""
-    x = x.to(tl.float32)
-    return tl.div_rn(tl.full(x.shape, 1.0, tl.float32), x)
+    """1 / x in float32, correctly rounded, as torch's float32 1 / x, without a divide.
+
+    A plain fp32 "/" compiles to an approximate divide on the GPU, and div.rn has a slow-path
+    subroutine call that makes ptxas spill in the token kernels. Instead: x = m * 2**e with m in
+    [1, 2), the linear seed 24/17 - 8/17 m (relative error <= 1/17), four Newton steps in
+    float64 (error < 2**-60 before the float64 roundings), one rounding to float32. That is
+    the correctly rounded result: 1 / x for a float32 x is never within 2**-49 (relative) of a
+    float32 rounding midpoint unless it is exact, which the float64 value then is too.
+    Zero gives inf, inf gives 0, NaN stays NaN (as torch)."""
+    xd = x.to(tl.float32).to(tl.float64)
+    neg = xd.to(tl.int64, bitcast=True) < 0  # the sign bit (-0.0 included)
+    ax = tl.abs(xd)
+    e = ax.to(tl.int64, bitcast=True) >> 52  # biased exponent (float32 values are normal in float64)
+    inv_scale = ((2046 - e) << 52).to(tl.float64, bitcast=True)  # 2**-(e - 1023), exact
+    m = ax * inv_scale
+    r = _c64(_RCP_A) - _c64(_RCP_B) * m
+    r = r * (2.0 - m * r)
+    r = r * (2.0 - m * r)
+    r = r * (2.0 - m * r)
+    r = r * (2.0 - m * r)
+    y = tl.where(neg, -r, r) * inv_scale
+    y = tl.where(ax == 0.0, tl.where(neg, float("-inf"), float("inf")), y)
+    y = tl.where(ax == float("inf"), tl.where(neg, -1.0, 1.0) * 0.0, y)  # (a literal -0.0 folds to +0.0)
+    return tl.where(xd == xd, y, xd).to(tl.float32)
 
 
 @triton.jit
@@ -92,7 +116,7 @@ def _c64(bits: tl.constexpr):
 @triton.jit
 def exp_f64(x):
     """exp of float64 x, for |x| <= 200 (clamped: enough for float32 overflow and underflow)."""
-    x = tl.minimum(tl.maximum(x, -200.0), 200.0)
+    x = clamp(x, -200.0, 200.0)  # (NaN stays NaN, as torch.exp)
     k = tl.floor(x * _c64(_INV_LN2) + 0.5)
     r = (x - k * _c64(_LN2_HI)) - k * _c64(_LN2_LO)
     p = _c64(_C13)
@@ -141,13 +165,30 @@ def row_of(offs, row_len):
 
 
 @triton.jit
+def in_bounds(offs, n, FULL: tl.constexpr):
+    """offs < n. FULL (a block wholly inside the tokens): a constant all-true mask, which Triton
+    folds away, so the block's loads and stores are vectorised (n is deliberately not
+    specialised, so `offs < n` alone would make every access a single-element one)."""
+    if FULL:
+        return tl.full(offs.shape, 1, tl.int1)
+    else:
+        return offs < n
+
+
+@triton.jit
+def clamp(x, lo, hi):
+    """min(max(x, lo), hi) that keeps NaN, as torch.clamp (the GPU's min/max drop NaN)."""
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
 def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: tl.constexpr,
-                ADV_PER_ROW: tl.constexpr):
+                ADV_PER_ROW: tl.constexpr, FULL: tl.constexpr):
     """Load one block of tokens as float32 and decide validity in the kernel: the mask is
     nonzero (any dtype) and log-probs and advantage are finite. Returns
     (lp, olp, adv, valid, nonfinite) where nonfinite marks masked-in tokens with inf/NaN.
     ADV_PER_ROW: advantages hold one value per row of adv_div tokens (else one per token)."""
-    inb = offs < n
+    inb = in_bounds(offs, n, FULL)
     lp = tl.load(lp_ptr + offs, mask=inb, other=0.0)
     olp = tl.load(olp_ptr + offs, mask=inb, other=0.0)
     if ADV_PER_ROW:
@@ -155,7 +196,8 @@ def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: 
     else:
         adv = tl.load(adv_ptr + offs, mask=inb, other=0.0)
     base = inb
-    if HAS_MASK:
-        base = base & (tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32) != 0)
+    if HAS_MASK:  # nonzero and not NaN (a NaN mask entry is padding, as in m2po_ops.inputs)
+        m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
+        base = base & (m != 0) & (m == m)
     finite = is_finite(lp) & is_finite(olp) & is_finite(adv)
     return lp.to(tl.float32), olp.to(tl.float32), adv.to(tl.float32), base & finite, base & ~finite

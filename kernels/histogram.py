@@ -14,7 +14,7 @@ so the apply pass knows how many tied tokens precede each block; exits at once l
 import triton
 import triton.language as tl
 
-from .common import L1_SHIFT, exp_f32, is_finite, load_tokens, ratio_f32, row_of, significand
+from .common import L1_SHIFT, clamp, exp_f32, in_bounds, is_finite, load_tokens, ratio_f32, row_of, significand
 
 # per-block partials written by stats_kernel (float64 columns): valid tokens, trust-region
 # tokens, sum of -delta, sum of ratios, max ratio, masked-in tokens holding inf/NaN
@@ -30,15 +30,32 @@ def stats_kernel(
     OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
     NB1: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):
+    # every block but the last is full: its accesses need no bounds mask (see common.in_bounds)
     pid = tl.program_id(0)
+    if (pid.to(tl.int64) + 1) * BLOCK <= n:
+        _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, key_ptr,
+                     hist1_ptr, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, NB1,
+                     BLOCK, INTERP, True)
+    else:
+        _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, key_ptr,
+                     hist1_ptr, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, NB1,
+                     BLOCK, INTERP, False)
+
+
+@triton.jit
+def _stats_block(
+    lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr,
+    key_ptr, hist1_ptr, part_ptr, n_valid_ptr, n, pid,
+    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
+    NB1: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, FULL: tl.constexpr,
+):
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < n
+    inb = in_bounds(offs, n, FULL)
     lp, olp, adv, valid, nonfinite = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK,
-                                                 ADV_PER_ROW)
+                                                 ADV_PER_ROW, FULL)
     delta = tl.where(valid, lp - olp, 0.0)
     m2 = delta * delta
     if OFFICIAL:
-        # the authors' "harmful" tokens: first-token advantage sign and ratio side, in float32
         # the authors' "harmful" tokens: first-token advantage sign and ratio side, in float32.
         # With r = exp(delta) correctly rounded to float32: r > 1 iff delta >= 2**-24 and
         # r < 1 iff delta < -2**-25 (exp rounds to 1 in between), so no exp is needed here.
@@ -53,7 +70,7 @@ def stats_kernel(
         ratio = ratio_f32(delta)
     else:
         trust = valid & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
-        ratio = exp_f32(tl.minimum(tl.maximum(delta, -20.0), 20.0), INTERP)
+        ratio = exp_f32(clamp(delta, -20.0, 20.0), INTERP)
     bits = m2.to(tl.int32, bitcast=True)
     key = tl.where(trust, bits, -1)
     tl.store(key_ptr + offs, key, mask=inb)
@@ -77,13 +94,22 @@ def stats_kernel(
 
 @triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["state_ptr"])
 def level2_kernel(key_ptr, state_ptr, hist2_ptr, n: tl.int64, NB2: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    if (pid.to(tl.int64) + 1) * BLOCK <= n:
+        _level2_block(key_ptr, state_ptr, hist2_ptr, n, pid, NB2, BLOCK, True)
+    else:
+        _level2_block(key_ptr, state_ptr, hist2_ptr, n, pid, NB2, BLOCK, False)
+
+
+@triton.jit
+def _level2_block(key_ptr, state_ptr, hist2_ptr, n, pid, NB2: tl.constexpr, BLOCK: tl.constexpr,
+                  FULL: tl.constexpr):
     refine = tl.load(state_ptr + 0)
     if refine != 0:
         b1 = tl.load(state_ptr + 1)
         b0 = tl.load(state_ptr + 2)
-        pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        key = tl.load(key_ptr + offs, mask=offs < n, other=-1)
+        key = tl.load(key_ptr + offs, mask=in_bounds(offs, n, FULL), other=-1)
         bucket = (key >> L1_SHIFT).to(tl.int64)
         low = key & (NB2 - 1)
         one = tl.full([BLOCK], 1, tl.int64)
@@ -98,11 +124,20 @@ def level2_kernel(key_ptr, state_ptr, hist2_ptr, n: tl.int64, NB2: tl.constexpr,
 
 @triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["value_ptr"])
 def ties_kernel(key_ptr, value_ptr, ties_ptr, n: tl.int64, KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    if (pid.to(tl.int64) + 1) * BLOCK <= n:
+        _ties_block(key_ptr, value_ptr, ties_ptr, n, pid, KEEP_ALL, BLOCK, True)
+    else:
+        _ties_block(key_ptr, value_ptr, ties_ptr, n, pid, KEEP_ALL, BLOCK, False)
+
+
+@triton.jit
+def _ties_block(key_ptr, value_ptr, ties_ptr, n, pid, KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr,
+                FULL: tl.constexpr):
     value = tl.load(value_ptr)
     if value != KEEP_ALL:
-        pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        key = tl.load(key_ptr + offs, mask=offs < n, other=-1)
+        key = tl.load(key_ptr + offs, mask=in_bounds(offs, n, FULL), other=-1)
         tl.store(ties_ptr + pid, tl.sum((key == value).to(tl.int64)))
 
 

@@ -31,7 +31,7 @@ if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "k
     if not any(isinstance(f, _SourceTreeKernels) for f in sys.meta_path):
         sys.meta_path.append(_SourceTreeKernels())
 
-from .api import m2po_loss, m2po_mask, resolve_backend, triton_available
+from .api import m2po_loss, m2po_mask, metrics_to_host, resolve_backend, triton_available
 from .config import M2POConfig
 from .cut import Cut
 from .stats import M2POCuts, M2POStats
@@ -39,6 +39,7 @@ from .stats import M2POCuts, M2POStats
 __all__ = [
     "m2po_loss",
     "m2po_mask",
+    "metrics_to_host",
     "Cut",
     "M2POConfig",
     "M2POStats",

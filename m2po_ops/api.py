@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .config import BACKENDS, M2POConfig
+from .config import BACKENDS, DEFAULT_TAU, M2POConfig
 from .cut import Cut
-from .inputs import Tokens, check_num_tokens, prepare, token_weights
+from .inputs import Tokens, check_group, check_num_tokens, prepare, token_weights
 
 
 class AttachGrad(torch.autograd.Function):
@@ -32,6 +32,18 @@ class AttachGrad(torch.autograd.Function):
         out = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad.device)
         torch.mul(grad.reshape(ctx.shape), grad_output, out=out)
         return out, None, None
+
+
+def metrics_to_host(metrics: dict) -> dict:
+    """The metrics of one call as Python floats, in one device-to-host transfer.
+
+    The metrics are 0-d device tensors so that computing them never syncs; reading them one by
+    one would cost one sync each. Call this where you log (it syncs once).
+    """
+    if not metrics:
+        return {}
+    values = torch.stack([v.reshape(()).float() for v in metrics.values()]).tolist()  # one copy kernel, one read
+    return dict(zip(metrics.keys(), values))
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,6 +68,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _resolve_tau(tau, cut):
+    """tau=None: the cut's budget when a cut is given, else the paper's 0.04."""
+    if tau is not None:
+        return tau
+    return cut.tau if isinstance(cut, Cut) else DEFAULT_TAU
+
+
 def _check_cut(cut, config: M2POConfig, device: torch.device) -> Optional[Cut]:
     if cut is None:
         return None
@@ -63,6 +82,9 @@ def _check_cut(cut, config: M2POConfig, device: torch.device) -> Optional[Cut]:
         raise TypeError(f"cut must be an m2po_ops.Cut (from M2POStats.solve), got {type(cut).__name__}")
     if cut.variant != config.variant:
         raise ValueError(f"cut was solved for variant={cut.variant!r} but variant={config.variant!r} was asked")
+    if cut.tau != config.tau:
+        raise ValueError(f"cut was solved for tau={cut.tau!r} but tau={config.tau!r} was asked (leave tau unset to "
+                         "use the cut's)")
     if cut.device != device:
         raise ValueError(f"cut is on {cut.device} but logprobs is on {device}")
     return cut
@@ -113,8 +135,8 @@ def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], 
     if not want_loss:
         return keep, metrics, None, None
     w = token_weights(tok, config, num_tokens, loss.dtype, cut.num_valid if group is not None else None)
-    # summed in float64 and rounded once, as the Triton backend's partials: the float32 terms'
-    # float64 sum is exact for realistic batches, so both backends give the same bits
+    # summed in float64 and rounded once, as the Triton backend's partials: where the float64
+    # sum of the float32 terms is exact, both backends give the same bits (README, "Float details")
     return keep, metrics, (w * loss).sum(dtype=torch.float64).to(loss.dtype), w * grad
 
 
@@ -124,7 +146,7 @@ def m2po_mask(
     advantages: Tensor,
     mask: Optional[Tensor] = None,
     *,
-    tau: float = 0.04,
+    tau: Optional[float] = None,
     variant: str = "paper",
     backend: str = "auto",
     cu_seqlens: Union[Tensor, Sequence[int], None] = None,
@@ -142,7 +164,9 @@ def m2po_mask(
     metrics: dict of 0-d float32 tensors on the input's device (see README, "Metrics").
     See ``m2po_loss`` for the arguments.
     """
-    config = M2POConfig(tau=tau, variant=variant, miniclip_low=miniclip_low, miniclip_high=miniclip_high, validate=validate)
+    config = M2POConfig(tau=_resolve_tau(tau, cut), variant=variant, miniclip_low=miniclip_low,
+                        miniclip_high=miniclip_high, validate=validate)
+    check_group(group)
     tok = prepare(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
     cut = _check_cut(cut, config, tok.device)
     be = resolve_backend(backend, tok.device)
@@ -157,7 +181,7 @@ def m2po_loss(
     advantages: Tensor,
     mask: Optional[Tensor] = None,
     *,
-    tau: float = 0.04,
+    tau: Optional[float] = None,
     variant: str = "paper",
     loss_agg_mode: str = "token-mean",
     num_tokens: Union[int, float, Tensor, None] = None,
@@ -177,7 +201,8 @@ def m2po_loss(
         float16 or float64. Computed in float32 (the torch backend: float64 for float64 input).
     advantages: like logprobs, or one value per sequence: (B,) / (num_seqs,).
     mask: 1 for valid response tokens (bool, integer or float 0/1); None means all valid.
-    tau: second-moment budget (paper: 0.04). variant: "paper" or "official".
+    tau: second-moment budget (None: the paper's 0.04, or the budget ``cut`` was solved for;
+        a different tau with a cut raises). variant: "paper" or "official".
     loss_agg_mode: "token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
         "seq-mean-token-sum-norm" (as in verl).
     num_tokens: token-mean denominator override, so micro-batch losses add up to the
@@ -199,13 +224,14 @@ def m2po_loss(
         ``M2POStats(check_drift=...)``.
     """
     config = M2POConfig(
-        tau=tau,
+        tau=_resolve_tau(tau, cut),
         variant=variant,
         loss_agg_mode=loss_agg_mode,
         miniclip_low=miniclip_low,
         miniclip_high=miniclip_high,
         validate=validate,
     )
+    check_group(group)
     tok = prepare(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
     num_tokens = check_num_tokens(num_tokens, config, tok.device)
     cut = _check_cut(cut, config, tok.device)

@@ -19,6 +19,8 @@ LOSS_AGG_MODES = (
 )
 BACKENDS = ("auto", "torch", "triton")
 
+# The paper's second-moment budget.
+DEFAULT_TAU = 0.04
 # The spec's overflow guard: r = exp(clamp(delta, -DELTA_CLAMP, DELTA_CLAMP)).
 DELTA_CLAMP = 20.0
 # The authors' released code compares against these offsets (spec, "official" variant).
@@ -54,7 +56,7 @@ class M2POConfig:
     validate: check that valid tokens hold finite values (a host sync; off for graph capture).
     """
 
-    tau: float = 0.04
+    tau: float = DEFAULT_TAU
     variant: str = "paper"
     loss_agg_mode: str = "token-mean"
     miniclip_low: Optional[float] = None
@@ -75,6 +77,11 @@ class M2POConfig:
         )
         if not isinstance(self.validate, bool):
             raise TypeError(f"validate must be a bool, got {type(self.validate).__name__}")
+        if self.variant == "paper":
+            for name in ("miniclip_low", "miniclip_high"):
+                if getattr(self, name) is not None:
+                    # the paper's rule has no clip: a floor there would be silently ignored
+                    raise ValueError(f"{name} applies to variant='official' only (the paper's rule has no clip)")
 
     @property
     def tau_split(self) -> tuple[float, float]:

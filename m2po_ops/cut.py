@@ -29,6 +29,7 @@ KEEP_ALL_BITS = 0x7FFFFFFF
 @dataclass(frozen=True)
 class Cut:
     variant: str
+    tau: float  # the budget it was solved for (a cut applied with another tau would be silently wrong)
     value: Tensor  # int32: m2 bit pattern at the cut (paper)
     ties_kept: Tensor  # int64: tied tokens kept, counted from the first in flat order (paper)
     lower: Tensor  # float32: ratio clip bounds (official)
@@ -45,20 +46,20 @@ class Cut:
         return dataclasses.replace(self, ties_kept=(self.ties_kept - ties_before).clamp_min(0))
 
     def to(self, device) -> "Cut":
-        return dataclasses.replace(
-            self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self) if f.name != "variant"}
-        )
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), Tensor)})
 
     @property
     def device(self) -> torch.device:
         return self.value.device
 
 
-def make_cut(variant: str, device, **fields) -> Cut:
-    """A Cut with every field not given set to its neutral value (nothing masked)."""
+def make_cut(config, device, **fields) -> Cut:
+    """A Cut solved under ``config`` (an M2POConfig), every field not given set to its neutral
+    value (nothing masked)."""
     f32 = dict(dtype=torch.float32, device=device)
     defaults = dict(
-        value=torch.tensor(KEEP_ALL_BITS, dtype=torch.int32, device=device),
+        value=torch.full((), KEEP_ALL_BITS, dtype=torch.int32, device=device),  # a fill, not a host copy
         ties_kept=torch.zeros((), dtype=torch.int64, device=device),
         lower=torch.zeros((), **f32),
         upper=torch.full((), float("inf"), **f32),
@@ -69,4 +70,4 @@ def make_cut(variant: str, device, **fields) -> Cut:
         threshold=torch.full((), float("inf"), **f32),
     )
     defaults.update(fields)
-    return Cut(variant=variant, **defaults)
+    return Cut(variant=config.variant, tau=config.tau, **defaults)

@@ -202,7 +202,7 @@ def select2(hist1: Tensor, hist2: Tensor, state1: Tensor, config: M2POConfig, nu
         value = torch.where(refine, bits.to(torch.int32), torch.full((), KEEP_ALL_BITS, dtype=torch.int32, device=device))
         m2_after = torch.where(refine, kept_sum / keep_count.double().clamp_min(1), p.total / p.n.double().clamp_min(1))
         return make_cut(
-            "paper",
+            config,
             device,
             value=value,
             ties_kept=torch.where(refine, t, torch.zeros_like(t)),

@@ -182,8 +182,11 @@ def _check_capture(config: M2POConfig, cu_seqlens, device: torch.device) -> None
 
 
 def _mask_to_bool(mask: Tensor) -> Tensor:
+    """Valid = nonzero and not NaN (a NaN is padding: it is not a 1)."""
     if mask.dtype == torch.bool:
         return mask
+    if mask.dtype.is_floating_point:
+        return (mask != 0) & (mask == mask)
     return mask != 0
 
 
@@ -293,6 +296,10 @@ def prepare(
                      num_seqs=num_seqs, cu=cu, packed_seq=seq, inside=inside)
 
     if config.validate:
+        if mask is not None and mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError("mask holds values other than 0 and 1 (a NaN, a fraction or a negative number): it "
+                             "is a validity mask, not a weight; with validate=False nonzero counts as valid and "
+                             "NaN as padding")
         base, finite = tok._base_and_finite
         if bool((base & ~finite).any()):
             for name, x in (("logprobs", lp), ("old_logprobs", olp), ("advantages", tok.advantages)):
@@ -302,6 +309,18 @@ def prepare(
                         "validate=False to treat such tokens as padding (counted in metrics['num_nonfinite'])"
                     )
     return tok
+
+
+def check_group(group) -> None:
+    """group: None or a torch.distributed process group (a wrong type would fail deep inside a
+    collective)."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_available() or not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD or "
+                        f"dist.new_group(...)), got {type(group).__name__}")
 
 
 def check_num_tokens(num_tokens, config: M2POConfig, device: torch.device):

@@ -42,9 +42,9 @@ def trust_region(tok: Tokens, delta: Tensor, config: M2POConfig) -> Tensor:
         return tok.valid & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
     # The authors compare float32 tensors with Python floats, which torch casts to float32:
     # A > 1e-12 keeps its meaning, r > 1 + 1e-12 becomes r > 1.
-    eps = torch.tensor(OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
-    one_hi = torch.tensor(1.0 + OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
-    one_lo = torch.tensor(1.0 - OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
+    eps = torch.full((), OFFICIAL_EPS, dtype=torch.float32, device=delta.device)  # fills, not host copies
+    one_hi = torch.full((), 1.0 + OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
+    one_lo = torch.full((), 1.0 - OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
     ratio = ratio_f32(delta)
     adv_first = tok.adv_first.float()
     return tok.valid & (((adv_first > eps) & (ratio > one_hi)) | ((adv_first < -eps) & (ratio < one_lo)))
@@ -119,7 +119,7 @@ def solve_paper(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig) -
     total = _max_or_zero(torch.where(k == n_tr, csum, torch.zeros_like(csum)))
     kept_sum = _max_or_zero(torch.where(k == keep_count, csum, torch.zeros_like(csum)))
     return make_cut(
-        "paper",
+        config,
         device,
         value=value,
         ties_kept=ties_kept,
@@ -195,7 +195,7 @@ def official_cut(v_prev: Tensor, c_prev: Tensor, k_star: Tensor, n: Tensor, tota
     lower, upper = official_bounds(torch.sqrt(tau_c2), constrained, config)
     inf = torch.full((), float("inf"), dtype=torch.float64, device=v_prev.device)
     return make_cut(
-        "official",
+        config,
         v_prev.device,
         lower=lower,
         upper=upper,

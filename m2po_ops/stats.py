@@ -37,10 +37,10 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .config import M2POConfig
+from .config import DEFAULT_TAU, M2POConfig
 from .cut import Cut
 from .distributed import TorchSteps, TritonSteps, local_ties, rank_ties_before, solve_steps
-from .inputs import Tokens, prepare
+from .inputs import Tokens, check_group, prepare
 
 _FP_PRIME = 65521
 
@@ -106,10 +106,8 @@ def compute_keys(tok: Tokens, config: M2POConfig, backend: str):
     stats pass."""
     if backend == "triton":
         from . import triton_backend as TB
-        from .kernels.common import INTERPRET
 
-        if tok.device.type != "cuda" and not INTERPRET:
-            raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)")
+        TB.check_device(tok)
         tok = TB._contiguous(tok)
         ws = TB.Workspace.allocate(tok.numel, tok.device)
         key = TB.stats_pass(tok, config, ws)
@@ -163,7 +161,7 @@ class M2POStats:
 
     def __init__(
         self,
-        tau: float = 0.04,
+        tau: float = DEFAULT_TAU,
         variant: str = "paper",
         *,
         backend: str = "auto",
@@ -237,6 +235,7 @@ class M2POStats:
         least one micro-batch (an empty one is fine). Issues the group's collectives; no other
         host sync.
         """
+        check_group(group)
         if not self._keys:
             raise ValueError("M2POStats.solve: no micro-batch was added (call update first; a rank with no "
                              "tokens can add an empty micro-batch)")

@@ -48,6 +48,10 @@ BLOCK = 1024
 # apply kernel on sm_80.
 TOKEN_WARPS = 4
 APPLY_WARPS = 8
+# A register budget for ptxas (.maxnreg) in apply. Without one, ptxas on sm_90 settled on 48
+# registers and spilled 16 bytes in an official apply variant; with this bound it uses 64 and
+# spills nothing. (stats needs ~150 registers at 4 warps: a bound of 128 makes it spill.)
+APPLY_MAXNREG = 128
 SELECT_CHUNK = 32768 if INTERPRET else 2048
 SELECT_WARPS = 8  # select kernels also run without FMA contraction: their float64 tests are
 # written as separate multiplies and adds (as the PyTorch description and the authors' code)
@@ -135,10 +139,11 @@ class Workspace:
             nblocks=nblocks,
         )
 
-    def cut(self, variant: str) -> Cut:
+    def cut(self, config: M2POConfig) -> Cut:
         f = self.f32
         return Cut(
-            variant=variant,
+            variant=config.variant,
+            tau=config.tau,
             value=f[12:13].view(torch.int32).view(()),
             ties_kept=self.cut_i64[0].view(()),
             lower=f[0].view(()),
@@ -205,7 +210,7 @@ def select2(ws: Workspace, config: M2POConfig, num_valid: Tensor) -> Cut:
         KEEP_ALL=KEEP_ALL_BITS, NB1=L1_BUCKETS, NB2=L2_BUCKETS, CHUNK=SELECT_CHUNK, INTERP=INTERPRET,
         num_warps=SELECT_WARPS, enable_fp_fusion=False,
     )
-    return ws.cut(config.variant)
+    return ws.cut(config)
 
 
 def ties_pass(key: Tensor, cut: Cut, ws: Workspace) -> None:
@@ -216,14 +221,15 @@ def ties_pass(key: Tensor, cut: Cut, ws: Workspace) -> None:
 
 
 def _weights(tok: Tokens, config: M2POConfig, num_tokens, count: Tensor):
-    """(WEIGHTS code, pointer tensor, float bits) for apply_kernel."""
+    """(WEIGHTS code, per-token weights, 0-d denominator, float bits) for apply_kernel (an
+    unused pointer slot gets ``count``, which is always there)."""
     if config.loss_agg_mode != "token-mean":
-        return K.W_PER_TOKEN, token_weights(tok, config, None, torch.float32), 0
+        return K.W_PER_TOKEN, token_weights(tok, config, None, torch.float32), count, 0
     if num_tokens is None:
-        return K.W_COUNT, count, 0
+        return K.W_COUNT, count, count, 0
     if isinstance(num_tokens, Tensor):
-        return K.W_TENSOR_DENOM, num_tokens, 0
-    return K.W_SCALAR, count, f64_bits(num_tokens)
+        return K.W_TENSOR_DENOM, count, num_tokens, 0
+    return K.W_SCALAR, count, count, f64_bits(num_tokens)
 
 
 def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Workspace, want_loss: bool,
@@ -231,18 +237,18 @@ def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Works
     n = tok.numel
     keep = torch.empty(n, dtype=torch.bool, device=tok.device)
     grad = torch.empty(n, dtype=torch.float32, device=tok.device) if want_loss else keep
-    code, wptr, bits = _weights(tok, config, num_tokens, count if count is not None else ws.n_valid) if want_loss else (
-        K.W_NONE, ws.n_valid, 0)
+    code, weights, denom, bits = _weights(tok, config, num_tokens, count if count is not None else ws.n_valid) if (
+        want_loss) else (K.W_NONE, ws.n_valid, ws.n_valid, 0)
     mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
     _launch(
         K.apply_kernel, (ws.nblocks,),
-        tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), mask, key, wptr, bits,
+        tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), mask, key, weights, denom, bits,
         cut.value, cut.ties_kept, cut.lower, cut.upper, ws.ties,
         keep, grad, ws.apply_part, n,
         OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
         WEIGHTS=code,
         KEEP_ALL=KEEP_ALL_BITS,
-        BLOCK=BLOCK, INTERP=INTERPRET, num_warps=APPLY_WARPS,
+        BLOCK=BLOCK, INTERP=INTERPRET, num_warps=APPLY_WARPS, maxnreg=APPLY_MAXNREG,
     )
     out = ws.f32[5:12]
     _launch(K.finalize_kernel, (1,), ws.stats_part, ws.apply_part, out, ws.nblocks, STATS_COLS=K.STATS_COLS,
@@ -278,6 +284,13 @@ def _contiguous(tok: Tokens) -> Tokens:
     return dataclasses.replace(tok, **fields) if fields else tok
 
 
+def check_device(tok: Tokens) -> None:
+    """The kernels need CUDA tensors, or CPU tensors under the interpreter (or a launch log that
+    only records)."""
+    if tok.device.type != "cuda" and not INTERPRET and _execute:
+        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)")
+
+
 def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_loss: bool, num_tokens=None,
                    solver=None):
     """Run the passes. ``solver(key, ws) -> (cut, valid count)`` replaces the local solve
@@ -285,8 +298,7 @@ def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_los
 
     Returns keep, metrics, loss (0-d) or None, grad (float32, (N,)) or None.
     """
-    if tok.device.type != "cuda" and not INTERPRET and _execute:
-        raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)")
+    check_device(tok)
     tok = _contiguous(tok)
     ws = Workspace.allocate(tok.numel, tok.device)
     key = stats_pass(tok, config, ws)

@@ -19,11 +19,14 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+import triton.language as tl  # noqa: E402
+
 import m2po_ops  # noqa: E402
 from m2po_ops import histogram, m2po_loss, m2po_mask, resolve_backend  # noqa: E402
 from m2po_ops import triton_backend as tb  # noqa: E402
 from m2po_ops.config import M2POConfig  # noqa: E402
 from m2po_ops.inputs import prepare  # noqa: E402
+from m2po_ops.kernels.common import reciprocal_f32  # noqa: E402
 from cases import case_grid, make_case  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -116,6 +119,7 @@ def _official_batch(seed, device):
     return tuple(x.to(device) for x in (olp + delta.clamp(-1, 1), olp, adv, mask))
 
 
+@pytest.mark.gpu  # the GPU's FMA contraction and libdevice are what this must survive
 @pytest.mark.parametrize("miniclip", [False, True], ids=["bounds", "miniclip"])
 def test_official_bounds_keep_and_loss_are_bit_identical(miniclip, device):
     """On constrained official cuts the two backends give the same clip bounds (tau_c rounded
@@ -715,3 +719,28 @@ def test_float64_values_beyond_float32_range_are_finite(variant, device):
     k_tri, m_tri = m2po_mask(lp, olp, adv, variant=variant, backend="triton")
     assert torch.equal(k_ref, k_tri)
     assert float(m_ref["num_nonfinite"]) == float(m_tri["num_nonfinite"]) == 0.0
+
+
+@triton.jit
+def _reciprocal_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=1.0)
+    tl.store(y_ptr + offs, reciprocal_f32(x), mask=offs < n)
+
+
+def test_the_kernels_reciprocal_is_torchs_float32_division(device):
+    """The token-mean weight 1 / count (or 1 / num_tokens) is computed without a divide; it must
+    be the correctly rounded float32 reciprocal, as torch's 1 / x, for every float32: counts up
+    to 2**17, random magnitudes, random bit patterns (subnormals, huge values) and the specials."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([
+        torch.arange(1, 1 << 17).float(),
+        torch.rand(100_000, generator=g) * 1e7,
+        torch.randint(-2**31, 2**31 - 1, (100_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32),
+        torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 2.0**-149, 2.0**127, 16777215.0]),
+    ]).to(device)
+    y = torch.empty_like(x)
+    _reciprocal_kernel[(triton.cdiv(x.numel(), 65536),)](x, y, x.numel(), BLOCK=65536)
+    expected = 1.0 / x
+    same = (y.view(torch.int32) == expected.view(torch.int32)) | (torch.isnan(y) & torch.isnan(expected))
+    assert bool(same.all()), x[~same][:8].tolist()

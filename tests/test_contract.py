@@ -1,0 +1,153 @@
+"""Calls a trainer may make by mistake: each raises naming the argument, or gives an unmistakable
+signal, never a silently wrong result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import m2po_ops
+from m2po_ops import M2POStats, m2po_loss, m2po_mask, metrics_to_host
+
+BACKENDS = ("torch", "triton")
+
+
+def _batch(device, b=4, t=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    olp = -torch.rand(b, t, generator=g) * 3
+    lp = olp + torch.randn(b, t, generator=g) * 0.4
+    adv = torch.randn(b, t, generator=g)
+    mask = torch.rand(b, t, generator=g) < 0.9
+    return tuple(x.to(device) for x in (lp, olp, adv, mask))
+
+
+@pytest.mark.parametrize("name", ["miniclip_low", "miniclip_high"])
+def test_miniclip_with_the_paper_rule_raises(name):
+    """The paper's rule has no clip: a floor passed with it would do nothing."""
+    lp, olp, adv, mask = _batch("cpu")
+    for fn in (m2po_loss, m2po_mask):
+        with pytest.raises(ValueError, match=name):
+            fn(lp, olp, adv, mask, variant="paper", backend="torch", **{name: 0.3})
+    with pytest.raises(ValueError, match=name):
+        M2POStats(variant="paper", backend="torch", **{name: 0.3})
+    m2po_loss(lp, olp, adv, mask, variant="official", backend="torch", **{name: 0.3})  # fine there
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cut_carries_its_tau(backend, device):
+    """A cut solved at one tau and applied with another would mask by the wrong budget: the call
+    raises; leaving tau unset takes the cut's."""
+    lp, olp, adv, mask = _batch(device)
+    for variant in ("paper", "official"):
+        stats = M2POStats(tau=0.01, variant=variant, backend=backend)
+        stats.update(lp, olp, adv, mask)
+        (cut,) = stats.solve()
+        assert cut.tau == 0.01 and cut.variant == variant
+        with pytest.raises(ValueError, match="tau"):
+            m2po_mask(lp, olp, adv, mask, variant=variant, cut=cut, tau=0.04, backend=backend)
+        keep_cut, _ = m2po_mask(lp, olp, adv, mask, variant=variant, cut=cut, tau=None, backend=backend)
+        keep_one, _ = m2po_mask(lp, olp, adv, mask, variant=variant, tau=0.01, backend=backend)
+        assert torch.equal(keep_cut, keep_one)
+        with pytest.raises(ValueError, match="tau"):
+            m2po_loss(lp, olp, adv, mask, variant=variant, cut=cut, tau=0.04, backend=backend)
+        m2po_loss(lp, olp, adv, mask, variant=variant, cut=cut, tau=0.01, backend=backend)  # the same tau is fine
+    # no cut: tau=None is the paper's 0.04
+    _, m_none = m2po_mask(lp, olp, adv, mask, backend=backend)
+    _, m_004 = m2po_mask(lp, olp, adv, mask, tau=0.04, backend=backend)
+    assert torch.equal(m_none["cut"], m_004["cut"])
+
+
+@pytest.mark.parametrize("bad", [42, "world", object()])
+def test_group_of_the_wrong_type_raises_naming_it(bad):
+    lp, olp, adv, mask = _batch("cpu")
+    for fn in (m2po_loss, m2po_mask):
+        with pytest.raises(TypeError, match="group"):
+            fn(lp, olp, adv, mask, group=bad, backend="torch")
+    stats = M2POStats(backend="torch")
+    stats.update(lp, olp, adv, mask)
+    with pytest.raises(TypeError, match="group"):
+        stats.solve(group=bad)
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Counts the tensor calls that bring device values to the host, from any caller."""
+    names = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+    originals = {n: getattr(torch.Tensor, n) for n in names}
+    calls = []
+
+    def counted(name, original):
+        def wrapper(self, *args, **kwargs):
+            calls.append(name)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for n, f in originals.items():
+        setattr(torch.Tensor, n, counted(n, f))
+    try:
+        yield calls
+    finally:
+        for n, f in originals.items():
+            setattr(torch.Tensor, n, f)
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_metrics_come_to_the_host_in_one_transfer(variant, device):
+    lp, olp, adv, mask = _batch(device)
+    _, metrics = m2po_loss(lp, olp, adv, mask, variant=variant, backend="triton", validate=False)
+    with count_host_reads() as calls:
+        host = metrics_to_host(metrics)
+    assert calls == ["tolist"]
+    assert list(host) == list(metrics) and all(isinstance(v, float) for v in host.values())
+    for k, v in metrics.items():
+        assert host[k] == float(v) or (v != v and host[k] != host[k]), k
+    if device.type == "cuda":  # the device agrees: exactly one synchronising copy
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with pytest.warns(UserWarning) as seen:
+                metrics_to_host(metrics)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len([w for w in seen if "synchroniz" in str(w.message)]) == 1
+    assert m2po_ops.metrics_to_host({}) == {}
+
+
+@pytest.mark.parametrize("bad", [0.5, -1.0, 2.0, float("nan")])
+def test_a_mask_value_other_than_0_or_1_raises(bad):
+    """The mask says which tokens are valid; a fraction, a negative or a NaN is a mistake (a
+    weight passed as a mask), not a validity."""
+    lp, olp, adv, mask = _batch("cpu")
+    fmask = mask.float()
+    fmask[1, 3] = bad
+    for fn in (m2po_loss, m2po_mask):
+        with pytest.raises(ValueError, match="mask"):
+            fn(lp, olp, adv, fmask, backend="torch")
+    imask = mask.to(torch.int64)
+    imask[0, 0] = 2
+    with pytest.raises(ValueError, match="mask"):
+        m2po_mask(lp, olp, adv, imask, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_a_nan_mask_entry_is_padding(backend, variant, device):
+    """With validate=False a NaN in a float mask is padding (not a valid token), exactly as a 0."""
+    lp, olp, adv, mask = _batch(device)
+    fmask = mask.float()
+    nan_at = torch.zeros_like(mask)
+    nan_at[0, :7] = True
+    nan_at[2, 10:30] = True
+    fmask = torch.where(nan_at, torch.full_like(fmask, float("nan")), fmask)
+    zero = torch.where(nan_at, torch.zeros_like(fmask), fmask)
+    kw = dict(variant=variant, backend=backend, validate=False, tau=0.01)
+    k_nan, m_nan = m2po_mask(lp, olp, adv, fmask, **kw)
+    k_zero, m_zero = m2po_mask(lp, olp, adv, zero, **kw)
+    assert torch.equal(k_nan, k_zero) and not k_nan[nan_at].any()
+    for name in m_zero:
+        assert torch.equal(m_nan[name], m_zero[name]), name
+    assert float(m_zero["masked_fraction"]) > 0
