@@ -7,10 +7,11 @@ algorithm, in PyTorch, is m2po_ops/histogram.py.
 """
 
 from .apply import APPLY_COLS, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR, W_TENSOR_DENOM, apply_kernel, finalize_kernel
-from .histogram import STATS_COLS, level2_kernel, stats_kernel, tie_scan_kernel, ties_kernel
+from .histogram import STATS_COLS, first_valid_kernel, level2_kernel, stats_kernel, tie_scan_kernel, ties_kernel
 from .select import select1_kernel, select2_kernel
 
 ALL_KERNELS = (
+    first_valid_kernel,
     stats_kernel,
     select1_kernel,
     level2_kernel,
@@ -32,6 +33,7 @@ __all__ = [
     "W_TENSOR_DENOM",
     "apply_kernel",
     "finalize_kernel",
+    "first_valid_kernel",
     "level2_kernel",
     "select1_kernel",
     "select2_kernel",

@@ -22,6 +22,34 @@ STATS_COLS = 6
 _STATS_COLS = tl.constexpr(STATS_COLS)  # kernels may only read constexpr globals
 
 
+@triton.jit(do_not_specialize=["row_len", "n"], do_not_specialize_on_alignment=["cu_ptr"])
+def first_valid_kernel(
+    lp_ptr, olp_ptr, adv_ptr, mask_ptr, cu_ptr, first_ptr, row_len: tl.int64, n: tl.int64,
+    HAS_MASK: tl.constexpr, PACKED: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """The official rule's advantage of each sequence: the one of its first valid token (mask
+    nonzero, values finite), as float32 (0 when it has none). One program per sequence (a row
+    of a (B, T) batch, or cu_seqlens[i]..cu_seqlens[i+1] of packed input), scanning CHUNK
+    tokens at a time from the start and stopping at the first chunk that holds a valid token:
+    one chunk for a right-padded row."""
+    seq = tl.program_id(0).to(tl.int64)
+    if PACKED:
+        start = tl.minimum(tl.maximum(tl.load(cu_ptr + seq), 0), n)
+        end = tl.minimum(tl.maximum(tl.load(cu_ptr + seq + 1), start), n)
+    else:
+        start = seq * row_len
+        end = start + row_len
+    first = end
+    pos = start
+    while pos < first:  # until the chunk holding the first valid token (or the end)
+        offs = pos + tl.arange(0, CHUNK)
+        _, _, _, valid, _ = load_tokens(lp_ptr, olp_ptr, adv_ptr, 1, mask_ptr, offs, end, HAS_MASK, False, False)
+        first = tl.minimum(first, tl.min(tl.where(valid, offs, end)))
+        pos += CHUNK
+    adv = tl.load(adv_ptr + tl.minimum(first, tl.maximum(end - 1, 0)), mask=first < end, other=0.0)
+    tl.store(first_ptr + seq, adv.to(tl.float32))
+
+
 @triton.jit(do_not_specialize=["adv_div", "first_div", "first_mul", "n"],
             do_not_specialize_on_alignment=["n_valid_ptr"])
 def stats_kernel(

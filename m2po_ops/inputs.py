@@ -59,6 +59,10 @@ class Tokens:
     packed_seq: Optional[Tensor] = None  # packed input: searchsorted sequence index per token
     inside: Optional[Tensor] = None  # packed input: token lies inside some sequence
     adv_per_row: bool = False  # advantages given as (B,) for a (B, T) batch (a layout fact, whatever T is)
+    # official rule, per-token advantages, and padding or non-finite tokens possible: each
+    # sequence's advantage is read at its first *valid* token, which takes a scan (first_src
+    # then holds the first-position form, right for a right-padded batch only)
+    first_scan: bool = False
 
     @property
     def first_per_row(self) -> bool:
@@ -83,9 +87,34 @@ class Tokens:
         return self.adv_src.repeat_interleave(self.adv_div, output_size=self.numel)
 
     @functools.cached_property
+    def first_valid_advantage(self) -> Tensor:
+        """Per sequence (a row, or a cu_seqlens sequence): the advantage of its first valid token
+        (0 where it has none). The torch form of the Triton first_valid_kernel."""
+        valid, adv = self.valid, self.adv_src.reshape(-1)
+        if self.cu is None:
+            b, t = self.shape
+            col = valid.reshape(b, t).to(torch.uint8).argmax(dim=1, keepdim=True)  # 0 for a row with none
+            has = valid.reshape(b, t).any(dim=1)
+            return torch.where(has, adv.reshape(b, t).gather(1, col).reshape(-1), torch.zeros_like(adv[:1]))
+        n, pos = self.numel, self._positions()
+        seq = self.packed_seq.clamp(max=max(self.num_seqs - 1, 0))
+        at = torch.where(valid & self.inside, pos, torch.full_like(pos, n))
+        first_pos = torch.full((self.num_seqs,), n, dtype=torch.int64, device=self.device)
+        first_pos.scatter_reduce_(0, seq, at, reduce="amin")
+        has = first_pos < n
+        return torch.where(has, adv[first_pos.clamp(max=max(n - 1, 0))], torch.zeros_like(adv[:1]))
+
+    @functools.cached_property
     def adv_first(self) -> Optional[Tensor]:
         if self.first_src is None:
             return None
+        if self.first_scan:
+            if self.numel == 0 or self.num_seqs == 0:
+                return torch.zeros_like(self.adv_src.reshape(-1)[: self.numel])
+            first = self.first_valid_advantage
+            seq = self._positions() // max(self.row_len, 1) if self.cu is None else self.packed_seq.clamp(
+                max=self.num_seqs - 1)
+            return first[seq]
         if self.first_div == 1 and self.first_mul == 1 and self.first_src.numel() == self.numel:
             first = self.first_src.reshape(-1)
         else:
@@ -232,6 +261,9 @@ def prepare(
 
     needs_seqs = config.variant == "official" or config.loss_agg_mode != "token-mean"
     official = config.variant == "official"
+    # a sequence's first position may not be valid: padding or holes (a mask), or a non-finite
+    # value that validate=False turns into padding
+    may_skip = mask is not None or not config.validate
     common = dict(logprobs=lp, old_logprobs=olp, shape=shape)
 
     if logprobs.dim() == 2:
@@ -239,9 +271,10 @@ def prepare(
             raise ValueError("cu_seqlens is only for 1-D packed logprobs; got (B, T) logprobs")
         b, t = shape
         if advantages.shape == shape:
-            # the authors take the advantage of position 0 of each row (verl right-pads responses)
+            # the authors read position 0 of each row (verl right-pads); first_scan moves the read
+            # to the first valid token where padding or non-finite tokens may come first
             adv = dict(adv_src=advantages.reshape(-1), adv_div=1, first_src=advantages.reshape(-1),
-                       first_div=max(t, 1), first_mul=t)
+                       first_div=max(t, 1), first_mul=t, first_scan=official and may_skip)
         elif advantages.shape == (b,):
             adv = dict(adv_src=advantages, adv_div=t, first_src=advantages, first_div=max(t, 1), first_mul=1,
                        adv_per_row=True)
@@ -293,7 +326,8 @@ def prepare(
         first = (adv_seq_first[safe_seq] if num_seqs > 0 else adv_tok.new_zeros(n)) if official else None
         tok = Tokens(**common, adv_src=adv_tok, adv_div=1, first_src=first, first_div=1, first_mul=1,
                      mask_src=inside if mask is None else (_mask_to_bool(mask_src) & inside),
-                     num_seqs=num_seqs, cu=cu, packed_seq=seq, inside=inside)
+                     num_seqs=num_seqs, cu=cu, packed_seq=seq, inside=inside,
+                     first_scan=official and may_skip and advantages.shape == shape)
 
     if config.validate:
         if mask is not None and mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):

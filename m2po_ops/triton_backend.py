@@ -57,6 +57,8 @@ SELECT_WARPS = 8  # select kernels also run without FMA contraction: their float
 # written as separate multiplies and adds (as the PyTorch description and the authors' code)
 TIE_CHUNK = 1024  # blocks per step of tie_scan_kernel
 FINAL_CHUNK = 1024
+FIRST_CHUNK = 256  # tokens per step of first_valid_kernel (one step for a right-padded row)
+FIRST_WARPS = 2
 
 @dataclass(frozen=True)
 class Launch:
@@ -170,15 +172,33 @@ def _tau_args(config: M2POConfig):
     )
 
 
+def first_valid_pass(tok: Tokens):
+    """(first_src, first_div, first_mul): each sequence's advantage read at its first valid
+    token (tok.first_scan), by one program per sequence; packed input maps it back to tokens."""
+    mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
+    packed = tok.cu is not None
+    first = torch.empty(max(tok.num_seqs, 1), dtype=torch.float32, device=tok.device)
+    _launch(K.first_valid_kernel, (max(tok.num_seqs, 1),), tok.logprobs, tok.old_logprobs, tok.adv_src, mask,
+            tok.cu if packed else tok.logprobs, first, tok.row_len, tok.numel,
+            HAS_MASK=tok.mask_src is not None, PACKED=packed, CHUNK=FIRST_CHUNK, num_warps=FIRST_WARPS)
+    if packed:  # per token (the gather the packed layout needs anyway)
+        return first[tok.packed_seq.clamp(max=max(tok.num_seqs - 1, 0))], 1, 1
+    return first, max(tok.row_len, 1), 1
+
+
 def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace) -> Tensor:
     """Keys (int32: m2 bits in the trust region, else -1), level-1 histogram, partials."""
     n = tok.numel
     key = torch.empty(n, dtype=torch.int32, device=tok.device)
-    first = tok.first_src if tok.first_src is not None else tok.adv_src
+    first, first_div, first_mul = tok.first_src, tok.first_div, tok.first_mul
+    if tok.first_scan and n > 0 and tok.num_seqs > 0:
+        first, first_div, first_mul = first_valid_pass(tok)
+    if first is None:
+        first = tok.adv_src
     mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
     _launch(
         K.stats_kernel, (ws.nblocks,),
-        tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), first, tok.first_div, tok.first_mul, mask,
+        tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), first, first_div, first_mul, mask,
         key, ws.hist1, ws.stats_part, ws.n_valid, n,
         OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
         FIRST_PER_ROW=tok.first_per_row, NB1=L1_BUCKETS, BLOCK=BLOCK, INTERP=INTERPRET,

@@ -151,3 +151,43 @@ def test_a_nan_mask_entry_is_padding(backend, variant, device):
     for name in m_zero:
         assert torch.equal(m_nan[name], m_zero[name]), name
     assert float(m_zero["masked_fraction"]) > 0
+
+
+def _left_pad(x, lengths, fill):
+    """Row b's first lengths[b] entries moved to the end of the row (left padding)."""
+    out = torch.full_like(x, fill)
+    t = x.shape[1]
+    for b, n in enumerate(lengths):
+        out[b, t - n:] = x[b, :n]
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_official_reads_each_sequences_first_valid_token(backend, device):
+    """The official rule takes each sequence's advantage from its first valid token: a
+    left-padded batch gives the same mask, loss and metrics as the same sequences right-padded,
+    and a packed sequence whose first token is masked out reads its second."""
+    g = torch.Generator().manual_seed(3)
+    b, t = 6, 40
+    lengths = [40, 31, 12, 25, 1, 38]
+    olp = -torch.rand(b, t, generator=g) * 2
+    lp = olp + torch.randn(b, t, generator=g) * 0.3
+    adv = torch.randn(b, t, generator=g)  # per token: the first token's value decides
+    right = torch.arange(t)[None, :] < torch.tensor(lengths)[:, None]
+    args_r = [x.to(device) for x in (lp, olp, adv, right)]
+    args_l = [_left_pad(x, lengths, f).to(device) for x, f in ((lp, 0.0), (olp, 0.0), (adv, 7.0), (right, False))]
+    kw = dict(variant="official", tau=0.01, backend=backend, validate=False)
+    k_r, m_r = m2po_mask(*args_r, **kw)
+    k_l, m_l = m2po_mask(*args_l, **kw)
+    assert torch.equal(_left_pad(k_r.cpu(), lengths, False), k_l.cpu())
+    for name in ("trust_region_fraction", "masked_fraction", "clip_low", "clip_high"):
+        assert torch.equal(m_r[name], m_l[name]), name
+    assert float(m_r["masked_fraction"]) > 0
+    # packed: sequence 1's first token is masked out, its second token's advantage decides
+    lp1, olp1 = torch.tensor([0.5, 0.5, 0.5, 0.5]), torch.zeros(4)
+    adv1 = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    mask1 = torch.tensor([True, False, True, True])
+    cu = torch.tensor([0, 1, 4])
+    _, m = m2po_mask(*(x.to(device) for x in (lp1, olp1, adv1, mask1)), cu_seqlens=cu.to(device), **kw)
+    # sequence 0 (A = 1, r > 1): eligible; sequence 1 reads A = 1 (token 2), both its tokens eligible
+    assert float(m["trust_region_fraction"]) == 1.0

@@ -380,6 +380,16 @@ def _official_case(seed, per_seq, dtype):
     return lp_t, olp_t, torch.tensor(adv).to(dtype), torch.tensor(adv_full).to(dtype), torch.tensor(mask), [int(v) for v in lengths]
 
 
+def first_valid_in_column_0(adv, mask):
+    """The authors read each row's advantage at column 0 (verl right-pads); the library reads
+    the row's first valid token. Put that token's advantage in column 0 (padding there, or the
+    token itself) so the port reads what the library reads; the loss terms are unchanged."""
+    col = mask.to(torch.uint8).argmax(dim=1)
+    out = adv.clone()
+    out[:, 0] = adv[torch.arange(adv.shape[0]), col]
+    return out
+
+
 @pytest.mark.parametrize("miniclip", [False, True])
 @pytest.mark.parametrize("per_seq", [False, True])
 def test_official_matches_authors_port(per_seq, miniclip):
@@ -392,7 +402,8 @@ def test_official_matches_authors_port(per_seq, miniclip):
         dtype = [torch.float32, torch.bfloat16, torch.float16][seed % 3]
         tau = [0.01, 0.04, 0.2][seed % 3 if seed % 7 else 1]
         lp, olp, adv, adv_full, mask, lengths = _official_case(seed, per_seq, dtype)
-        port = literal.official_port(lp.float(), olp.float(), adv_full.float(), mask, tau, **clip)
+        port = literal.official_port(lp.float(), olp.float(), first_valid_in_column_0(adv_full, mask).float(), mask,
+                                     tau, **clip)
         if port["fragile"]:
             counts["fragile"] += 1  # float32 vs float64 sums decide differently: not a fair case
             continue
@@ -411,7 +422,8 @@ def test_official_matches_authors_port(per_seq, miniclip):
             terms = (adv_full.float() * torch.exp(lp.float() - olp.float())).abs()[mask]
             assert_close_rel(loss, port["loss"].detach(), 1e-5, desc, scale=terms.mean())
             port_lp = lp.float().detach().requires_grad_(True)
-            literal.official_port(port_lp, olp.float(), adv_full.float(), mask, tau, **clip)["loss"].backward()
+            literal.official_port(port_lp, olp.float(), first_valid_in_column_0(adv_full, mask).float(), mask, tau,
+                                  **clip)["loss"].backward()
             assert_close_rel(grad.float(), port_lp.grad, 1e-5 if dtype == torch.float32 else 1e-2, desc)
         # the bounds follow the documented float64-exp chain; the authors' float32 exp may be one
         # float32 ulp away (torch's expf is not correctly rounded, and differs between CPUs)
@@ -521,8 +533,8 @@ def test_padding_garbage_is_ignored(layout, variant):
 
 def test_padding_garbage_in_the_first_position_of_a_row():
     # Left padding: position 0 of row 1 is padding holding NaN. The official rule reads the
-    # advantage at position 0 (as the authors' advantages[:, 0]); zero padding there makes the row
-    # ineligible, and so must NaN padding. The paper rule does not read it at all.
+    # advantage of the row's first valid token (position 1 here), so garbage in the padding
+    # changes nothing. The paper rule does not read it at all.
     lp = torch.tensor([[0.3, 0.2, 0.1, 0.5], [0.0, 0.4, 0.3, 0.2]])
     olp = torch.zeros(2, 4)
     adv = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
