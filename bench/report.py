@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import sys
@@ -270,17 +269,33 @@ def plot(data: dict, path: str) -> None:
     plt.close(fig)
 
 
-def latest(results_dir: str, gpu: bool):
-    """The newest full (not quick) result JSON for GPU or CPU, or None."""
-    paths = []
-    for p in glob.glob(os.path.join(results_dir, "*.json")):
-        base = os.path.basename(p)
-        if "-quick" in base:
+def verdict(data: dict) -> str:
+    """One line: which competitor is faster or slower than m2po_ops, at which sizes (the median
+    ratio over regimes and dtypes at each size; ratio = competitor time / m2po_ops time)."""
+    import statistics
+
+    per = {}
+    for r in data["results"]:
+        if _is_library(r["competitor"]) or r.get("ratio") is None or r.get("status") != "ok":
             continue
-        if gpu != (not base.startswith("cpu-")):
-            continue
-        paths.append(p)
-    return max(paths, key=os.path.getmtime) if paths else None
+        per.setdefault(r["competitor"], {}).setdefault(r["n_tokens"], []).append(r["ratio"])
+    parts = []
+    for name, by_size in sorted(per.items()):
+        med = {n: statistics.median(v) for n, v in sorted(by_size.items())}
+        faster = [n for n, x in med.items() if x > 1]  # the competitor takes longer: m2po_ops faster
+        slower = [n for n, x in med.items() if x < 1]
+        lo, hi = min(med.values()), max(med.values())
+        if not slower:
+            parts.append(f"faster than {name} at every size ({lo:.2g}x-{hi:.2g}x)")
+        elif not faster:
+            parts.append(f"slower than {name} at every size ({lo:.2g}x-{hi:.2g}x)")
+        else:
+            parts.append(f"faster than {name} at {', '.join(_size(n) for n in faster)} and slower at "
+                         f"{', '.join(_size(n) for n in slower)} ({lo:.2g}x-{hi:.2g}x)")
+    if not parts:
+        return "verdict: no ratio to report (m2po_ops and at least one competitor must be timed on the same inputs)"
+    return f"verdict ({data.get('machine', {}).get('device', '?')}): m2po_ops is " + "; ".join(parts) + \
+        " (x = competitor time / m2po_ops time, median over regimes and dtypes)"
 
 
 if __name__ == "__main__":  # python -m bench.report results/x.json: rewrite the tables (.md) and the plot
@@ -292,66 +307,3 @@ if __name__ == "__main__":  # python -m bench.report results/x.json: rewrite the
         with open(os.path.splitext(p)[0] + ".md", "w") as f:
             f.write(text + "\n")
         plot(d, os.path.splitext(p)[0] + ".png")
-
-
-SECTION_HEAD = """## Benchmark
-
-`make bench` is this project's main job. It times one forward+backward call of the M2PO loss for
-this library and for the M2PO code users run today, on the same inputs in one run, checks every
-competitor's mask against the reference bit for bit (a wrong answer is reported, not timed), and
-reports ratios, host syncs per call and (on CUDA) kernel launches, peak extra memory and the
-fraction of a device copy's bandwidth. Competitors: `official-eager` (the authors' released rule:
-boolean indexing, `torch.sort`, a Python `.item()` loop for the threshold, PPO-clip loss),
-`sorted-eager` (the paper's rule as careful ports write it: stable sort, prefix-mean cut,
-`nonzero`/`.item()`), `compiled` (`torch.compile` of sorted-eager), and `m2po_ops` with the
-`torch` and, on CUDA, `triton` backends (eager and replayed in a CUDA graph). Sizes 32K to 16M
-tokens (CPU: up to 4M), float32 and bfloat16 log-probs in padded batches, three regimes: nothing
-masked, the paper's typical ~0.1%, a stressed ~5%. Details: [bench/README.md](bench/README.md).
-
-```bash
-make bench              # CPU or GPU: table on stdout + bench/results/<device>-<date>.{json,md,png}
-make bench-quick        # about one minute
-bash bench/run_gpu.sh   # the full GPU suite on a CUDA machine (no install: the machine's torch/triton)
-```
-"""
-
-
-def readme_section(results_dir: str, out_path: str) -> str:
-    """Write the README's benchmark section: the latest GPU run if one exists, else the latest CPU
-    run (with a note that no GPU figures exist yet)."""
-    gpu = latest(results_dir, gpu=True)
-    path = gpu or latest(results_dir, gpu=False)
-    parts = [SECTION_HEAD]
-    if path is None:
-        parts.append("No benchmark results are committed yet. No GPU figures exist yet.\n")
-    else:
-        with open(path) as f:
-            data = json.load(f)
-        rel = os.path.relpath(path, os.path.dirname(os.path.dirname(os.path.abspath(results_dir))))
-        stem = os.path.splitext(rel)[0]
-        if gpu is None:
-            import statistics
-
-            se = [r["ratio"] for r in data["results"] if r["competitor"] == "sorted-eager" and "ratio" in r]
-            verdict = ""
-            if se:
-                med = statistics.median(se)
-                verdict = (
-                    f" In this run the reference backend is {'slower' if med < 1 else 'faster'} than sorted-eager "
-                    f"(median ratio {med:.2f}x: it sorts every token as an int64 key to stay sync-free, where "
-                    "sorted-eager sorts only the trust region after a host sync)."
-                )
-            parts.append(
-                "**No GPU figures exist yet**: no session has had a GPU to run `bench/run_gpu.sh` on. Below is "
-                "the CPU run. On CPU the Triton backend is not timed (its interpreter is not a speed measure), "
-                "so `m2po_ops` appears only through its PyTorch reference backend." + verdict + " What carries "
-                "over to a GPU is the host-sync count: 0 for m2po_ops, 3 per call for sorted-eager and "
-                "compiled, and one per candidate token for official-eager's threshold loop.\n"
-            )
-        parts.append(f"Latest run: `{rel}` ({data['created']}, {data['wall_s']:.0f} s).\n")
-        parts.append(tables(data).replace("### ", "#### ") + "\n")
-        parts.append(f"![time vs tokens]({stem}.png)\n")
-    text = "\n".join(parts)
-    with open(out_path, "w") as f:
-        f.write(text)
-    return text

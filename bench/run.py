@@ -480,15 +480,14 @@ def main(argv=None) -> int:
     with open(path_json, "w") as f:
         json.dump(data, f, indent=1)
     with open(os.path.join(opts.out_dir, stem + ".md"), "w") as f:
-        f.write(tables + "\n")
+        f.write(tables + "\n\n" + report.verdict(data) + "\n")
     if not opts.no_plot:
         try:
             report.plot(data, os.path.join(opts.out_dir, stem + ".png"))
         except Exception as exc:  # matplotlib missing on a bare GPU machine
             log(f"plot skipped: {type(exc).__name__}: {exc}")
-    if not opts.quick and not opts.sizes and os.path.abspath(opts.out_dir) == os.path.abspath(RESULTS):
-        report.readme_section(RESULTS, os.path.join(HERE, "README_SECTION.md"))
     log(f"wrote {path_json} (+ .md, .png) in {data['wall_s']:.0f} s")
+    print(report.verdict(data))
     return 0
 
 

@@ -19,17 +19,18 @@ _APPLY_COLS = tl.constexpr(APPLY_COLS)
 
 
 @triton.jit(do_not_specialize=["adv_div", "denom_bits", "n"],
-            do_not_specialize_on_alignment=["denom_ptr", "value_ptr", "ties_kept_ptr", "lower_ptr", "upper_ptr",
-                                            "ties_ptr"])
+            do_not_specialize_on_alignment=["denom_ptr", "poison_ptr", "value_ptr", "ties_kept_ptr", "lower_ptr",
+                                            "upper_ptr", "ties_ptr"])
 def apply_kernel(
     lp_ptr, olp_ptr, adv_ptr, adv_div: tl.int64, mask_ptr, key_ptr, w_ptr, denom_ptr, denom_bits: tl.int64,
-    value_ptr, ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr,
+    poison_ptr, value_ptr, ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr,
     keep_ptr, grad_ptr, part_ptr, n: tl.int64,
     OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr,
     KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):
     """w_ptr: per-token weights (W_PER_TOKEN); denom_ptr: the 0-d count or denominator
-    (W_COUNT, W_TENSOR_DENOM); denom_bits: a Python-number denominator (W_SCALAR)."""
+    (W_COUNT, W_TENSOR_DENOM); denom_bits: a Python-number denominator (W_SCALAR); poison_ptr:
+    float32 0-d added to every weight (0, or NaN when the API found the inputs invalid)."""
     # the token-mean weight, once per program and outside the blocks (its correctly rounded divide
     # has a slow-path call; in each block copy it made ptxas spill): the same float32 value as the
     # torch backend's valid / denom
@@ -41,21 +42,22 @@ def apply_kernel(
         w_mean = reciprocal_f32(tl.load(denom_ptr))
     else:
         w_mean = tl.zeros((), tl.float32)
+    poison = tl.load(poison_ptr)
     # every block but the last is full: its accesses need no bounds mask (see common.in_bounds)
     pid = tl.program_id(0)
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _apply_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, w_mean, value_ptr, ties_kept_ptr,
-                     lower_ptr, upper_ptr, ties_ptr, keep_ptr, grad_ptr, part_ptr, n, pid, OFFICIAL, HAS_MASK,
-                     ADV_PER_ROW, WEIGHTS, KEEP_ALL, BLOCK, INTERP, True)
+        _apply_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, w_mean, poison, value_ptr,
+                     ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr, keep_ptr, grad_ptr, part_ptr, n, pid, OFFICIAL,
+                     HAS_MASK, ADV_PER_ROW, WEIGHTS, KEEP_ALL, BLOCK, INTERP, True)
     else:
-        _apply_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, w_mean, value_ptr, ties_kept_ptr,
-                     lower_ptr, upper_ptr, ties_ptr, keep_ptr, grad_ptr, part_ptr, n, pid, OFFICIAL, HAS_MASK,
-                     ADV_PER_ROW, WEIGHTS, KEEP_ALL, BLOCK, INTERP, False)
+        _apply_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, w_mean, poison, value_ptr,
+                     ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr, keep_ptr, grad_ptr, part_ptr, n, pid, OFFICIAL,
+                     HAS_MASK, ADV_PER_ROW, WEIGHTS, KEEP_ALL, BLOCK, INTERP, False)
 
 
 @triton.jit
 def _apply_block(
-    lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, w_mean,
+    lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, w_mean, poison,
     value_ptr, ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr,
     keep_ptr, grad_ptr, part_ptr, n, pid,
     OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr,
@@ -106,7 +108,7 @@ def _apply_block(
             w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         else:  # token-mean
             w = w_mean
-        w = tl.where(valid, w, 0.0)
+        w = tl.where(valid, w + poison, 0.0)
         tl.store(grad_ptr + offs, w * grad, mask=inb)
         # float64 partial sums of the float32 terms, as the torch backend sums them: where that
         # sum is exact the loss has the same bits whatever the order (README, "Float details")

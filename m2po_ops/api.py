@@ -11,7 +11,7 @@ from torch import Tensor
 from . import reference
 from .config import BACKENDS, DEFAULT_TAU, M2POConfig
 from .cut import Cut
-from .inputs import Tokens, check_group, check_num_tokens, prepare, token_weights
+from .inputs import Tokens, check_group, check_num_tokens, input_error_and_poison, prepare, token_weights
 
 
 class AttachGrad(torch.autograd.Function):
@@ -107,7 +107,17 @@ def _maybe_check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Optio
 
 
 def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool, num_tokens=None):
-    """Returns (keep, metrics, loss or None, per-token gradient or None)."""
+    """Returns (keep, metrics, loss or None, per-token gradient or None). Inputs that
+    validate=False found wrong on the device (input_error) give a NaN loss and gradient."""
+    error, poison = input_error_and_poison(tok, num_tokens)
+    keep, metrics, loss, grad = _run_backend(tok, config, backend, cut, group, want_loss, num_tokens, poison)
+    if error is not None:
+        metrics["input_error"] = error.to(torch.float32)
+    return keep, metrics, loss, grad
+
+
+def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool,
+                 num_tokens, poison: Optional[Tensor]):
     if backend == "triton":
         from .triton_backend import triton_forward
 
@@ -118,7 +128,7 @@ def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], 
             from .distributed import triton_group_solver
 
             solver = triton_group_solver(config, group)
-        return triton_forward(tok, config, cut, want_loss, num_tokens, solver)
+        return triton_forward(tok, config, cut, want_loss, num_tokens, solver, poison)
     if cut is None:
         if group is not None:
             from .distributed import solve_group_torch
@@ -135,6 +145,8 @@ def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], 
     if not want_loss:
         return keep, metrics, None, None
     w = token_weights(tok, config, num_tokens, loss.dtype, cut.num_valid if group is not None else None)
+    if poison is not None:  # NaN on every valid token (padding keeps a zero gradient), as the kernels
+        w = torch.where(tok.valid, w + poison.to(w.dtype), w)
     # summed in float64 and rounded once, as the Triton backend's partials: where the float64
     # sum of the float32 terms is exact, both backends give the same bits (README, "Float details")
     return keep, metrics, (w * loss).sum(dtype=torch.float64).to(loss.dtype), w * grad
@@ -200,17 +212,24 @@ def m2po_loss(
     logprobs, old_logprobs: (B, T) padded, or (N,) packed with ``cu_seqlens``; float32, bfloat16,
         float16 or float64. Computed in float32 (the torch backend: float64 for float64 input).
     advantages: like logprobs, or one value per sequence: (B,) / (num_seqs,).
-    mask: 1 for valid response tokens (bool, integer or float 0/1); None means all valid.
+    mask: 1 for valid response tokens, 0 for padding (bool, integer or float; NaN is padding);
+        None means all valid.
     tau: second-moment budget (None: the paper's 0.04, or the budget ``cut`` was solved for;
         a different tau with a cut raises). variant: "paper" or "official".
     loss_agg_mode: "token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
         "seq-mean-token-sum-norm" (as in verl).
-    num_tokens: token-mean denominator override, so micro-batch losses add up to the
-        mini-batch loss (e.g. the mini-batch's valid-token count).
+    num_tokens: token-mean denominator override, so the losses of micro-batches and ranks add up
+        to the step's token mean (verl 0.9.1: batch_num_tokens / dp_size; plain DDP: the global
+        valid-token count / world size; see README). It does not make the mask global: pass a
+        ``cut`` from M2POStats for that.
     backend: "auto", "torch" or "triton".
-    miniclip_low / miniclip_high: official variant's optional clip floors (authors: 0.3 / 0.5).
-    validate: raise on non-finite values in valid tokens (a host sync). With False such tokens
-        are treated as padding and counted in metrics["num_nonfinite"].
+    miniclip_low / miniclip_high: official variant's optional clip floors (authors: 0.3 / 0.5);
+        they raise with variant="paper".
+    validate: read values on the host and raise on non-finite values in valid tokens, mask
+        values other than 0 / 1, a bad cu_seqlens tensor and a tensor num_tokens <= 0. With False
+        nothing is read: non-finite tokens are padding (metrics["num_nonfinite"]), a bad
+        cu_seqlens tensor or num_tokens tensor makes loss and gradient NaN
+        (metrics["input_error"]), and nonzero mask values count as valid.
     cut: a Cut solved beforehand over the whole optimizer step: ``M2POStats(...).solve()[i]``
         for micro-batch i (pass ``num_tokens=cuts.num_valid`` too, so the micro-batch losses add
         up to the mini-batch loss). Either backend applies a cut solved by either backend.

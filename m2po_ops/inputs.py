@@ -21,6 +21,10 @@ from torch import Tensor
 from .config import M2POConfig
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# metrics["input_error"] bits: what validate=False found wrong without a host read (the loss and
+# gradient are then NaN). validate=True raises instead.
+INPUT_ERROR_CU_SEQLENS = 1  # cu_seqlens decreasing, negative, or past the last token
+INPUT_ERROR_NUM_TOKENS = 2  # num_tokens <= 0 or NaN
 # Token indices are int32 inside the kernels' row arithmetic (an int64 division is a subroutine
 # call per token on the GPU).
 MAX_TOKENS = 2**31
@@ -63,6 +67,7 @@ class Tokens:
     # sequence's advantage is read at its first *valid* token, which takes a scan (first_src
     # then holds the first-position form, right for a right-padded batch only)
     first_scan: bool = False
+    input_error: Optional[Tensor] = None  # int32 0-d INPUT_ERROR_* bits found on the device (validate=False)
 
     @property
     def first_per_row(self) -> bool:
@@ -176,7 +181,7 @@ def _check_device(name: str, x: Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {x.device} but logprobs is on {device}; all tensors must share a device")
 
 
-def _as_cu_seqlens(cu_seqlens, device: torch.device) -> Tensor:
+def _as_cu_seqlens(cu_seqlens, device: torch.device, n: int) -> Tensor:
     if isinstance(cu_seqlens, Tensor):
         if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
             raise TypeError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
@@ -185,6 +190,10 @@ def _as_cu_seqlens(cu_seqlens, device: torch.device) -> Tensor:
     elif isinstance(cu_seqlens, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in cu_seqlens):
             raise TypeError("cu_seqlens must hold integers")
+        # host values: checked here whatever validate says (it costs no sync)
+        if len(cu_seqlens) > 1 and (any(b < a for a, b in zip(cu_seqlens, cu_seqlens[1:])) or cu_seqlens[0] < 0
+                                    or cu_seqlens[-1] > n):
+            raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
         cu = torch.tensor(cu_seqlens, dtype=torch.int64, device=device)
     else:
         raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}")
@@ -301,11 +310,16 @@ def prepare(
         tok = Tokens(**common, adv_src=advantages.reshape(-1), adv_div=1, first_src=None, first_div=1, first_mul=1,
                      mask_src=mask_src, num_seqs=0)
     else:
-        cu = _as_cu_seqlens(cu_seqlens, device)
+        cu = _as_cu_seqlens(cu_seqlens, device, n)
         num_seqs = cu.numel() - 1
-        if config.validate and num_seqs > 0:
-            if bool((cu[1:] < cu[:-1]).any()) or int(cu[0]) < 0 or int(cu[-1]) > n:
-                raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
+        input_error = None
+        if isinstance(cu_seqlens, Tensor) and num_seqs > 0:
+            bad = (cu[1:] < cu[:-1]).any() | (cu[0] < 0) | (cu[-1] > n)
+            if config.validate:
+                if bool(bad):
+                    raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
+            else:  # no host read: the result is poisoned instead (see input_error)
+                input_error = bad.to(torch.int32) * INPUT_ERROR_CU_SEQLENS
         pos = torch.arange(n, device=device, dtype=torch.int64)
         # Sequence i holds tokens cu[i] <= pos < cu[i+1]; tokens outside every sequence are padding.
         seq = torch.searchsorted(cu[1:], pos, right=True) if num_seqs > 0 else pos.new_zeros(n)
@@ -327,7 +341,7 @@ def prepare(
         tok = Tokens(**common, adv_src=adv_tok, adv_div=1, first_src=first, first_div=1, first_mul=1,
                      mask_src=inside if mask is None else (_mask_to_bool(mask_src) & inside),
                      num_seqs=num_seqs, cu=cu, packed_seq=seq, inside=inside,
-                     first_scan=official and may_skip and advantages.shape == shape)
+                     first_scan=official and may_skip and advantages.shape == shape, input_error=input_error)
 
     if config.validate:
         if mask is not None and mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
@@ -357,9 +371,23 @@ def check_group(group) -> None:
                         f"dist.new_group(...)), got {type(group).__name__}")
 
 
+def input_error_and_poison(tok: Tokens, num_tokens):
+    """(input_error, poison) for validate=False: the INPUT_ERROR_* bits found on the device
+    (int32 0-d) and a float32 0-d that is 0, or NaN when any bit is set (added to every token's
+    weight, so loss and gradient are NaN). (None, None) when nothing is checked on the device."""
+    errors = [tok.input_error] if tok.input_error is not None else []
+    if isinstance(num_tokens, Tensor):
+        errors.append((~(num_tokens > 0)).to(torch.int32) * INPUT_ERROR_NUM_TOKENS)
+    if not errors:
+        return None, None
+    error = errors[0] if len(errors) == 1 else errors[0] | errors[1]
+    poison = torch.where(error != 0, float("nan"), 0.0).to(torch.float32)
+    return error, poison
+
+
 def check_num_tokens(num_tokens, config: M2POConfig, device: torch.device):
     """num_tokens: the token-mean denominator override (a positive number or a 0-d tensor on
-    ``device``)."""
+    ``device``; with validate=False a tensor is checked on the device, see input_error)."""
     if num_tokens is None:
         return None
     if config.loss_agg_mode != "token-mean":

@@ -286,6 +286,7 @@ def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Tensor, vari
         "ratio_max": _max_or_zero(ratio_v),
         "cut": cut.threshold,
         "num_nonfinite": tok.nonfinite.float(),
+        "input_error": zero,
     }
     if variant == "official":
         out["clip_low"] = cut.lower

@@ -115,7 +115,7 @@ class Workspace:
     stats_part: Tensor  # float64 [nblocks, STATS_COLS]
     apply_part: Tensor  # float64 [nblocks, 2]
     ties: Tensor  # int64 [nblocks]
-    f32: Tensor  # float32 [14]: cut (lower, upper, m2, m2_after, threshold), 7 outputs, value bits
+    f32: Tensor  # float32 [14]: cut (lower, upper, m2, m2_after, threshold), 7 outputs, value bits, a zero
     nblocks: int
 
     @staticmethod
@@ -253,7 +253,7 @@ def _weights(tok: Tokens, config: M2POConfig, num_tokens, count: Tensor):
 
 
 def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Workspace, want_loss: bool,
-               num_tokens=None, count: Optional[Tensor] = None):
+               num_tokens=None, count: Optional[Tensor] = None, poison: Optional[Tensor] = None):
     n = tok.numel
     keep = torch.empty(n, dtype=torch.bool, device=tok.device)
     grad = torch.empty(n, dtype=torch.float32, device=tok.device) if want_loss else keep
@@ -263,6 +263,7 @@ def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Works
     _launch(
         K.apply_kernel, (ws.nblocks,),
         tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), mask, key, weights, denom, bits,
+        poison if poison is not None else ws.f32[13],
         cut.value, cut.ties_kept, cut.lower, cut.upper, ws.ties,
         keep, grad, ws.apply_part, n,
         OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
@@ -276,7 +277,7 @@ def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Works
     return keep, (grad if want_loss else None), out
 
 
-def metrics_from(out: Tensor, cut: Cut, variant: str) -> dict:
+def metrics_from(out: Tensor, cut: Cut, variant: str, zero: Tensor) -> dict:
     m = {
         "m2": cut.m2,
         "m2_after": cut.m2_after,
@@ -287,6 +288,7 @@ def metrics_from(out: Tensor, cut: Cut, variant: str) -> dict:
         "ratio_max": out[5],
         "cut": cut.threshold,
         "num_nonfinite": out[6],
+        "input_error": zero,  # replaced by the API when it checked inputs on the device
     }
     if variant == "official":
         m["clip_low"] = cut.lower
@@ -312,9 +314,10 @@ def check_device(tok: Tokens) -> None:
 
 
 def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_loss: bool, num_tokens=None,
-                   solver=None):
+                   solver=None, poison: Optional[Tensor] = None):
     """Run the passes. ``solver(key, ws) -> (cut, valid count)`` replaces the local solve
-    (distributed use; the count is then the group's).
+    (distributed use; the count is then the group's). ``poison`` (float32 0-d: 0 or NaN) is
+    added to every token's weight.
 
     Returns keep, metrics, loss (0-d) or None, grad (float32, (N,)) or None.
     """
@@ -331,6 +334,6 @@ def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_los
             level2(key, ws)
             cut = select2(ws, config, ws.n_valid)
     ties_pass(key, cut, ws)
-    keep, grad, out = apply_pass(tok, config, key, cut, ws, want_loss, num_tokens, count)
-    metrics = metrics_from(out, cut, config.variant)
+    keep, grad, out = apply_pass(tok, config, key, cut, ws, want_loss, num_tokens, count, poison)
+    metrics = metrics_from(out, cut, config.variant, ws.f32[13].view(()))
     return keep, metrics, (out[0] if want_loss else None), grad

@@ -1,4 +1,4 @@
-"""Seeded random M2PO inputs shared by the test files: the reference issue's random suite.
+"""Seeded random M2PO inputs shared by the test files: the random suite.
 
 ``case_grid(layout, chunk)`` lists case settings cycling through every combination of tau,
 data style and dtype; ``make_case(**settings)`` builds the inputs (ties common on the grid

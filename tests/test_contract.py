@@ -191,3 +191,48 @@ def test_official_reads_each_sequences_first_valid_token(backend, device):
     _, m = m2po_mask(*(x.to(device) for x in (lp1, olp1, adv1, mask1)), cu_seqlens=cu.to(device), **kw)
     # sequence 0 (A = 1, r > 1): eligible; sequence 1 reads A = 1 (token 2), both its tokens eligible
     assert float(m["trust_region_fraction"]) == 1.0
+
+
+def _packed(device, n=60):
+    g = torch.Generator().manual_seed(9)
+    olp = -torch.rand(n, generator=g)
+    lp, adv = olp + torch.randn(n, generator=g) * 0.3, torch.randn(n, generator=g)
+    return [x.to(device) for x in (lp, olp, adv)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_with_validate_false_bad_inputs_give_nan_and_say_why(backend, variant, device):
+    """validate=False cannot raise without a host read: a decreasing or out-of-range cu_seqlens
+    tensor, or a tensor num_tokens <= 0, make loss and gradient NaN, and metrics["input_error"]
+    says which (1: cu_seqlens, 2: num_tokens). Good inputs report 0."""
+    lp, olp, adv = _packed(device)
+    cases = [
+        (dict(cu_seqlens=torch.tensor([0, 30, 20, 60])), 1.0),  # decreasing
+        (dict(cu_seqlens=torch.tensor([0, 30, 61])), 1.0),  # past the end
+        (dict(cu_seqlens=torch.tensor([-1, 30, 60])), 1.0),  # negative
+        (dict(cu_seqlens=torch.tensor([0, 30, 60]), num_tokens=torch.tensor(-5.0)), 2.0),
+        (dict(cu_seqlens=torch.tensor([0, 30, 60]), num_tokens=torch.tensor(float("nan"))), 2.0),
+        (dict(cu_seqlens=torch.tensor([0, 30, 61]), num_tokens=torch.tensor(0)), 3.0),
+        (dict(cu_seqlens=torch.tensor([0, 30, 60]), num_tokens=torch.tensor(45.0)), 0.0),  # good
+    ]
+    for kw, code in cases:
+        kw = {k: v.to(device) for k, v in kw.items()}
+        leaf = lp.clone().requires_grad_(True)
+        loss, metrics = m2po_loss(leaf, olp, adv, variant=variant, backend=backend, validate=False, **kw)
+        loss.backward()
+        assert float(metrics["input_error"]) == code, kw
+        if code:
+            assert torch.isnan(loss) and torch.isnan(leaf.grad).any(), kw
+        else:
+            assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all(), kw
+        mask_kw = {k: v for k, v in kw.items() if k != "num_tokens"}
+        _, m = m2po_mask(lp, olp, adv, variant=variant, backend=backend, validate=False, **mask_kw)
+        assert float(m["input_error"]) == float(int(code) & 1), kw
+    # with validate=True they raise, and host lists are checked whatever validate says
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m2po_loss(lp, olp, adv, cu_seqlens=torch.tensor([0, 30, 20, 60]).to(device), backend=backend)
+    with pytest.raises(ValueError, match="num_tokens"):
+        m2po_loss(lp, olp, adv, cu_seqlens=[0, 60], num_tokens=torch.tensor(-5.0).to(device), backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        m2po_loss(lp, olp, adv, cu_seqlens=[0, 30, 20, 60], backend=backend, validate=False)

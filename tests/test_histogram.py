@@ -1,6 +1,6 @@
 """The mergeable histogram solver (m2po_ops/histogram.py, used by the data-parallel and
 micro-batch paths and mirrored by the Triton select kernels) against the sort-based reference,
-on the reference issue's random suite."""
+on the random suite."""
 
 import pytest
 import torch

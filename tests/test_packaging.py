@@ -1,4 +1,4 @@
-"""Issue 2: the kernels install as m2po_ops.kernels, never as a top-level ``kernels`` module
+"""The kernels install as m2po_ops.kernels, never as a top-level ``kernels`` module
 (another PyPI package has that name), from a wheel, an editable install and a bare source tree.
 """
 

@@ -1,4 +1,4 @@
-"""Issue 2: the PyTorch reference backend against oracles written from the spec.
+"""The PyTorch reference backend against oracles written from the spec.
 
 The oracles live in tests/literal.py (Algorithm 1 as a literal loop in exact arithmetic, a port of
 the authors' released rule with their torch float32 operations, verl's agg_loss). Every random
@@ -18,7 +18,8 @@ from cases import DTYPES, MASK_KINDS, STYLES, TAUS, case_grid, make_case  # noqa
 from m2po_ops import m2po_loss, m2po_mask
 
 MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-METRIC_KEYS = ("m2", "m2_after", "masked_fraction", "trust_region_fraction", "kl", "ratio_mean", "ratio_max", "cut", "num_nonfinite")
+METRIC_KEYS = ("m2", "m2_after", "masked_fraction", "trust_region_fraction", "kl", "ratio_mean", "ratio_max", "cut",
+               "num_nonfinite", "input_error")
 
 
 def run_loss(lp, olp, adv, mask=None, **kw):

@@ -77,7 +77,7 @@ def assert_backends_agree(case, variant, desc, device, rtol=1e-5, **kw):
 
 
 # --------------------------------------------------------------------------------------------
-# The reference issue's random suite
+# The random suite (tests/cases.py)
 
 
 @pytest.mark.parametrize("chunk", range(2))
