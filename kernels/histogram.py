@@ -28,7 +28,7 @@ def first_valid_kernel(
     HAS_MASK: tl.constexpr, PACKED: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """The official rule's advantage of each sequence: the one of its first valid token (mask
-    nonzero, values finite), as float32 (0 when it has none). One program per sequence (a row
+    nonzero, values finite), in the advantages' dtype (0 when it has none). One program per sequence (a row
     of a (B, T) batch, or cu_seqlens[i]..cu_seqlens[i+1] of packed input), scanning CHUNK
     tokens at a time from the start and stopping at the first chunk that holds a valid token:
     one chunk for a right-padded row."""
@@ -47,7 +47,7 @@ def first_valid_kernel(
         first = tl.minimum(first, tl.min(tl.where(valid, offs, end)))
         pos += CHUNK
     adv = tl.load(adv_ptr + tl.minimum(first, tl.maximum(end - 1, 0)), mask=first < end, other=0.0)
-    tl.store(first_ptr + seq, adv.to(tl.float32))
+    tl.store(first_ptr + seq, adv)
 
 
 @triton.jit(do_not_specialize=["adv_div", "first_div", "first_mul", "n"],

@@ -113,6 +113,8 @@ def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], 
     keep, metrics, loss, grad = _run_backend(tok, config, backend, cut, group, want_loss, num_tokens, poison)
     if error is not None:
         metrics["input_error"] = error.to(torch.float32)
+        if loss is not None:  # NaN even when no token is valid (nothing for the weights to carry it)
+            loss = loss + poison.to(loss.dtype)
     return keep, metrics, loss, grad
 
 
@@ -146,7 +148,7 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
         return keep, metrics, None, None
     w = token_weights(tok, config, num_tokens, loss.dtype, cut.num_valid if group is not None else None)
     if poison is not None:  # NaN on every valid token (padding keeps a zero gradient), as the kernels
-        w = torch.where(tok.valid, w + poison.to(w.dtype), w)
+        w = torch.where(tok.valid, w + poison.to(w.dtype), torch.zeros_like(w))
     # summed in float64 and rounded once, as the Triton backend's partials: where the float64
     # sum of the float32 terms is exact, both backends give the same bits (README, "Float details")
     return keep, metrics, (w * loss).sum(dtype=torch.float64).to(loss.dtype), w * grad

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .config import DEFAULT_TAU
+
 KEEP_ALL_BITS = 0x7FFFFFFF
 
 
 @dataclass(frozen=True)
 class Cut:
     variant: str
-    tau: float  # the budget it was solved for (a cut applied with another tau would be silently wrong)
     value: Tensor  # int32: m2 bit pattern at the cut (paper)
     ties_kept: Tensor  # int64: tied tokens kept, counted from the first in flat order (paper)
     lower: Tensor  # float32: ratio clip bounds (official)
@@ -39,6 +40,9 @@ class Cut:
     m2: Tensor  # float32: mean m2 over T before masking
     m2_after: Tensor  # float32: mean m2 over the kept part of T (official: the authors' formula)
     threshold: Tensor  # float32: m2 at the cut (paper) or tau_c**2 (official); inf if none
+    # the budget it was solved for (applied with another tau the cut would be silently wrong);
+    # last and defaulted so that existing keyword or positional constructions keep working
+    tau: float = DEFAULT_TAU
 
     def for_part(self, ties_before: Tensor) -> "Cut":
         """The cut as seen by one part whose earlier parts hold ``ties_before`` tied tokens."""

@@ -24,7 +24,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # metrics["input_error"] bits: what validate=False found wrong without a host read (the loss and
 # gradient are then NaN). validate=True raises instead.
 INPUT_ERROR_CU_SEQLENS = 1  # cu_seqlens decreasing, negative, or past the last token
-INPUT_ERROR_NUM_TOKENS = 2  # num_tokens <= 0 or NaN
+INPUT_ERROR_NUM_TOKENS = 2  # num_tokens negative, NaN or infinite
 # Token indices are int32 inside the kernels' row arithmetic (an int64 division is a subroutine
 # call per token on the GPU).
 MAX_TOKENS = 2**31
@@ -199,7 +199,7 @@ def _as_cu_seqlens(cu_seqlens, device: torch.device, n: int) -> Tensor:
         raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}")
     if cu.dim() != 1 or cu.numel() < 1:
         raise ValueError(f"cu_seqlens must be 1-D with at least one entry, got shape {tuple(cu.shape)}")
-    return cu.to(torch.int64)
+    return cu.to(torch.int64).contiguous()  # the kernels index it flat
 
 
 def graph_capturing(device: torch.device) -> bool:
@@ -327,7 +327,7 @@ def prepare(
         safe_seq = seq.clamp(max=max(num_seqs - 1, 0))
         if advantages.shape == shape:
             adv_tok = advantages.reshape(-1)
-            starts = cu[:-1].clamp(max=max(n - 1, 0))
+            starts = cu[:-1].clamp(min=0, max=max(n - 1, 0))  # (a bad cu under validate=False must not index out)
             adv_seq_first = adv_tok[starts] if n > 0 else adv_tok.new_zeros(num_seqs)
         elif advantages.shape == (num_seqs,):
             adv_seq_first = advantages
@@ -377,7 +377,10 @@ def input_error_and_poison(tok: Tokens, num_tokens):
     weight, so loss and gradient are NaN). (None, None) when nothing is checked on the device."""
     errors = [tok.input_error] if tok.input_error is not None else []
     if isinstance(num_tokens, Tensor):
-        errors.append((~(num_tokens > 0)).to(torch.int32) * INPUT_ERROR_NUM_TOKENS)
+        # negative, NaN or infinite (0 is left to the weights: inf on valid tokens, and an
+        # all-padding step with num_tokens = its valid count 0 is fine)
+        bad = ~(torch.isfinite(num_tokens) & (num_tokens >= 0))
+        errors.append(bad.to(torch.int32) * INPUT_ERROR_NUM_TOKENS)
     if not errors:
         return None, None
     error = errors[0] if len(errors) == 1 else errors[0] | errors[1]
@@ -403,7 +406,7 @@ def check_num_tokens(num_tokens, config: M2POConfig, device: torch.device):
             raise ValueError(f"num_tokens must be a scalar, got shape {tuple(num_tokens.shape)}")
         if num_tokens.dtype == torch.bool or num_tokens.is_complex():
             raise TypeError(f"num_tokens must be a number, got {num_tokens.dtype}")
-        if config.validate and not bool(num_tokens > 0):
+        if config.validate and not bool(torch.isfinite(num_tokens) & (num_tokens > 0)):
             raise ValueError("num_tokens must be > 0")
         return num_tokens.reshape(())
     if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, float)):
@@ -426,8 +429,9 @@ def token_weights(tok: Tokens, config: M2POConfig, num_tokens, dtype: torch.dtyp
         elif num_valid is not None:
             denom = num_valid.to(dtype).clamp_min(1)
         else:
-            denom = valid.sum().clamp_min(1)
-        return valid / denom
+            denom = tok.valid.sum().to(dtype).clamp_min(1)  # the int64 count rounded once, as the kernels
+        # padding weighs 0 whatever the denominator (0 / 0 would be NaN on padding)
+        return torch.where(tok.valid, valid / denom, torch.zeros((), dtype=dtype, device=tok.device))
     num_seqs = max(tok.num_seqs, 1)
     if mode == "seq-mean-token-sum":
         return valid / num_seqs

@@ -177,7 +177,7 @@ def first_valid_pass(tok: Tokens):
     token (tok.first_scan), by one program per sequence; packed input maps it back to tokens."""
     mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
     packed = tok.cu is not None
-    first = torch.empty(max(tok.num_seqs, 1), dtype=torch.float32, device=tok.device)
+    first = torch.empty(max(tok.num_seqs, 1), dtype=tok.adv_src.dtype, device=tok.device)
     _launch(K.first_valid_kernel, (max(tok.num_seqs, 1),), tok.logprobs, tok.old_logprobs, tok.adv_src, mask,
             tok.cu if packed else tok.logprobs, first, tok.row_len, tok.numel,
             HAS_MASK=tok.mask_src is not None, PACKED=packed, CHUNK=FIRST_CHUNK, num_warps=FIRST_WARPS)

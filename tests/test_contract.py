@@ -211,9 +211,12 @@ def test_with_validate_false_bad_inputs_give_nan_and_say_why(backend, variant, d
         (dict(cu_seqlens=torch.tensor([0, 30, 20, 60])), 1.0),  # decreasing
         (dict(cu_seqlens=torch.tensor([0, 30, 61])), 1.0),  # past the end
         (dict(cu_seqlens=torch.tensor([-1, 30, 60])), 1.0),  # negative
+        (dict(cu_seqlens=torch.tensor([-65, 30, 60])), 1.0),  # below -N: must not index out of range
+        (dict(cu_seqlens=torch.tensor([70, 80])), 1.0),  # past the end: no valid token at all
+        (dict(cu_seqlens=torch.tensor([0, 30, 60]), num_tokens=torch.tensor(float("inf"))), 2.0),
         (dict(cu_seqlens=torch.tensor([0, 30, 60]), num_tokens=torch.tensor(-5.0)), 2.0),
         (dict(cu_seqlens=torch.tensor([0, 30, 60]), num_tokens=torch.tensor(float("nan"))), 2.0),
-        (dict(cu_seqlens=torch.tensor([0, 30, 61]), num_tokens=torch.tensor(0)), 3.0),
+        (dict(cu_seqlens=torch.tensor([0, 30, 61]), num_tokens=torch.tensor(-1)), 3.0),
         (dict(cu_seqlens=torch.tensor([0, 30, 60]), num_tokens=torch.tensor(45.0)), 0.0),  # good
     ]
     for kw, code in cases:
@@ -222,8 +225,10 @@ def test_with_validate_false_bad_inputs_give_nan_and_say_why(backend, variant, d
         loss, metrics = m2po_loss(leaf, olp, adv, variant=variant, backend=backend, validate=False, **kw)
         loss.backward()
         assert float(metrics["input_error"]) == code, kw
+        no_valid_token = int(kw["cu_seqlens"][0]) >= lp.numel()
         if code:
-            assert torch.isnan(loss) and torch.isnan(leaf.grad).any(), kw
+            assert torch.isnan(loss), kw  # even with no valid token to carry it
+            assert torch.isnan(leaf.grad).any() or no_valid_token, kw
         else:
             assert torch.isfinite(loss) and torch.isfinite(leaf.grad).all(), kw
         mask_kw = {k: v for k, v in kw.items() if k != "num_tokens"}
@@ -236,3 +241,42 @@ def test_with_validate_false_bad_inputs_give_nan_and_say_why(backend, variant, d
         m2po_loss(lp, olp, adv, cu_seqlens=[0, 60], num_tokens=torch.tensor(-5.0).to(device), backend=backend)
     with pytest.raises(ValueError, match="cu_seqlens"):
         m2po_loss(lp, olp, adv, cu_seqlens=[0, 30, 20, 60], backend=backend, validate=False)
+    with pytest.raises(ValueError, match="num_tokens"):
+        m2po_loss(lp, olp, adv, cu_seqlens=[0, 60], num_tokens=torch.tensor(float("inf")).to(device), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_all_padding_step_with_a_zero_count_is_not_an_error(backend, device):
+    """A micro-batch with no valid token, given num_tokens = the step's valid count 0 (an empty
+    step): loss 0, zero gradient, no input_error, on both backends."""
+    lp, olp, adv = _packed(device)
+    leaf = lp.clone().requires_grad_(True)
+    mask = torch.zeros(60, dtype=torch.bool, device=device)
+    loss, m = m2po_loss(leaf, olp, adv, mask, cu_seqlens=torch.tensor([0, 60], device=device), backend=backend,
+                        validate=False, num_tokens=torch.tensor(0, device=device))
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and float(m["input_error"]) == 0.0 and not leaf.grad.any()
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_a_strided_cu_seqlens_tensor_reads_like_a_contiguous_one(variant, device):
+    lp, olp, adv = _packed(device)
+    mask = torch.rand(60, generator=torch.Generator().manual_seed(1)) < 0.8
+    strided = torch.tensor([0, 7, 30, 7, 60], device=device)[::2]
+    kw = dict(variant=variant, validate=False, tau=0.01)
+    for backend in BACKENDS:
+        k_s, m_s = m2po_mask(lp, olp, adv, mask.to(device), cu_seqlens=strided, backend=backend, **kw)
+        k_c, m_c = m2po_mask(lp, olp, adv, mask.to(device), cu_seqlens=strided.contiguous(), backend=backend, **kw)
+        assert torch.equal(k_s, k_c) and torch.equal(m_s["trust_region_fraction"], m_c["trust_region_fraction"])
+
+
+def test_a_float64_first_advantage_beyond_float32_range_is_read_alike(device):
+    """The official rule's first valid advantage keeps its dtype on the scan path: a float64 value
+    beyond float32 range is the same (eligible) sign on both backends."""
+    lp = torch.tensor([[0.0, 0.5, 0.4, 0.3]], dtype=torch.float64, device=device)
+    olp = torch.zeros_like(lp)
+    adv = torch.tensor([[0.0, 1e39, 1e39, 1e39]], dtype=torch.float64, device=device)
+    mask = torch.tensor([[False, True, True, True]], device=device)
+    fr = [float(m2po_mask(lp, olp, adv, mask, variant="official", backend=b, validate=False)[1]["trust_region_fraction"])
+          for b in BACKENDS]
+    assert fr == [1.0, 1.0]
