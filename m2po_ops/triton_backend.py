@@ -5,6 +5,8 @@ Forward (local solve), one launch each, whatever the data:
   workspace memset (torch.zeros), stats, select1, level2, select2, ties, tie_scan, apply,
   finalize
 = 1 memset + 8 Triton kernels. Backward: one elementwise multiply (grad_output * stored grad).
+The official rule with per-token advantages and a mask (or validate=False) first runs
+first_valid (each sequence's first valid token): one launch more.
 level2, ties and tie_scan return at once when nothing is masked (mean m2 <= tau, the common
 case); the official variant never needs the tie passes, and they return at once there too.
 With a given cut (micro-batch pre-pass) select1/level2/select2 are skipped; with a process
@@ -59,6 +61,7 @@ TIE_CHUNK = 1024  # blocks per step of tie_scan_kernel
 FINAL_CHUNK = 1024
 FIRST_CHUNK = 256  # tokens per step of first_valid_kernel (one step for a right-padded row)
 FIRST_WARPS = 2
+
 
 @dataclass(frozen=True)
 class Launch:
