@@ -11,7 +11,7 @@ from torch import Tensor
 from . import reference
 from .config import BACKENDS, DEFAULT_TAU, M2POConfig
 from .cut import Cut
-from .inputs import Tokens, check_group, check_num_tokens, input_error_and_poison, prepare, token_weights
+from .inputs import Tokens, check_group, check_num_tokens, input_error, poison_of, prepare, token_weights
 
 
 class AttachGrad(torch.autograd.Function):
@@ -109,7 +109,8 @@ def _maybe_check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Optio
 def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool, num_tokens=None):
     """Returns (keep, metrics, loss or None, per-token gradient or None). Inputs that
     validate=False found wrong on the device (input_error) give a NaN loss and gradient."""
-    error, poison = input_error_and_poison(tok, num_tokens)
+    error = input_error(tok, num_tokens)
+    poison = poison_of(error) if error is not None and want_loss else None
     keep, metrics, loss, grad = _run_backend(tok, config, backend, cut, group, want_loss, num_tokens, poison)
     if error is not None:
         metrics["input_error"] = error.to(torch.float32)

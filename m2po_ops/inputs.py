@@ -371,10 +371,9 @@ def check_group(group) -> None:
                         f"dist.new_group(...)), got {type(group).__name__}")
 
 
-def input_error_and_poison(tok: Tokens, num_tokens):
-    """(input_error, poison) for validate=False: the INPUT_ERROR_* bits found on the device
-    (int32 0-d) and a float32 0-d that is 0, or NaN when any bit is set (added to every token's
-    weight, so loss and gradient are NaN). (None, None) when nothing is checked on the device."""
+def input_error(tok: Tokens, num_tokens) -> Optional[Tensor]:
+    """The INPUT_ERROR_* bits validate=False found on the device (int32 0-d), or None when
+    nothing was checked on the device."""
     errors = [tok.input_error] if tok.input_error is not None else []
     if isinstance(num_tokens, Tensor):
         # negative, NaN or infinite (0 is left to the weights: inf on valid tokens, and an
@@ -382,10 +381,14 @@ def input_error_and_poison(tok: Tokens, num_tokens):
         bad = ~(torch.isfinite(num_tokens) & (num_tokens >= 0))
         errors.append(bad.to(torch.int32) * INPUT_ERROR_NUM_TOKENS)
     if not errors:
-        return None, None
-    error = errors[0] if len(errors) == 1 else errors[0] | errors[1]
-    poison = torch.where(error != 0, float("nan"), 0.0).to(torch.float32)
-    return error, poison
+        return None
+    return errors[0] if len(errors) == 1 else errors[0] | errors[1]
+
+
+def poison_of(error: Tensor) -> Tensor:
+    """float32 0-d: 0, or NaN when any error bit is set (added to every valid token's weight and
+    to the loss, so the loss and gradient are NaN)."""
+    return torch.where(error != 0, float("nan"), 0.0).to(torch.float32)
 
 
 def check_num_tokens(num_tokens, config: M2POConfig, device: torch.device):
