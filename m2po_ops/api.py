@@ -109,7 +109,7 @@ def _maybe_check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Optio
 def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool, num_tokens=None):
     """Returns (keep, metrics, loss or None, per-token gradient or None). Inputs that
     validate=False found wrong on the device (input_error) give a NaN loss and gradient."""
-    error = input_error(tok, num_tokens)
+    error = input_error(tok, num_tokens, config)
     poison = poison_of(error) if error is not None and want_loss else None
     keep, metrics, loss, grad = _run_backend(tok, config, backend, cut, group, want_loss, num_tokens, poison)
     if error is not None:

@@ -102,8 +102,8 @@ class Tokens:
             has = valid.reshape(b, t).any(dim=1)
             return torch.where(has, adv.reshape(b, t).gather(1, col).reshape(-1), torch.zeros_like(adv[:1]))
         n, pos = self.numel, self._positions()
-        seq = self.packed_seq.clamp(max=max(self.num_seqs - 1, 0))
-        at = torch.where(valid & self.inside, pos, torch.full_like(pos, n))
+        seq = self.seq_id.clamp(max=max(self.num_seqs - 1, 0))  # (tokens outside every sequence are not valid)
+        at = torch.where(valid, pos, torch.full_like(pos, n))
         first_pos = torch.full((self.num_seqs,), n, dtype=torch.int64, device=self.device)
         first_pos.scatter_reduce_(0, seq, at, reduce="amin")
         has = first_pos < n
@@ -116,10 +116,7 @@ class Tokens:
         if self.first_scan:
             if self.numel == 0 or self.num_seqs == 0:
                 return torch.zeros_like(self.adv_src.reshape(-1)[: self.numel])
-            first = self.first_valid_advantage
-            seq = self._positions() // max(self.row_len, 1) if self.cu is None else self.packed_seq.clamp(
-                max=self.num_seqs - 1)
-            return first[seq]
+            return self.first_valid_advantage[self.seq_id.clamp(max=self.num_seqs - 1)]
         if self.first_div == 1 and self.first_mul == 1 and self.first_src.numel() == self.numel:
             first = self.first_src.reshape(-1)
         else:
@@ -371,11 +368,11 @@ def check_group(group) -> None:
                         f"dist.new_group(...)), got {type(group).__name__}")
 
 
-def input_error(tok: Tokens, num_tokens) -> Optional[Tensor]:
+def input_error(tok: Tokens, num_tokens, config: M2POConfig) -> Optional[Tensor]:
     """The INPUT_ERROR_* bits validate=False found on the device (int32 0-d), or None when
-    nothing was checked on the device."""
+    nothing was checked on the device (validate=True checked on the host and raised)."""
     errors = [tok.input_error] if tok.input_error is not None else []
-    if isinstance(num_tokens, Tensor):
+    if isinstance(num_tokens, Tensor) and not config.validate:
         # negative, NaN or infinite (0 is left to the weights: inf on valid tokens, and an
         # all-padding step with num_tokens = its valid count 0 is fine)
         bad = ~(torch.isfinite(num_tokens) & (num_tokens >= 0))
