@@ -1,0 +1,126 @@
+"""The threshold split: the trust-region tokens a rule can never cut, and their exact sum.
+
+Why: ordering every trust-region token (a sort, or a 2**31-value histogram) is what makes an
+exact M2PO cut expensive, yet most tokens can never be cut.
+
+- Paper rule. Sort T ascending, v_1 <= ... <= v_n, S_k = v_1 + ... + v_k. If v_k <= tau then
+  S_k <= k v_k <= k tau, so the prefix of length k fits the budget: every token with
+  m2 <= tau is kept, and the cut lies among the tokens above tau.
+- Official rule. The authors' water-filling test at index k is
+  (v_k - 1e-12)(n - k - 1) + c_k >= tau n - 1e-12, with c_k = v_1 + ... + v_{k+1} <= (k+1) v_k
+  (0-based k), so the test value is at most n v_k - 1e-12 (n - k - 1): no test passes unless
+  v_k >= tau - 1e-12 / n. Every token below tau - 1e-12 (any n >= 1) is before the first hit.
+
+So a token is in the *tail* when its key (the float32 m2 bit pattern) is above
+``threshold_bits(config)`` (a float32 at or below those bounds, with a margin for the float64
+evaluation of the official test), and *below* otherwise. Only the tail is ordered (the
+histograms hold tail tokens only); the below part enters the decision through its count, its
+exact sum and, for the official rule, its maximum (the value before the first hit when the hit
+is the tail's first token).
+
+The exact sum: a float32 value is ``sig * 2**(p - 149)`` with an integer significand
+``sig < 2**24`` and ``p = max(exponent, 1) - 1``. ``sig << (p % 30)`` is split into two 30-bit
+limbs, added into limbs ``p // 30`` and ``p // 30 + 1``. Integer limb sums are exact, do not
+depend on the order of the additions, and add across blocks, micro-batches and ranks, so every
+partition of a step gives the same bits. ``limbs_to_float`` turns them into one float64 by a
+fixed sequence of operations, the same in PyTorch and in the kernels.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import torch
+from torch import Tensor
+
+from .config import OFFICIAL_EPS
+
+LIMB_BITS = 30
+LIMB_MASK = (1 << LIMB_BITS) - 1
+# p <= 253 for finite float32 (exponent 254), plus the high half: limbs 0..9
+MAX_LIMBS = 10
+# carry passes that bring limb sums (< 2**61: 2**31 tokens of < 2**30 each) below 2**31
+CARRY_PASSES = 3
+FLT_MAX_BITS = 0x7F7FFFFF
+# the official threshold sits this far (relative) below tau - 1e-12: room for the float64
+# roundings of the authors' test value (prefix sums and products, each well under 2**-40)
+OFFICIAL_MARGIN = 2.0**-30
+# The floating-point zone: where |S_k - tau k| <= ZONE_EPS * tau * k, a decision computed with
+# float64 sums (the tail's prefix sums, the below sum's conversion, tau * k) may differ from the
+# exact-arithmetic one. Error chains: the limb conversion (2 ulps), chunked bucket prefix sums
+# (under 2**7 float64 additions deep) and, on the PyTorch CPU path, a sequential float64 prefix
+# over the sorted tail, k additions deep: within 2**-32 for tails of up to 2**20 tokens per call.
+ZONE_EPS = 2.0**-32
+
+
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _f32_down(x: float) -> int:
+    """Bit pattern of the largest non-negative float32 <= x (x >= 0, finite)."""
+    bits = _f32_bits(x) if x <= 3.4028234663852886e38 else FLT_MAX_BITS
+    if struct.unpack("<f", struct.pack("<i", bits))[0] > x:  # rounded up
+        bits -= 1
+    return min(bits, FLT_MAX_BITS)
+
+
+def threshold_bits(variant: str, tau: float) -> int:
+    """The largest key that is never cut under this rule and budget; -1 when none is safe.
+
+    Never above FLT_MAX's bits, so an infinite m2 is always in the tail (it makes the sums
+    infinite, which the histograms represent and limbs do not)."""
+    if variant == "paper":
+        bound = tau
+    else:
+        bound = (tau - OFFICIAL_EPS) * (1.0 - OFFICIAL_MARGIN)
+    if math.isnan(bound) or bound < 0:
+        return -1
+    if math.isinf(bound):
+        return FLT_MAX_BITS
+    return _f32_down(bound)
+
+
+def limb_count(thr_bits: int) -> int:
+    """Limbs that hold the exact sum of keys in [0, thr_bits] (at least 2)."""
+    if thr_bits < 0:
+        return 2
+    p = max(thr_bits >> 23, 1) - 1
+    return p // LIMB_BITS + 2
+
+
+def _significand(key: Tensor) -> Tensor:
+    exponent = key >> 23
+    return (key & 0x7FFFFF) | torch.where(exponent > 0, 1 << 23, 0)
+
+
+def limb_sums(key: Tensor, below: Tensor, nlimb: int) -> Tensor:
+    """int64 [nlimb]: the limbs of the exact sum of the float32 values whose bit patterns are
+    ``key`` where ``below`` (flat tensors)."""
+    k = torch.where(below, key.to(torch.int64), 0)
+    p = (k >> 23).clamp_min(1) - 1
+    x = _significand(k) << (p % LIMB_BITS)
+    q = p // LIMB_BITS
+    out = torch.zeros(nlimb + 1, dtype=torch.int64, device=key.device)
+    out.scatter_add_(0, q, torch.where(below, x & LIMB_MASK, 0))
+    out.scatter_add_(0, q + 1, torch.where(below, x >> LIMB_BITS, 0))
+    return out[:nlimb]
+
+
+def limbs_to_float(limbs: Tensor) -> Tensor:
+    """float64 0-d from limb sums: CARRY_PASSES carry passes, then the limbs from the highest
+    down, each times its power of two (exact), added one by one. A fixed sequence of float64
+    operations (the kernels run the same one), within one ulp of the exact sum."""
+    d = limbs.to(torch.int64)
+    top = torch.arange(d.numel(), device=d.device) == d.numel() - 1
+    for _ in range(CARRY_PASSES):  # (the top limb keeps its high bits)
+        carry = torch.where(top, 0, d >> LIMB_BITS)
+        d = torch.where(top, d, d & LIMB_MASK) + torch.cat([carry.new_zeros(1), carry[:-1]])
+    s = torch.zeros((), dtype=torch.float64, device=limbs.device)
+    for i in reversed(range(d.numel())):
+        s = s + d[i].double() * 2.0 ** (LIMB_BITS * i - 149)
+    return s
+
+
+__all__ = ["ZONE_EPS", "LIMB_BITS", "MAX_LIMBS", "threshold_bits", "limb_count", "limb_sums", "limbs_to_float"]
