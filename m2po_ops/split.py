@@ -40,8 +40,6 @@ LIMB_BITS = 30
 LIMB_MASK = (1 << LIMB_BITS) - 1
 # p <= 253 for finite float32 (exponent 254), plus the high half: limbs 0..9
 MAX_LIMBS = 10
-# carry passes that bring limb sums (< 2**61: 2**31 tokens of < 2**30 each) below 2**31
-CARRY_PASSES = 3
 FLT_MAX_BITS = 0x7F7FFFFF
 # the official threshold sits this far (relative) below tau - 1e-12: room for the float64
 # roundings of the authors' test value (prefix sums and products, each well under 2**-40)
@@ -109,17 +107,36 @@ def limb_sums(key: Tensor, below: Tensor, nlimb: int) -> Tensor:
 
 
 def limbs_to_float(limbs: Tensor) -> Tensor:
-    """float64 0-d from limb sums: CARRY_PASSES carry passes, then the limbs from the highest
-    down, each times its power of two (exact), added one by one. A fixed sequence of float64
-    operations (the kernels run the same one), within one ulp of the exact sum."""
-    d = limbs.to(torch.int64)
-    top = torch.arange(d.numel(), device=d.device) == d.numel() - 1
-    for _ in range(CARRY_PASSES):  # (the top limb keeps its high bits)
-        carry = torch.where(top, 0, d >> LIMB_BITS)
-        d = torch.where(top, d, d & LIMB_MASK) + torch.cat([carry.new_zeros(1), carry[:-1]])
+    """float64 0-d from limb sums, by a fixed sequence of operations (the kernels run the same
+    one): carries propagated from the lowest limb up (every limb but the top becomes a 30-bit
+    digit), then the digits from the highest down, each converted to float64 (rounded to
+    nearest) and times its power of two (exact), added one by one. Within one ulp of the exact
+    sum; the same bits for the same limbs on every device."""
+    if limbs.device.type == "cpu":  # Python ints and floats: the same IEEE operations, no kernels
+        raw = limbs.tolist()
+        digits, carry = [], 0
+        for i, v in enumerate(raw):
+            v += carry
+            if i < len(raw) - 1:
+                digits.append(v & LIMB_MASK)
+                carry = v >> LIMB_BITS
+            else:
+                digits.append(v)
+        s = 0.0
+        for i in reversed(range(len(digits))):
+            s = s + float(digits[i]) * 2.0 ** (LIMB_BITS * i - 149)
+        return torch.tensor(s, dtype=torch.float64)
+    digits, carry = [], torch.zeros((), dtype=torch.int64, device=limbs.device)
+    for i in range(limbs.numel()):
+        v = limbs[i] + carry
+        if i < limbs.numel() - 1:
+            digits.append(v & LIMB_MASK)
+            carry = v >> LIMB_BITS
+        else:
+            digits.append(v)
     s = torch.zeros((), dtype=torch.float64, device=limbs.device)
-    for i in reversed(range(d.numel())):
-        s = s + d[i].double() * 2.0 ** (LIMB_BITS * i - 149)
+    for i in reversed(range(len(digits))):
+        s = s + digits[i].double() * 2.0 ** (LIMB_BITS * i - 149)
     return s
 
 
