@@ -532,6 +532,29 @@ def totals(rows: List[dict]) -> dict:
     )
 
 
+def linear_fit(small: Trace, n_small: int, large: Trace, n_large: int) -> Dict[str, dict]:
+    """Per kernel (and torch op), its bytes as ``per_token * n + fixed`` from two traces of the
+    same call at two sizes: {name: {read_per_token, read_fixed, write_per_token, write_fixed,
+    atomic_per_token, atomic_fixed}}. Separates the traffic that grows with the tokens from the
+    fixed cost (histogram scans, the workspace memset), which dominates per-token figures of a
+    small call. Rows present in only one trace are left out."""
+    a = {r["kernel"]: r for r in summary(small, 1)}
+    b = {r["kernel"]: r for r in summary(large, 1)}
+    dn = n_large - n_small
+    if dn == 0:
+        raise ValueError("linear_fit needs two different sizes")
+    out = {}
+    for name in a.keys() & b.keys():
+        fit = {}
+        for what, key in (("read", "read_bytes"), ("write", "write_bytes"), ("atomic", "atomic_bytes")):
+            ya, yb = a[name][key] or 0, b[name][key] or 0
+            slope = (yb - ya) / dn
+            fit[f"{what}_per_token"] = slope
+            fit[f"{what}_fixed"] = ya - slope * n_small
+        out[name] = fit
+    return out
+
+
 def by_arg_rows(trace: Trace, num_tokens: int) -> List[dict]:
     """Per kernel and tensor argument: bytes read / written / atomically updated per token."""
     n = max(int(num_tokens), 1)

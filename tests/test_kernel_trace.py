@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is a folder of the source tree, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench.kernel_trace import by_arg_rows, format_table, kernel_trace, make_trace_batch, summary  # noqa: E402
+from bench.kernel_trace import (by_arg_rows, format_table, kernel_trace, linear_fit, make_trace_batch,  # noqa: E402
+                                summary)
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                                 reason="Triton kernels are compiled here (CUDA): nothing to trace")
@@ -144,6 +145,20 @@ def test_summary_per_token():
     assert "| _probe_kernel | 2 | 6 |" in table and "**total**" in table
     rows_by_arg = {(x["kernel"], x["arg"]): x for x in by_arg_rows(trace, N)}
     assert rows_by_arg[("_probe_kernel", "b_ptr")]["write_B_per_token"] == 2.0
+
+
+def test_linear_fit_splits_per_token_and_fixed_bytes():
+    traces = {}
+    for n in (32, 40):  # the same 3 programs: x is read per token, the flag once per program
+        a = _probe_args()
+        with kernel_trace() as traces[n]:
+            _probe_kernel[(3,)](a["x"], a["y"], a["b"], a["flag"], a["hist"], a["cnt"], a["mx"], a["lock"], n,
+                                BLOCK=BLOCK)
+    fit = linear_fit(traces[32], 32, traces[40], 40)["_probe_kernel"]
+    assert (fit["read_per_token"], fit["read_fixed"]) == (4.0, 24.0)
+    assert (fit["write_per_token"], fit["write_fixed"]) == (5.0, 0.0)
+    # atomics: hist (16 lanes) + cnt + cas per program are fixed, mx is per token
+    assert (fit["atomic_per_token"], fit["atomic_fixed"]) == (4.0, 3 * 18 * 4.0)
 
 
 def test_early_exit_and_scalar_only():
