@@ -1,14 +1,15 @@
 """Fused Triton kernels of m2po-ops, installed as ``m2po_ops.kernels``.
 
 Token passes (grid over blocks of tokens): stats_kernel, level2_kernel, ties_kernel,
-apply_kernel. Single-program passes: select1_kernel, select2_kernel (histograms to cut),
+apply_kernel. Bucket passes (one program per chunk of buckets, the last to arrive finishing):
+select1_kernel, select2_kernel (histograms to cut). Single-program passes:
 tie_scan_kernel (per-block tie offsets), finalize_kernel (partials to loss and metrics). The launch order and buffers are in m2po_ops/triton_backend.py; the
 algorithm, in PyTorch, is m2po_ops/histogram.py.
 """
 
 from .apply import APPLY_COLS, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR, W_TENSOR_DENOM, apply_kernel, finalize_kernel
 from .histogram import STATS_COLS, first_valid_kernel, level2_kernel, stats_kernel, tie_scan_kernel, ties_kernel
-from .select import select1_kernel, select2_kernel
+from .select import PART_COLS, select1_kernel, select2_kernel
 
 ALL_KERNELS = (
     first_valid_kernel,
@@ -25,6 +26,7 @@ ALL_KERNELS = (
 __all__ = [
     "ALL_KERNELS",
     "APPLY_COLS",
+    "PART_COLS",
     "STATS_COLS",
     "W_COUNT",
     "W_NONE",

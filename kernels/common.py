@@ -201,3 +201,110 @@ def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: 
         base = base & (m != 0) & (m == m)
     finite = is_finite(lp) & is_finite(olp) & is_finite(adv)
     return lp.to(tl.float32), olp.to(tl.float32), adv.to(tl.float32), base & finite, base & ~finite
+
+
+# ---------------------------------------------------------------------------------------------
+# Histogram updates without contention, the threshold split's exact sums, and the
+# last-program-to-arrive pattern of the parallel select kernels.
+
+INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
+# up to this many distinct buckets in a block are added one at a time (a min-reduction each);
+# beyond, the block sorts its entries and adds one run per bucket
+FEW_BUCKETS = tl.constexpr(16)
+
+
+@triton.jit
+def _runs(k1, c1, s1, k2, c2, s2):
+    """Scan step over a sorted sequence: counts and sums restart where the bucket changes."""
+    same = k1 == k2
+    return k2, tl.where(same, c1 + c2, c2), tl.where(same, s1 + s2, s2)
+
+
+@triton.jit
+def add_aggregated(count_ptr, sig_ptr, bucket, sig, sel, N: tl.constexpr):
+    """count_ptr[b] += the selected entries in bucket b, sig_ptr[b] += their sum of ``sig``
+    (< 2**32), with at most one atomic per address per block: entries are pre-aggregated in the
+    block first, so equal values (quantised data, every token the same m2) do not serialise
+    atomics on one address."""
+    cnt = tl.sum(sel.to(tl.int64))
+    if cnt > 0:
+        sel_bucket = tl.where(sel, bucket.to(tl.int64), INT64_MAX)
+        lo = tl.min(sel_bucket)
+        hi = tl.max(tl.where(sel, bucket.to(tl.int64), -1))
+        if lo == hi:  # one bucket, e.g. every entry the same value
+            tl.atomic_add(count_ptr + lo, cnt, sem="relaxed")
+            tl.atomic_add(sig_ptr + lo, tl.sum(tl.where(sel, sig.to(tl.int64), 0)), sem="relaxed")
+        elif cnt <= FEW_BUCKETS:  # a few entries (the common case): one bucket at a time
+            b = lo
+            while b < INT64_MAX:
+                this = sel_bucket == b
+                tl.atomic_add(count_ptr + b, tl.sum(this.to(tl.int64)), sem="relaxed")
+                tl.atomic_add(sig_ptr + b, tl.sum(tl.where(this, sig.to(tl.int64), 0)), sem="relaxed")
+                b = tl.min(tl.where(sel_bucket > b, sel_bucket, INT64_MAX))
+        else:  # sort (bucket, sig) pairs; each run of a bucket is added once, by its first entry
+            packed = tl.sort(tl.where(sel, (bucket.to(tl.int64) << 32) | sig.to(tl.int64), INT64_MAX))
+            b = packed >> 32
+            one = tl.full([N], 1, tl.int64)
+            v = packed & 0xFFFFFFFF
+            _, run_pos, _ = tl.associative_scan((b, one, v), 0, _runs)
+            _, run_cnt, run_sig = tl.associative_scan((b, one, v), 0, _runs, reverse=True)
+            head = (packed != INT64_MAX) & (run_pos == 1)
+            # (`+ 0` costs nothing compiled; the interpreter's atomics read a reverse scan's
+            # strided result as if it were dense, and the add makes a dense copy)
+            tl.atomic_add(count_ptr + b, run_cnt + 0, mask=head, sem="relaxed")
+            tl.atomic_add(sig_ptr + b, run_sig + 0, mask=head, sem="relaxed")
+
+
+@triton.jit
+def add_limbs(limb_ptr, bits, sel, NLIMB: tl.constexpr):
+    """limb_ptr[0:NLIMB] += the exact sum of the selected float32 values (bit patterns ``bits``)
+    as 30-bit limbs (m2po_ops/split.py): one atomic per limb per block."""
+    e = bits.to(tl.int32) >> 23
+    p = tl.maximum(e, 1) - 1
+    q = p // 30
+    r = p - q * 30
+    x = significand(bits) << r.to(tl.int64)
+    lo = x & 0x3FFFFFFF
+    hi = x >> 30
+    for i in tl.static_range(NLIMB):
+        part = tl.sum(tl.where(sel & (q == i), lo, 0) + tl.where(sel & (q == i - 1), hi, 0))
+        if part != 0:
+            tl.atomic_add(limb_ptr + i, part, sem="relaxed")
+
+
+@triton.jit
+def _pow2(e: tl.constexpr):
+    return tl.full((), (e + 1023) << 52, tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
+def limbs_to_f64(limb_ptr, NLIMB: tl.constexpr):
+    """The float64 of limb sums, by the sequence of m2po_ops.split.limbs_to_float: one carry
+    sweep from the lowest limb, then the digits from the highest down."""
+    i16 = tl.arange(0, 16)
+    raw = tl.load(limb_ptr + i16, mask=i16 < NLIMB, other=0)
+    digits = tl.zeros([16], tl.int64)
+    carry = tl.zeros((), tl.int64)
+    for i in tl.static_range(NLIMB):
+        v = tl.sum(tl.where(i16 == i, raw, 0)) + carry
+        if i < NLIMB - 1:
+            digits = tl.where(i16 == i, v & 0x3FFFFFFF, digits)
+            carry = v >> 30
+        else:
+            digits = tl.where(i16 == i, v, digits)
+    s = tl.zeros((), tl.float64)
+    for j in tl.static_range(NLIMB):
+        d = tl.sum(tl.where(i16 == NLIMB - 1 - j, digits, 0))
+        s = s + d.to(tl.float64) * _pow2(30 * (NLIMB - 1 - j) - 149)
+    return s
+
+
+@triton.jit
+def last_to_arrive(counter_ptr, programs):
+    """True in exactly one program of the launch: the last to finish its partial results, which
+    are then visible to it (a barrier orders the program's stores before the acq_rel ticket;
+    the reader loads partials with .cg, bypassing the non-coherent L1). The counter lives in
+    the zeroed workspace, so each call (and each graph replay) starts from 0."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    return ticket == programs - 1

@@ -1,10 +1,14 @@
 """Token passes that build the mergeable statistics (see m2po_ops/histogram.py for the format).
 
-stats_kernel: one read of the inputs. Per token: delta, m2, trust-region membership, the key
-(m2 bits or -1), level-1 histogram atomics (int64, so any order gives the same bits), and
-per-block metric partials (written, not atomically added, so their sum is deterministic).
+stats_kernel: one read of the inputs. Per token: delta, m2, trust-region membership and the
+key (m2 bits or -1). The threshold split (m2po_ops/split.py): trust-region tokens at or below
+the threshold add to the below part (count, exact limb sum, and for the official rule the
+maximum key), the tail above it to the level-1 histogram. Every histogram and sum update is an
+int64 atomic (any order gives the same bits), pre-aggregated in the block so that an address
+gets at most one atomic per block. Per-block metric partials are written, not atomically
+added, so their sum is deterministic.
 level2_kernel: level-2 histograms of the one or two level-1 buckets select1 chose, from the
-keys; exits at once when select1 found nothing to refine (the common case).
+tail keys; exits at once when select1 found nothing to refine (the common case).
 ties_kernel: per-block counts of keys equal to the paper cut's value, for the tie rule;
 exits at once when nothing is masked.
 tie_scan_kernel: one program turning those counts into exclusive per-block offsets (in place),
@@ -14,7 +18,8 @@ so the apply pass knows how many tied tokens precede each block; exits at once l
 import triton
 import triton.language as tl
 
-from .common import L1_SHIFT, clamp, exp_f32, in_bounds, is_finite, load_tokens, ratio_f32, row_of, significand
+from .common import (L1_SHIFT, add_aggregated, add_limbs, clamp, exp_f32, in_bounds, is_finite, load_tokens, ratio_f32,
+                     row_of, significand)
 
 # per-block partials written by stats_kernel (float64 columns): valid tokens, trust-region
 # tokens, sum of -delta, sum of ratios, max ratio, masked-in tokens holding inf/NaN
@@ -50,32 +55,35 @@ def first_valid_kernel(
     tl.store(first_ptr + seq, adv)
 
 
-@triton.jit(do_not_specialize=["adv_div", "first_div", "first_mul", "n"],
-            do_not_specialize_on_alignment=["n_valid_ptr"])
+@triton.jit(do_not_specialize=["adv_div", "first_div", "first_mul", "thr", "n"],
+            do_not_specialize_on_alignment=["n_valid_ptr", "below_max_ptr"])
 def stats_kernel(
     lp_ptr, olp_ptr, adv_ptr, adv_div: tl.int64, first_ptr, first_div: tl.int64, first_mul: tl.int64, mask_ptr,
-    key_ptr, hist1_ptr, part_ptr, n_valid_ptr, n: tl.int64,
+    key_ptr, hist1_ptr, below_ptr, below_max_ptr, thr: tl.int64, part_ptr, n_valid_ptr, n: tl.int64,
     OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
-    NB1: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
+    NB1: tl.constexpr, NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):
+    """hist1_ptr: int64 [2, NB1] tail histogram; below_ptr: int64 [1 + NLIMB], the below part's
+    count and limbs; below_max_ptr: int64, the largest below key (official); thr: the split's
+    threshold key (m2po_ops.split.threshold_bits)."""
     # every block but the last is full: its accesses need no bounds mask (see common.in_bounds)
     pid = tl.program_id(0)
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
         _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, key_ptr,
-                     hist1_ptr, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, NB1,
-                     BLOCK, INTERP, True)
+                     hist1_ptr, below_ptr, below_max_ptr, thr, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK,
+                     ADV_PER_ROW, FIRST_PER_ROW, NB1, NLIMB, BLOCK, INTERP, True)
     else:
         _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, key_ptr,
-                     hist1_ptr, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, NB1,
-                     BLOCK, INTERP, False)
+                     hist1_ptr, below_ptr, below_max_ptr, thr, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK,
+                     ADV_PER_ROW, FIRST_PER_ROW, NB1, NLIMB, BLOCK, INTERP, False)
 
 
 @triton.jit
 def _stats_block(
     lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr,
-    key_ptr, hist1_ptr, part_ptr, n_valid_ptr, n, pid,
+    key_ptr, hist1_ptr, below_ptr, below_max_ptr, thr, part_ptr, n_valid_ptr, n, pid,
     OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
-    NB1: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, FULL: tl.constexpr,
+    NB1: tl.constexpr, NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, FULL: tl.constexpr,
 ):
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = in_bounds(offs, n, FULL)
@@ -103,10 +111,15 @@ def _stats_block(
     key = tl.where(trust, bits, -1)
     tl.store(key_ptr + offs, key, mask=inb)
 
-    bucket = bits >> L1_SHIFT
-    one = tl.full([BLOCK], 1, tl.int64)
-    tl.atomic_add(hist1_ptr + bucket, one, mask=trust, sem="relaxed")
-    tl.atomic_add(hist1_ptr + NB1 + bucket, significand(bits), mask=trust, sem="relaxed")
+    tail = trust & (bits > thr)
+    add_aggregated(hist1_ptr, hist1_ptr + NB1, bits >> L1_SHIFT, significand(bits), tail, BLOCK)
+    below = trust & (bits <= thr)
+    n_below = tl.sum(below.to(tl.int64))
+    if n_below > 0:
+        tl.atomic_add(below_ptr, n_below, sem="relaxed")
+        add_limbs(below_ptr + 1, bits, below, NLIMB)
+        if OFFICIAL:  # the value before the first hit when that hit is the tail's first token
+            tl.atomic_max(below_max_ptr, tl.max(tl.where(below, bits, -1)).to(tl.int64), sem="relaxed")
 
     ratio = tl.where(valid, ratio, 0.0)
     n_valid = tl.sum(valid.to(tl.int64))
@@ -120,17 +133,18 @@ def _stats_block(
     tl.store(row + 5, tl.sum(nonfinite.to(tl.int64)).to(tl.float64))
 
 
-@triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["state_ptr"])
-def level2_kernel(key_ptr, state_ptr, hist2_ptr, n: tl.int64, NB2: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["thr", "n"], do_not_specialize_on_alignment=["state_ptr"])
+def level2_kernel(key_ptr, state_ptr, hist2_ptr, thr: tl.int64, n: tl.int64, NB2: tl.constexpr,
+                  BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _level2_block(key_ptr, state_ptr, hist2_ptr, n, pid, NB2, BLOCK, True)
+        _level2_block(key_ptr, state_ptr, hist2_ptr, thr, n, pid, NB2, BLOCK, True)
     else:
-        _level2_block(key_ptr, state_ptr, hist2_ptr, n, pid, NB2, BLOCK, False)
+        _level2_block(key_ptr, state_ptr, hist2_ptr, thr, n, pid, NB2, BLOCK, False)
 
 
 @triton.jit
-def _level2_block(key_ptr, state_ptr, hist2_ptr, n, pid, NB2: tl.constexpr, BLOCK: tl.constexpr,
+def _level2_block(key_ptr, state_ptr, hist2_ptr, thr, n, pid, NB2: tl.constexpr, BLOCK: tl.constexpr,
                   FULL: tl.constexpr):
     refine = tl.load(state_ptr + 0)
     if refine != 0:
@@ -140,14 +154,10 @@ def _level2_block(key_ptr, state_ptr, hist2_ptr, n, pid, NB2: tl.constexpr, BLOC
         key = tl.load(key_ptr + offs, mask=in_bounds(offs, n, FULL), other=-1)
         bucket = (key >> L1_SHIFT).to(tl.int64)
         low = key & (NB2 - 1)
-        one = tl.full([BLOCK], 1, tl.int64)
         sig = significand(key)
-        sel1 = (key >= 0) & (bucket == b1)
-        tl.atomic_add(hist2_ptr + low, one, mask=sel1, sem="relaxed")
-        tl.atomic_add(hist2_ptr + NB2 + low, sig, mask=sel1, sem="relaxed")
-        sel0 = (key >= 0) & (bucket == b0)
-        tl.atomic_add(hist2_ptr + 2 * NB2 + low, one, mask=sel0, sem="relaxed")
-        tl.atomic_add(hist2_ptr + 3 * NB2 + low, sig, mask=sel0, sem="relaxed")
+        tail = key > thr  # (keys of T at or below the threshold are not in the histograms)
+        add_aggregated(hist2_ptr, hist2_ptr + NB2, low, sig, tail & (bucket == b1), BLOCK)
+        add_aggregated(hist2_ptr + 2 * NB2, hist2_ptr + 3 * NB2, low, sig, tail & (bucket == b0), BLOCK)
 
 
 @triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["value_ptr"])

@@ -1,18 +1,34 @@
-"""Single-program kernels that turn the histograms into the cut, on the device.
+"""The select kernels: histograms to the cut, on the device, in parallel programs.
 
 They implement, step for step, m2po_ops/histogram.py's select1 / select2 (the PyTorch
-description of the algorithm; read it first). Level-1 prefix sums are float64 and computed by
-chunked scans in a fixed order, so select1 and select2 see the same bits; level-2 prefix sums
-are exact int64. Inside a run of tied values the boundary is found by a 32-step binary search.
-No full sort, no host round-trip: only O(buckets) work in one program.
+description of the algorithm; read it first). Each launch has one program per CHUNK buckets;
+each program writes its chunk's totals (count, float64 sum or exact significand sum, last
+non-empty bucket), and the last program to arrive (common.last_to_arrive) walks the chunk
+totals in order, finds the one chunk that holds the boundary and scans only that chunk. So no
+program scans more than CHUNK buckets plus one row per chunk, whatever the data.
+
+Float64 prefix sums: a bucket's prefix is (prefix before its chunk) + (in-chunk cumsum up to
+it), and a chunk's total is its in-chunk cumsum's last element, so the chunk walk and the
+bucket scan evaluate the same numbers. Level-2 prefix sums are exact int64. Inside a run of tied
+values the boundary is found by a 32-step binary search.
+
+The below part of the threshold split (m2po_ops/split.py) is the base of every prefix: its
+count, its limb sum as float64 and (official) its largest key.
 """
 
 import triton
 import triton.language as tl
 
-from .common import L1_SHIFT, as_f64, bits_to_f64, bucket_scale, exp_f64
+from .common import L1_SHIFT, as_f64, bits_to_f64, bucket_scale, exp_f64, last_to_arrive, limbs_to_f64
+from ..histogram import B0, B1, K_BASE, K_END, N_TR, REFINE, S_BASE, S_END, STATE_LEN, TOTAL
 
 SEARCH_STEPS = tl.constexpr(32)
+PART_COLS = 4  # int64 columns of a chunk's partial row
+_PART_COLS = tl.constexpr(PART_COLS)
+_REFINE, _B1, _B0 = tl.constexpr(REFINE), tl.constexpr(B1), tl.constexpr(B0)
+_K_BASE, _S_BASE, _K_END, _S_END = tl.constexpr(K_BASE), tl.constexpr(S_BASE), tl.constexpr(K_END), tl.constexpr(S_END)
+_N_TR, _TOTAL = tl.constexpr(N_TR), tl.constexpr(TOTAL)
+assert STATE_LEN >= 9
 
 
 @triton.jit
@@ -32,73 +48,13 @@ def _f_official(v, k, c, nf, eps):
 
 
 @triton.jit
-def _level1_chunk(hist1_ptr, c, k_carry, s_carry, NB1: tl.constexpr, CHUNK: tl.constexpr):
-    """Counts, inclusive prefix counts / sums of one chunk of level-1 buckets, and new carries."""
-    idx = c + tl.arange(0, CHUNK)
-    cnt = tl.load(hist1_ptr + idx)
-    sig = tl.load(hist1_ptr + NB1 + idx)
-    # (the scale of an empty bucket is zeroed first: 0 * inf would be NaN)
-    sums = sig.to(tl.float64) * tl.where(cnt > 0, bucket_scale(idx), 0.0)
-    k_end = k_carry + tl.cumsum(cnt, 0)
-    s_end = s_carry + tl.cumsum(sums, 0)
-    last = tl.arange(0, CHUNK) == CHUNK - 1
-    return idx, cnt, k_end, s_end, tl.sum(tl.where(last, k_end, 0)), tl.sum(tl.where(last, s_end, 0.0))
+def _f64(bits):
+    return bits.to(tl.float64, bitcast=True)
 
 
 @triton.jit
-def _total_count(hist1_ptr, NB1: tl.constexpr, CHUNK: tl.constexpr):
-    n = tl.zeros((), tl.int64)
-    for c in range(0, NB1, CHUNK):
-        n += tl.sum(tl.load(hist1_ptr + c + tl.arange(0, CHUNK)))
-    return n
-
-
-@triton.jit(do_not_specialize=["tau_hi_bits", "tau_lo_bits", "tau_bits", "tau_eps_bits", "eps_bits"],
-            do_not_specialize_on_alignment=["state_ptr"])
-def select1_kernel(
-    hist1_ptr, state_ptr, tau_hi_bits: tl.int64, tau_lo_bits: tl.int64, tau_bits: tl.int64, tau_eps_bits: tl.int64,
-    eps_bits: tl.int64,
-    OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, NB1: tl.constexpr, CHUNK: tl.constexpr,
-):
-    tau_hi = as_f64(tau_hi_bits)
-    tau_lo = as_f64(tau_lo_bits)
-    tau = as_f64(tau_bits)
-    eps = as_f64(eps_bits)
-    n = _total_count(hist1_ptr, NB1, CHUNK)
-    nf = n.to(tl.float64)
-    target = tau * nf
-    k_carry = tl.zeros((), tl.int64)
-    s_carry = tl.zeros((), tl.float64)
-    b1 = tl.full((), NB1, tl.int64)
-    for c in range(0, NB1, CHUNK):
-        idx, cnt, k_end, s_end, k_carry, s_carry = _level1_chunk(hist1_ptr, c, k_carry, s_carry, NB1, CHUNK)
-        if OFFICIAL:
-            hi = bits_to_f64(tl.minimum((idx + 1).to(tl.int64) << L1_SHIFT, 0x7F7FFFFF))  # <= FLT_MAX: no inf * 0
-            pred = (cnt > 0) & (_f_official(hi, k_end - 1, s_end, nf, eps) >= target - eps)
-        else:
-            pred = (cnt > 0) & ~_cond_paper(s_end, k_end, tau_hi, tau_lo, TAU_INF)
-        b1 = tl.minimum(b1, tl.min(tl.where(pred, idx, NB1)).to(tl.int64))
-    total = s_carry
-    if OFFICIAL:
-        refine = (n > 0) & (total / tl.maximum(nf, 1.0) > as_f64(tau_eps_bits)) & (target < total - eps)
-        refine = refine & (target > eps)
-    else:
-        refine = ~_cond_paper(total, n, tau_hi, tau_lo, TAU_INF)
-    b1 = tl.where(b1 == NB1, 0, b1)
-    b0 = tl.full((), -1, tl.int64)
-    for c in range(0, NB1, CHUNK):
-        idx = c + tl.arange(0, CHUNK)
-        cnt = tl.load(hist1_ptr + idx)
-        b0 = tl.maximum(b0, tl.max(tl.where((cnt > 0) & (idx < b1), idx, -1)).to(tl.int64))
-    tl.store(state_ptr + 0, refine.to(tl.int64))
-    tl.store(state_ptr + 1, b1)
-    tl.store(state_ptr + 2, b0)
-
-
-@triton.jit
-def _scaled(sig_sum, scale):
-    """An exact level-2 significand sum times its bucket's scale (0 stays 0 in the inf bucket)."""
-    return tl.where(sig_sum == 0, 0.0, sig_sum.to(tl.float64) * scale)
+def _bits(x):
+    return x.to(tl.int64, bitcast=True)
 
 
 @triton.jit
@@ -107,72 +63,261 @@ def _pick(x, idx, at):
     return tl.sum(tl.where(idx == at, x, 0))
 
 
+@triton.jit
+def _bucket_hi(idx):
+    """The largest value of level-1 bucket idx, capped at FLT_MAX (no inf * 0 in the test)."""
+    return bits_to_f64(tl.minimum((idx + 1).to(tl.int64) << L1_SHIFT, 0x7F7FFFFF))
+
+
+@triton.jit(do_not_specialize=["tau_hi_bits", "tau_lo_bits", "tau_bits", "tau_eps_bits", "eps_bits"],
+            do_not_specialize_on_alignment=["below_ptr", "state_ptr", "counter_ptr"])
+def select1_kernel(
+    hist1_ptr, below_ptr, part_ptr, counter_ptr, state_ptr,
+    tau_hi_bits: tl.int64, tau_lo_bits: tl.int64, tau_bits: tl.int64, tau_eps_bits: tl.int64, eps_bits: tl.int64,
+    OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, NB1: tl.constexpr, NLIMB: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Pick the level-1 bucket b1 holding the cut; write the select state (m2po_ops.histogram)."""
+    pid = tl.program_id(0)
+    programs = NB1 // CHUNK
+    idx = pid * CHUNK + tl.arange(0, CHUNK)
+    cnt = tl.load(hist1_ptr + idx)
+    # (the scale of an empty bucket is zeroed first: 0 * inf would be NaN)
+    sums = tl.load(hist1_ptr + NB1 + idx).to(tl.float64) * tl.where(cnt > 0, bucket_scale(idx), 0.0)
+    cum = tl.cumsum(sums, 0)
+    row = part_ptr + pid * _PART_COLS
+    tl.store(row + 0, tl.sum(cnt))
+    tl.store(row + 1, _bits(tl.sum(tl.where(tl.arange(0, CHUNK) == CHUNK - 1, cum, 0.0))))
+    tl.store(row + 2, tl.max(tl.where(cnt > 0, idx, -1)).to(tl.int64))
+    if last_to_arrive(counter_ptr, programs):
+        tau_hi = as_f64(tau_hi_bits)
+        tau_lo = as_f64(tau_lo_bits)
+        tau = as_f64(tau_bits)
+        eps = as_f64(eps_bits)
+        n_below = tl.load(below_ptr, cache_modifier=".cg")
+        s_below = limbs_to_f64(below_ptr + 1, NLIMB)
+        # totals first (the official test needs n)
+        n = n_below
+        for c in range(programs):
+            n += tl.load(part_ptr + c * _PART_COLS, cache_modifier=".cg")
+        nf = n.to(tl.float64)
+        target = tau * nf
+        # walk the chunks in order: the first non-empty chunk whose end fails the budget
+        k_end = n_below
+        s_end = s_below
+        c_star = tl.full((), programs, tl.int64)
+        k_before = n_below
+        s_before = s_below
+        last_before = tl.full((), -1, tl.int64)  # last non-empty bucket of the chunks before c_star
+        for c in range(programs):
+            c_cnt = tl.load(part_ptr + c * _PART_COLS, cache_modifier=".cg")
+            c_sum = _f64(tl.load(part_ptr + c * _PART_COLS + 1, cache_modifier=".cg"))
+            c_last = tl.load(part_ptr + c * _PART_COLS + 2, cache_modifier=".cg")
+            k_prev = k_end
+            s_prev = s_end
+            k_end = k_end + c_cnt
+            s_end = s_end + c_sum
+            if OFFICIAL:
+                hit = (c_cnt > 0) & (_f_official(_bucket_hi(c_last), k_end - 1, s_end, nf, eps) >= target - eps)
+            else:
+                hit = (c_cnt > 0) & ~_cond_paper(s_end, k_end, tau_hi, tau_lo, TAU_INF)
+            first = hit & (c_star == programs)
+            k_before = tl.where(first, k_prev, k_before)
+            s_before = tl.where(first, s_prev, s_before)
+            c_star = tl.where(first, c, c_star)
+            last_before = tl.where((c_star == programs) & (c_cnt > 0), c_last, last_before)
+        total = s_end
+        if OFFICIAL:
+            refine = (n > 0) & (total / tl.maximum(nf, 1.0) > as_f64(tau_eps_bits)) & (target < total - eps)
+        else:
+            refine = ~_cond_paper(total, n, tau_hi, tau_lo, TAU_INF)
+        # the bucket inside chunk c_star (a refined cut always has one)
+        found = c_star < programs
+        c_star = tl.where(found, c_star, 0)
+        idx = c_star * CHUNK + tl.arange(0, CHUNK)
+        cnt = tl.load(hist1_ptr + idx)
+        sums = tl.load(hist1_ptr + NB1 + idx).to(tl.float64) * tl.where(cnt > 0, bucket_scale(idx), 0.0)
+        s_in = s_before + tl.cumsum(sums, 0)
+        k_in = k_before + tl.cumsum(cnt, 0)
+        if OFFICIAL:
+            pred = (cnt > 0) & (_f_official(_bucket_hi(idx), k_in - 1, s_in, nf, eps) >= target - eps)
+        else:
+            pred = (cnt > 0) & ~_cond_paper(s_in, k_in, tau_hi, tau_lo, TAU_INF)
+        b1 = tl.min(tl.where(pred, idx, NB1)).to(tl.int64)
+        # (the chunk's end failed, and its last non-empty bucket has the same prefix numbers)
+        b1 = tl.where(b1 < NB1, b1, tl.max(tl.where(cnt > 0, idx, -1)).to(tl.int64))
+        b1 = tl.where(found, b1, 0)
+        b0 = tl.max(tl.where((cnt > 0) & (idx < b1), idx, -1)).to(tl.int64)
+        b0 = tl.where(b0 >= 0, b0, last_before)
+        first_of_chunk = b1 == c_star * CHUNK
+        tl.store(state_ptr + _REFINE, (refine & found).to(tl.int64))
+        tl.store(state_ptr + _B1, b1)
+        tl.store(state_ptr + _B0, b0)
+        tl.store(state_ptr + _K_BASE, _pick(k_in - cnt, idx, b1))
+        tl.store(state_ptr + _S_BASE, _bits(tl.where(first_of_chunk, s_before, _pick(s_in, idx, b1 - 1))))
+        tl.store(state_ptr + _K_END, _pick(k_in, idx, b1))
+        tl.store(state_ptr + _S_END, _bits(_pick(s_in, idx, b1)))
+        tl.store(state_ptr + _N_TR, n)
+        tl.store(state_ptr + _TOTAL, _bits(total))
+
+
+@triton.jit
+def _scaled(sig_sum, scale):
+    """An exact level-2 significand sum times its bucket's scale (0 stays 0 in the inf bucket)."""
+    return tl.where(sig_sum == 0, 0.0, sig_sum.to(tl.float64) * scale)
+
+
 @triton.jit(do_not_specialize=["tau_hi_bits", "tau_lo_bits", "tau_bits", "tau_eps_bits", "eps_bits",
                                "mini_lo_bits", "mini_hi_bits"],
-            do_not_specialize_on_alignment=["state_ptr", "n_valid_ptr", "cut_i32_ptr", "cut_i64_ptr", "cut_f32_ptr"])
+            do_not_specialize_on_alignment=["state_ptr", "below_max_ptr", "counter_ptr", "n_valid_ptr", "cut_i32_ptr",
+                                            "cut_i64_ptr", "cut_f32_ptr"])
 def select2_kernel(
-    hist1_ptr, hist2_ptr, state_ptr, n_valid_ptr,
+    hist2_ptr, state_ptr, below_max_ptr, part_ptr, counter_ptr, n_valid_ptr,
     cut_i32_ptr, cut_i64_ptr, cut_f32_ptr,
     tau_hi_bits: tl.int64, tau_lo_bits: tl.int64, tau_bits: tl.int64, tau_eps_bits: tl.int64, eps_bits: tl.int64,
     mini_lo_bits: tl.int64, mini_hi_bits: tl.int64,
     OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, HAS_MINI_LO: tl.constexpr, HAS_MINI_HI: tl.constexpr,
-    KEEP_ALL: tl.constexpr, NB1: tl.constexpr, NB2: tl.constexpr, CHUNK: tl.constexpr, INTERP: tl.constexpr,
+    KEEP_ALL: tl.constexpr, NB2: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """Solve the cut from the select state and the level-2 histograms into the cut buffers.
+    When select1 found nothing to refine, program 0 writes the no-cut answer and every program
+    returns at once."""
+    pid = tl.program_id(0)
+    programs = NB2 // CHUNK
+    refine = tl.load(state_ptr + _REFINE) != 0
+    n = tl.load(state_ptr + _N_TR)
+    nf = n.to(tl.float64)
+    total = _f64(tl.load(state_ptr + _TOTAL))
+    m2_before = (total / tl.maximum(nf, 1.0)).to(tl.float32)
+    eps = as_f64(eps_bits)
+    if not refine:
+        if pid == 0:
+            _store_no_cut(cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, n, m2_before, n_valid_ptr, eps,
+                          mini_lo_bits, mini_hi_bits, OFFICIAL, HAS_MINI_LO, HAS_MINI_HI, KEEP_ALL)
+    else:
+        idx = pid * CHUNK + tl.arange(0, CHUNK)
+        cnt2 = tl.load(hist2_ptr + idx)
+        row = part_ptr + pid * _PART_COLS
+        tl.store(row + 0, tl.sum(cnt2))
+        tl.store(row + 1, tl.sum(tl.load(hist2_ptr + NB2 + idx)))
+        tl.store(row + 2, tl.max(tl.where(cnt2 > 0, idx, -1)).to(tl.int64))
+        if OFFICIAL:
+            tl.store(row + 3, tl.max(tl.where(tl.load(hist2_ptr + 2 * NB2 + idx) > 0, idx, -1)).to(tl.int64))
+        if last_to_arrive(counter_ptr, programs):
+            _solve2(hist2_ptr, state_ptr, below_max_ptr, part_ptr, n_valid_ptr, cut_i32_ptr, cut_i64_ptr,
+                    cut_f32_ptr, n, nf, total, m2_before, tau_hi_bits, tau_lo_bits, tau_bits, tau_eps_bits, eps,
+                    mini_lo_bits, mini_hi_bits, OFFICIAL, TAU_INF, HAS_MINI_LO, HAS_MINI_HI, KEEP_ALL, NB2, CHUNK)
+
+
+@triton.jit
+def _official_bounds(tau_c2, constrained, mini_lo_bits, mini_hi_bits, HAS_MINI_LO: tl.constexpr,
+                     HAS_MINI_HI: tl.constexpr):
+    """The authors' chain from tau_c**2 to float32 clip bounds (see reference.official_bounds).
+    tau_c is rounded to float32 before exp, as the authors' float32 tensor holds it (float64
+    tl.sqrt compiles to sqrt.rn.f64, correctly rounded: the AOT test checks the PTX)."""
+    tc = tl.sqrt(tau_c2).to(tl.float32).to(tl.float64)
+    clip_low = exp_f64(-tc).to(tl.float32).to(tl.float64)
+    clip_high = exp_f64(tc).to(tl.float32).to(tl.float64)
+    clip_low = tl.where(constrained, clip_low, 0.0)
+    clip_high = tl.where(constrained, clip_high, 100000.0)
+    eps_lo = 1.0 - clip_low
+    eps_hi = clip_high - 1.0
+    if HAS_MINI_LO:
+        eps_lo = tl.maximum(eps_lo, as_f64(mini_lo_bits))
+    if HAS_MINI_HI:
+        eps_hi = tl.maximum(eps_hi, as_f64(mini_hi_bits))
+    return (1.0 - eps_lo).to(tl.float32), (1.0 + eps_hi).to(tl.float32)
+
+
+@triton.jit
+def _store_no_cut(cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, n, m2_before, n_valid_ptr, eps, mini_lo_bits, mini_hi_bits,
+                  OFFICIAL: tl.constexpr, HAS_MINI_LO: tl.constexpr, HAS_MINI_HI: tl.constexpr,
+                  KEEP_ALL: tl.constexpr):
+    """The cut when nothing is refined: every token kept (paper), the unconstrained bounds
+    (official)."""
+    if OFFICIAL:
+        lower, upper = _official_bounds(tl.zeros((), tl.float64), tl.full((), 0, tl.int1), mini_lo_bits, mini_hi_bits, HAS_MINI_LO,
+                                        HAS_MINI_HI)
+    else:
+        lower = tl.zeros((), tl.float32)
+        upper = tl.full((), float("inf"), tl.float32)
+    tl.store(cut_i32_ptr, KEEP_ALL)
+    tl.store(cut_i64_ptr + 0, 0)
+    tl.store(cut_i64_ptr + 1, n)
+    tl.store(cut_i64_ptr + 2, tl.load(n_valid_ptr))
+    tl.store(cut_f32_ptr + 0, lower)
+    tl.store(cut_f32_ptr + 1, upper)
+    tl.store(cut_f32_ptr + 2, m2_before)
+    tl.store(cut_f32_ptr + 3, m2_before)
+    tl.store(cut_f32_ptr + 4, float("inf"))
+
+
+@triton.jit
+def _solve2(hist2_ptr, state_ptr, below_max_ptr, part_ptr, n_valid_ptr, cut_i32_ptr, cut_i64_ptr, cut_f32_ptr,
+            n, nf, total, m2_before, tau_hi_bits, tau_lo_bits, tau_bits, tau_eps_bits, eps, mini_lo_bits, mini_hi_bits,
+            OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, HAS_MINI_LO: tl.constexpr, HAS_MINI_HI: tl.constexpr,
+            KEEP_ALL: tl.constexpr, NB2: tl.constexpr, CHUNK: tl.constexpr):
+    """The last program of select2: walk the level-2 chunk totals, scan the chunk holding the
+    boundary, binary-search inside the run of the boundary value, store the cut."""
+    programs = NB2 // CHUNK
     tau_hi = as_f64(tau_hi_bits)
     tau_lo = as_f64(tau_lo_bits)
     tau = as_f64(tau_bits)
-    eps = as_f64(eps_bits)
-    refine = tl.load(state_ptr + 0) != 0
-    b1 = tl.load(state_ptr + 1)
-    n = _total_count(hist1_ptr, NB1, CHUNK)
-    nf = n.to(tl.float64)
-    # level-1 prefix at b1, with the same chunked scans as select1
-    k_carry = tl.zeros((), tl.int64)
-    s_carry = tl.zeros((), tl.float64)
-    k_base = tl.zeros((), tl.int64)
-    s_base = tl.zeros((), tl.float64)
-    k_end_b1 = tl.zeros((), tl.int64)
-    s_end_b1 = tl.zeros((), tl.float64)
-    for c in range(0, NB1, CHUNK):
-        idx, cnt, k_end, s_end, k_carry, s_carry = _level1_chunk(hist1_ptr, c, k_carry, s_carry, NB1, CHUNK)
-        k_base += tl.sum(tl.where(idx < b1, cnt, 0))
-        s_base += _pick(s_end, idx, b1 - 1)
-        k_end_b1 += _pick(k_end, idx, b1)
-        s_end_b1 += _pick(s_end, idx, b1)
-    total = s_carry
-    m2_before = (total / tl.maximum(nf, 1.0)).to(tl.float32)
+    b1 = tl.load(state_ptr + _B1)
+    b0 = tl.load(state_ptr + _B0)
+    k_base = tl.load(state_ptr + _K_BASE)
+    s_base = _f64(tl.load(state_ptr + _S_BASE))
+    k_end_b1 = tl.load(state_ptr + _K_END)
+    s_end_b1 = _f64(tl.load(state_ptr + _S_END))
     scale = bucket_scale(b1)
     target = tau * nf
-
-    # level 2 over bucket b1: the first value run where the test flips
-    k2_carry = tl.zeros((), tl.int64)
-    p_carry = tl.zeros((), tl.int64)
-    j1 = tl.full((), NB2, tl.int64)
-    kj = tl.zeros((), tl.int64)
-    pj = tl.zeros((), tl.int64)
-    m = tl.zeros((), tl.int64)
-    for c in range(0, NB2, CHUNK):
-        idx = c + tl.arange(0, CHUNK)
-        cnt2 = tl.load(hist2_ptr + idx)
-        sig2 = tl.load(hist2_ptr + NB2 + idx)
-        k2_end = k2_carry + tl.cumsum(cnt2, 0)
-        p_end = p_carry + tl.cumsum(sig2, 0)
+    # walk the chunks: the first non-empty one whose end fails (paper) / hits (official)
+    k2 = tl.zeros((), tl.int64)
+    p2 = tl.zeros((), tl.int64)
+    c_star = tl.full((), programs, tl.int64)
+    k2_before = tl.zeros((), tl.int64)
+    p2_before = tl.zeros((), tl.int64)
+    prev_last = tl.full((), -1, tl.int64)  # last non-empty level-2 bucket before c_star
+    j_last = tl.full((), -1, tl.int64)
+    top_b0 = tl.full((), -1, tl.int64)
+    for c in range(programs):
+        c_cnt = tl.load(part_ptr + c * _PART_COLS, cache_modifier=".cg")
+        c_sig = tl.load(part_ptr + c * _PART_COLS + 1, cache_modifier=".cg")
+        c_last = tl.load(part_ptr + c * _PART_COLS + 2, cache_modifier=".cg")
+        k_prev = k2
+        p_prev = p2
+        k2 = k2 + c_cnt
+        p2 = p2 + c_sig
         if OFFICIAL:
-            v = bits_to_f64((b1 << L1_SHIFT) | idx)
-            f_last = _f_official(v, k_base + k2_end - 1, s_base + _scaled(p_end, scale), nf, eps)
-            pred = (cnt2 > 0) & (f_last >= target - eps)
+            v = bits_to_f64((b1 << L1_SHIFT) | tl.maximum(c_last, 0))
+            hit = (c_cnt > 0) & (_f_official(v, k_base + k2 - 1, s_base + _scaled(p2, scale), nf, eps) >= target - eps)
+            top_b0 = tl.maximum(top_b0, tl.load(part_ptr + c * _PART_COLS + 3, cache_modifier=".cg"))
         else:
-            pred = (cnt2 > 0) & ~_cond_paper(s_base + _scaled(p_end, scale), k_base + k2_end, tau_hi, tau_lo, TAU_INF)
-        jmin = tl.min(tl.where(pred, idx, NB2)).to(tl.int64)
-        first = (j1 == NB2) & (jmin < NB2)
-        kj = tl.where(first, k_base + _pick(k2_end - cnt2, idx, jmin), kj)
-        pj = tl.where(first, _pick(p_end - sig2, idx, jmin), pj)
-        m = tl.where(first, _pick(cnt2, idx, jmin), m)
-        j1 = tl.where(first, jmin, j1)
-        k2_carry += tl.sum(cnt2)
-        p_carry += tl.sum(sig2)
-    found = j1 < NB2
+            hit = (c_cnt > 0) & ~_cond_paper(s_base + _scaled(p2, scale), k_base + k2, tau_hi, tau_lo, TAU_INF)
+        first = hit & (c_star == programs)
+        k2_before = tl.where(first, k_prev, k2_before)
+        p2_before = tl.where(first, p_prev, p2_before)
+        c_star = tl.where(first, c, c_star)
+        prev_last = tl.where((c_star == programs) & (c_cnt > 0), c_last, prev_last)
+        j_last = tl.maximum(j_last, c_last)
+    found = c_star < programs
+    c_star = tl.where(found, c_star, 0)
+    idx = c_star * CHUNK + tl.arange(0, CHUNK)
+    cnt2 = tl.load(hist2_ptr + idx)
+    sig2 = tl.load(hist2_ptr + NB2 + idx)
+    k2_end = k2_before + tl.cumsum(cnt2, 0)
+    p_end = p2_before + tl.cumsum(sig2, 0)
+    if OFFICIAL:
+        v = bits_to_f64((b1 << L1_SHIFT) | idx)
+        pred = (cnt2 > 0) & (_f_official(v, k_base + k2_end - 1, s_base + _scaled(p_end, scale), nf, eps)
+                             >= target - eps)
+    else:
+        pred = (cnt2 > 0) & ~_cond_paper(s_base + _scaled(p_end, scale), k_base + k2_end, tau_hi, tau_lo, TAU_INF)
+    j1 = tl.min(tl.where(pred, idx, NB2)).to(tl.int64)
+    j1 = tl.where(j1 < NB2, j1, tl.max(tl.where(cnt2 > 0, idx, -1)).to(tl.int64))  # (same numbers as the walk)
     j1 = tl.where(found, j1, 0)
+    kj = k_base + _pick(k2_end - cnt2, idx, j1)
+    pj = _pick(p_end - sig2, idx, j1)
+    m = _pick(cnt2, idx, j1)
     bits = (b1 << L1_SHIFT) | j1
     sig_v = (bits & 0x7FFFFF) | tl.where((bits >> 23) > 0, 0x800000, 0)
 
@@ -190,20 +335,14 @@ def select2_kernel(
             hi = tl.where(go | (hi - lo <= 1), hi, mid)
             lo = tl.where(go, mid, lo)
         t = tl.where(first_hits, 0, lo + 1)
-        # predecessor value of the run: earlier in b1, else the top of the bucket before it (b0)
-        b0 = tl.load(state_ptr + 2)
-        j_prev = tl.full((), -1, tl.int64)
-        j_last = tl.full((), -1, tl.int64)
-        top_b0 = tl.full((), -1, tl.int64)
-        for c in range(0, NB2, CHUNK):
-            idx = c + tl.arange(0, CHUNK)
-            cnt2 = tl.load(hist2_ptr + idx)
-            cnt0 = tl.load(hist2_ptr + 2 * NB2 + idx)
-            j_prev = tl.maximum(j_prev, tl.max(tl.where((cnt2 > 0) & (idx < j1), idx, -1)).to(tl.int64))
-            j_last = tl.maximum(j_last, tl.max(tl.where(cnt2 > 0, idx, -1)).to(tl.int64))
-            top_b0 = tl.maximum(top_b0, tl.max(tl.where(cnt0 > 0, idx, -1)).to(tl.int64))
+        # predecessor of the run: earlier in b1, else the top of the tail bucket before it (b0),
+        # else the largest below-threshold value
+        j_prev = tl.max(tl.where((cnt2 > 0) & (idx < j1), idx, -1)).to(tl.int64)
+        j_prev = tl.where(j_prev >= 0, j_prev, prev_last)
         pred_in_b0 = bits_to_f64((tl.maximum(b0, 0) << L1_SHIFT) | tl.maximum(top_b0, 0))
-        pred_value = tl.where(j_prev >= 0, bits_to_f64((b1 << L1_SHIFT) | tl.maximum(j_prev, 0)), pred_in_b0)
+        pred_below = bits_to_f64(tl.load(below_max_ptr))
+        pred_value = tl.where(j_prev >= 0, bits_to_f64((b1 << L1_SHIFT) | tl.maximum(j_prev, 0)),
+                              tl.where(b0 >= 0, pred_in_b0, pred_below))
         k_star = tl.where(found, kj + t, k_end_b1)
         k_star = tl.where(target <= eps, 0, k_star)  # tiny budget: the authors' tau_c = 0 (k = 0)
         v_last = bits_to_f64((b1 << L1_SHIFT) | tl.maximum(j_last, 0))
@@ -214,24 +353,11 @@ def select2_kernel(
         at_zero = (k_star == 0) | (target <= eps)
         tau_c2 = tl.where(at_zero, 0.0, tl.maximum(v_prev - eps, 0.0))
         m2_after = tl.where(at_zero, 0.0, (v_prev * (nf - k_star.to(tl.float64)) + c_prev) / tl.maximum(nf, 1.0))
-        # the authors' chain from tau_c to float32 clip bounds (see reference.official_bounds)
-        # tau_c is rounded to float32 before exp, as the authors' float32 tensor holds it
-        # (float64 tl.sqrt compiles to sqrt.rn.f64, correctly rounded: the AOT test checks the PTX)
-        tc = tl.sqrt(tau_c2).to(tl.float32).to(tl.float64)
-        clip_low = exp_f64(-tc).to(tl.float32).to(tl.float64)
-        clip_high = exp_f64(tc).to(tl.float32).to(tl.float64)
-        clip_low = tl.where(constrained, clip_low, 0.0)
-        clip_high = tl.where(constrained, clip_high, 100000.0)
-        eps_lo = 1.0 - clip_low
-        eps_hi = clip_high - 1.0
-        if HAS_MINI_LO:
-            eps_lo = tl.maximum(eps_lo, as_f64(mini_lo_bits))
-        if HAS_MINI_HI:
-            eps_hi = tl.maximum(eps_hi, as_f64(mini_hi_bits))
+        lower, upper = _official_bounds(tau_c2, constrained, mini_lo_bits, mini_hi_bits, HAS_MINI_LO, HAS_MINI_HI)
         tl.store(cut_i32_ptr, KEEP_ALL)
         tl.store(cut_i64_ptr + 0, 0)
-        tl.store(cut_f32_ptr + 0, (1.0 - eps_lo).to(tl.float32))
-        tl.store(cut_f32_ptr + 1, (1.0 + eps_hi).to(tl.float32))
+        tl.store(cut_f32_ptr + 0, lower)
+        tl.store(cut_f32_ptr + 1, upper)
         tl.store(cut_f32_ptr + 3, tl.where(constrained, m2_after.to(tl.float32), m2_before))
         tl.store(cut_f32_ptr + 4, tl.where(constrained, tau_c2, float("inf")).to(tl.float32))
     else:
@@ -253,13 +379,13 @@ def select2_kernel(
         t = tl.where(found, t, 0)
         keep_count = tl.where(found, keep_count, k_end_b1)
         kept_sum = tl.where(found, kept_sum, s_end_b1)
-        m2_after = tl.where(refine, kept_sum / tl.maximum(keep_count.to(tl.float64), 1.0), total / tl.maximum(nf, 1.0))
-        tl.store(cut_i32_ptr, tl.where(refine, bits.to(tl.int32), KEEP_ALL))
-        tl.store(cut_i64_ptr + 0, tl.where(refine, t, 0))
+        m2_after = kept_sum / tl.maximum(keep_count.to(tl.float64), 1.0)
+        tl.store(cut_i32_ptr, bits.to(tl.int32))
+        tl.store(cut_i64_ptr + 0, t)
         tl.store(cut_f32_ptr + 0, 0.0)
         tl.store(cut_f32_ptr + 1, float("inf"))
         tl.store(cut_f32_ptr + 3, m2_after.to(tl.float32))
-        tl.store(cut_f32_ptr + 4, tl.where(refine, bits_to_f64(bits), float("inf")).to(tl.float32))
+        tl.store(cut_f32_ptr + 4, bits_to_f64(bits).to(tl.float32))
     tl.store(cut_i64_ptr + 1, n)
     tl.store(cut_i64_ptr + 2, tl.load(n_valid_ptr))
     tl.store(cut_f32_ptr + 2, m2_before)

@@ -5,7 +5,9 @@ concatenation of all ranks' tokens, in rank order, would give (flat index = rank
 index, for the paper's tie rule). Only mergeable statistics cross the wire; their size does not
 depend on the token count:
 
-1. all-reduce(SUM) of the level-1 histogram (int64 [2, 32768]) and of the valid-token count;
+1. all-reduce(SUM) of the mergeable sums (int64 [2 * 32768 + 11]: the tail's level-1 histogram,
+   the below part's count and limbs, see m2po_ops/histogram.py) and of the valid-token count;
+   official only: all-reduce(MAX) of the below part's largest key (one int64);
 2. select1 on every rank (identical inputs give an identical state, no broadcast needed);
 3. local level-2 histogram, all-reduce(SUM) of it (paper: slot 0, int64 [2, 65536]; official:
    both slots, int64 [4, 65536]);
@@ -68,11 +70,11 @@ def _record(op: str, nbytes: int) -> None:
         _comm.append((op, nbytes))
 
 
-def _all_reduce(t: Tensor, group) -> Tensor:
-    """In-place all-reduce(SUM) of a contiguous tensor."""
+def _all_reduce(t: Tensor, group, op=dist.ReduceOp.SUM) -> Tensor:
+    """In-place all-reduce (SUM unless ``op``) of a contiguous tensor."""
     assert t.is_contiguous()
     _record("all_reduce", t.numel() * t.element_size())
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(t, op=op, group=group)
     return t
 
 
@@ -106,42 +108,48 @@ def _hist2_wire(hist2: Tensor, config: M2POConfig) -> Tensor:
 class TorchSteps:
     """The histogram steps of m2po_ops.histogram (any device)."""
 
-    def __init__(self, hist1: Tensor):
-        self.hist1 = hist1
+    def __init__(self, sums: Tensor, below_max: Tensor):
+        self.sums = sums
+        self.below_max = below_max
 
     @classmethod
-    def from_keys(cls, keys: Sequence[Tensor], device) -> "TorchSteps":
-        hist1 = torch.zeros(2, H.L1_BUCKETS, dtype=torch.int64, device=device)
+    def from_keys(cls, keys: Sequence[Tensor], config: M2POConfig, device) -> "TorchSteps":
+        sums = torch.zeros(H.SUMS_LEN, dtype=torch.int64, device=device)
+        below_max = torch.zeros((), dtype=torch.int64, device=device)
         for k in keys:
-            hist1 += H.level1(k)
-        return cls(hist1)
+            sums += H.summarize(k, config)
+            below_max = torch.maximum(below_max, H.below_max(k, config))
+        return cls(sums, below_max.reshape(1))
 
     def select1(self, config: M2POConfig) -> Tensor:
-        return H.select1(self.hist1, config)
+        return H.select1(self.sums, config)
 
-    def level2(self, keys: Sequence[Tensor], state1: Tensor) -> Tensor:
-        hist2 = torch.zeros(H.L2_SLOTS, 2, H.L2_BUCKETS, dtype=torch.int64, device=self.hist1.device)
+    def level2(self, keys: Sequence[Tensor], state1: Tensor, config: M2POConfig) -> Tensor:
+        hist2 = torch.zeros(H.L2_SLOTS, 2, H.L2_BUCKETS, dtype=torch.int64, device=self.sums.device)
         for k in keys:
-            hist2 += H.level2(k, state1)
+            hist2 += H.level2(k, state1, config)
         return hist2
 
     def select2(self, hist2: Tensor, state1: Tensor, config: M2POConfig, num_valid: Tensor) -> Cut:
-        return H.select2(self.hist1, hist2, state1, config, num_valid)
+        return H.select2(hist2, state1, self.below_max.reshape(()), config, num_valid)
 
 
 class TritonSteps:
-    """The Triton passes, on a workspace whose ws.hist1 already holds the level-1 histogram."""
+    """The Triton passes, on a workspace whose mergeable sums (ws.sums, ws.below_max) the stats
+    pass has filled."""
 
     def __init__(self, ws):
         self.ws = ws
-        self.hist1 = ws.hist1
+        self.sums = ws.sums
+        self.below_max = ws.below_max.reshape(1)
 
     @classmethod
-    def from_hist1(cls, hist1: Tensor, max_tokens: int) -> "TritonSteps":
+    def from_sums(cls, sums: Tensor, below_max: Tensor, max_tokens: int) -> "TritonSteps":
         from .triton_backend import Workspace
 
-        ws = Workspace.allocate(max(max_tokens, 1), hist1.device)
-        ws.hist1.copy_(hist1)
+        ws = Workspace.allocate(max(max_tokens, 1), sums.device)
+        ws.sums.copy_(sums)
+        ws.below_max.copy_(below_max)
         return cls(ws)
 
     def select1(self, config: M2POConfig) -> Tensor:
@@ -150,12 +158,12 @@ class TritonSteps:
         TB.select1(self.ws, config)
         return self.ws.state1
 
-    def level2(self, keys: Sequence[Tensor], state1: Tensor) -> Tensor:
+    def level2(self, keys: Sequence[Tensor], state1: Tensor, config: M2POConfig) -> Tensor:
         from . import triton_backend as TB
 
         for k in keys:  # the kernel adds into ws.hist2, so micro-batches accumulate
             nblocks = max(1, math.ceil(k.numel() / TB.BLOCK))
-            TB.level2(k, dataclasses.replace(self.ws, nblocks=nblocks))
+            TB.level2(k, dataclasses.replace(self.ws, nblocks=nblocks), config)
         return self.ws.hist2
 
     def select2(self, hist2: Tensor, state1: Tensor, config: M2POConfig, num_valid: Tensor) -> Cut:
@@ -167,14 +175,17 @@ class TritonSteps:
 def solve_steps(steps, keys: Sequence[Tensor], num_valid: Tensor, config: M2POConfig, group) -> Tuple[Cut, Tensor]:
     """The global cut (not yet offset for this rank's ties) and the global valid count.
 
-    ``steps.hist1`` holds this rank's level-1 histogram; it is all-reduced in place.
+    ``steps.sums`` and ``steps.below_max`` hold this rank's mergeable sums; they are all-reduced
+    in place.
     """
     nv = num_valid.to(torch.int64).reshape(()).clone()
     if group is not None:
-        _all_reduce(steps.hist1, group)
+        _all_reduce(steps.sums, group)
         _all_reduce(nv, group)
+        if config.variant == "official":  # (the paper rule never reads it)
+            _all_reduce(steps.below_max, group, op=dist.ReduceOp.MAX)
     state1 = steps.select1(config)
-    hist2 = steps.level2(keys, state1)
+    hist2 = steps.level2(keys, state1, config)
     if group is not None:
         _all_reduce(_hist2_wire(hist2, config), group)
     cut = steps.select2(hist2, state1, config, nv)
@@ -207,7 +218,7 @@ def _keys(tok: Tokens, config: M2POConfig):
 def solve_group_torch(tok: Tokens, config: M2POConfig, group):
     """Torch backend, one call per rank: (this rank's cut, delta, m2, trust_region)."""
     key, delta, m2, tr = _keys(tok, config)
-    steps = TorchSteps.from_keys([key], tok.device)
+    steps = TorchSteps.from_keys([key], config, tok.device)
     cut, _ = solve_steps(steps, [key], tok.valid.sum(), config, group)
     if config.variant == "paper":
         cut = cut.for_part(rank_ties_before(local_ties([key], cut)[0], group))
@@ -217,7 +228,7 @@ def solve_group_torch(tok: Tokens, config: M2POConfig, group):
 def triton_group_solver(config: M2POConfig, group):
     """The ``solver(key, ws) -> (cut, num_valid)`` hook of triton_forward for a process group.
 
-    The stats pass has filled ws.hist1 and ws.n_valid with this rank's statistics.
+    The stats pass has filled ws.sums, ws.below_max and ws.n_valid with this rank's statistics.
     """
 
     def solver(key: Tensor, ws) -> Tuple[Cut, Tensor]:

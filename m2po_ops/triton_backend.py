@@ -39,7 +39,9 @@ from . import kernels as K
 from .config import OFFICIAL_EPS, M2POConfig
 from .cut import Cut
 from .inputs import Tokens, token_weights
+from .histogram import BELOW_COUNT, SELECT_CHUNK, STATE_LEN, SUMS_LEN
 from .kernels.common import INTERPRET, KEEP_ALL_BITS, L1_BUCKETS, L2_BUCKETS, f64_bits
+from .split import MAX_LIMBS, limb_count, threshold_bits
 
 # Token kernels: BLOCK tokens per program. Select kernels: one program scanning CHUNK buckets
 # at a time (large under the interpreter, where each step is a numpy call).
@@ -54,7 +56,6 @@ APPLY_WARPS = 8
 # registers and spilled 16 bytes in an official apply variant; with this bound it uses 64 and
 # spills nothing. (stats needs ~150 registers at 4 warps: a bound of 128 makes it spill.)
 APPLY_MAXNREG = 128
-SELECT_CHUNK = 32768 if INTERPRET else 2048
 SELECT_WARPS = 8  # select kernels also run without FMA contraction: their float64 tests are
 # written as separate multiplies and adds (as the PyTorch description and the authors' code)
 TIE_CHUNK = 1024  # blocks per step of tie_scan_kernel
@@ -110,9 +111,15 @@ def _launch(kernel, grid, *args, **meta):
 class Workspace:
     """One zeroed int64 buffer (a single memset) sliced into everything the passes need."""
 
-    hist1: Tensor  # int64 [2, L1]
+    sums: Tensor  # int64 [SUMS_LEN]: the mergeable sums (m2po_ops/histogram.py), viewed as:
+    hist1: Tensor  # int64 [2, L1]: the tail's level-1 histogram
+    below: Tensor  # int64 [1 + MAX_LIMBS]: the below part's count and limbs
+    below_max: Tensor  # int64 0-d: the largest below key (official)
     hist2: Tensor  # int64 [4, L2]: slot 0 (count, sig), slot 1 (count, sig)
-    state1: Tensor  # int64 [4]
+    state1: Tensor  # int64 [STATE_LEN]: the select state
+    part1: Tensor  # int64 [L1 / SELECT_CHUNK, PART_COLS]: select1's chunk totals
+    part2: Tensor  # int64 [L2 / SELECT_CHUNK, PART_COLS]: select2's chunk totals
+    counters: Tensor  # int64 [2]: programs of select1 / select2 that have finished
     n_valid: Tensor  # int64 0-d: this call's valid tokens
     cut_i64: Tensor  # int64 [3]: ties_kept, num_trust_region, num_valid
     stats_part: Tensor  # float64 [nblocks, STATS_COLS]
@@ -124,22 +131,31 @@ class Workspace:
     @staticmethod
     def allocate(n: int, device) -> "Workspace":
         nblocks = max(1, math.ceil(n / BLOCK))
-        sizes = [2 * L1_BUCKETS, 4 * L2_BUCKETS, 4, 1, 3, nblocks * K.STATS_COLS, nblocks * K.APPLY_COLS, nblocks, 7]
+        p1, p2 = L1_BUCKETS // SELECT_CHUNK * K.PART_COLS, L2_BUCKETS // SELECT_CHUNK * K.PART_COLS
+        sizes = [SUMS_LEN, 1, 4 * L2_BUCKETS, STATE_LEN, p1, p2, 2, 1, 3, nblocks * K.STATS_COLS,
+                 nblocks * K.APPLY_COLS, nblocks, 7]
         # every part starts on a 16-byte boundary (2 int64), whatever nblocks: the JIT specialises
         # pointers on 16-byte alignment, and a parity-dependent offset would be another variant
         padded = [s + s % 2 for s in sizes]
         buf = torch.zeros(sum(padded), dtype=torch.int64, device=device)
         parts = [p[:s] for p, s in zip(torch.split(buf, padded), sizes)]
-        f32 = parts[8].view(torch.float32)
+        f32 = parts[12].view(torch.float32)
+        sums = parts[0]
         return Workspace(
-            hist1=parts[0].view(2, L1_BUCKETS),
-            hist2=parts[1].view(4, L2_BUCKETS),
-            state1=parts[2],
-            n_valid=parts[3].view(()),
-            cut_i64=parts[4],
-            stats_part=parts[5].view(torch.float64).view(nblocks, K.STATS_COLS),
-            apply_part=parts[6].view(torch.float64).view(nblocks, K.APPLY_COLS),
-            ties=parts[7],
+            sums=sums,
+            hist1=sums[:BELOW_COUNT].view(2, L1_BUCKETS),
+            below=sums[BELOW_COUNT:],
+            below_max=parts[1].view(()),
+            hist2=parts[2].view(4, L2_BUCKETS),
+            state1=parts[3],
+            part1=parts[4].view(-1, K.PART_COLS),
+            part2=parts[5].view(-1, K.PART_COLS),
+            counters=parts[6],
+            n_valid=parts[7].view(()),
+            cut_i64=parts[8],
+            stats_part=parts[9].view(torch.float64).view(nblocks, K.STATS_COLS),
+            apply_part=parts[10].view(torch.float64).view(nblocks, K.APPLY_COLS),
+            ties=parts[11],
             f32=f32,
             nblocks=nblocks,
         )
@@ -202,35 +218,41 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace) -> Tensor:
     _launch(
         K.stats_kernel, (ws.nblocks,),
         tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), first, first_div, first_mul, mask,
-        key, ws.hist1, ws.stats_part, ws.n_valid, n,
+        key, ws.hist1, ws.below, ws.below_max, threshold_bits(config.variant, config.tau), ws.stats_part, ws.n_valid, n,
         OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
-        FIRST_PER_ROW=tok.first_per_row, NB1=L1_BUCKETS, BLOCK=BLOCK, INTERP=INTERPRET,
+        FIRST_PER_ROW=tok.first_per_row, NB1=L1_BUCKETS, NLIMB=_nlimb(config), BLOCK=BLOCK, INTERP=INTERPRET,
         num_warps=TOKEN_WARPS,
     )
     return key
 
 
+def _nlimb(config: M2POConfig) -> int:
+    return limb_count(threshold_bits(config.variant, config.tau))
+
+
 def select1(ws: Workspace, config: M2POConfig) -> None:
-    _launch(K.select1_kernel, (1,), ws.hist1, ws.state1, **_tau_args(config), NB1=L1_BUCKETS, CHUNK=SELECT_CHUNK,
+    _launch(K.select1_kernel, (L1_BUCKETS // SELECT_CHUNK,), ws.hist1, ws.below, ws.part1, ws.counters[0:1],
+            ws.state1, **_tau_args(config), NB1=L1_BUCKETS, NLIMB=_nlimb(config), CHUNK=SELECT_CHUNK,
             num_warps=SELECT_WARPS, enable_fp_fusion=False)
 
 
-def level2(key: Tensor, ws: Workspace) -> None:
-    _launch(K.level2_kernel, (ws.nblocks,), key, ws.state1, ws.hist2, key.numel(), NB2=L2_BUCKETS, BLOCK=BLOCK,
-            num_warps=TOKEN_WARPS)
+def level2(key: Tensor, ws: Workspace, config: M2POConfig) -> None:
+    _launch(K.level2_kernel, (ws.nblocks,), key, ws.state1, ws.hist2, threshold_bits(config.variant, config.tau),
+            key.numel(), NB2=L2_BUCKETS, BLOCK=BLOCK, num_warps=TOKEN_WARPS)
 
 
 def select2(ws: Workspace, config: M2POConfig, num_valid: Tensor) -> Cut:
     """Solve the cut into the workspace; ``num_valid`` (int64 0-d) becomes cut.num_valid."""
     args = _tau_args(config)
     _launch(
-        K.select2_kernel, (1,),
-        ws.hist1, ws.hist2, ws.state1, num_valid, ws.f32[12:13].view(torch.int32), ws.cut_i64, ws.f32,
+        K.select2_kernel, (L2_BUCKETS // SELECT_CHUNK,),
+        ws.hist2, ws.state1, ws.below_max, ws.part2, ws.counters[1:2], num_valid, ws.f32[12:13].view(torch.int32),
+        ws.cut_i64, ws.f32,
         args["tau_hi_bits"], args["tau_lo_bits"], args["tau_bits"], args["tau_eps_bits"], args["eps_bits"],
         f64_bits(config.miniclip_low or 0.0), f64_bits(config.miniclip_high or 0.0),
         OFFICIAL=args["OFFICIAL"], TAU_INF=args["TAU_INF"],
         HAS_MINI_LO=config.miniclip_low is not None, HAS_MINI_HI=config.miniclip_high is not None,
-        KEEP_ALL=KEEP_ALL_BITS, NB1=L1_BUCKETS, NB2=L2_BUCKETS, CHUNK=SELECT_CHUNK, INTERP=INTERPRET,
+        KEEP_ALL=KEEP_ALL_BITS, NB2=L2_BUCKETS, CHUNK=SELECT_CHUNK,
         num_warps=SELECT_WARPS, enable_fp_fusion=False,
     )
     return ws.cut(config)
@@ -334,7 +356,7 @@ def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_los
             cut, count = solver(key, ws)
         else:
             select1(ws, config)
-            level2(key, ws)
+            level2(key, ws, config)
             cut = select2(ws, config, ws.n_valid)
     ties_pass(key, cut, ws)
     keep, grad, out = apply_pass(tok, config, key, cut, ws, want_loss, num_tokens, count, poison)
