@@ -11,7 +11,7 @@ from torch import Tensor
 from . import reference
 from .config import BACKENDS, DEFAULT_TAU, M2POConfig
 from .cut import Cut
-from .inputs import Tokens, check_group, check_num_tokens, input_error, poison_of, prepare, token_weights
+from .inputs import Tokens, check_group, check_num_tokens, input_error, poison_of, prepare, sum_f64, token_weights
 
 
 class AttachGrad(torch.autograd.Function):
@@ -143,16 +143,24 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
         delta = reference.log_ratio(tok)
         m2 = delta * delta
         tr = reference.trust_region(tok, delta, config)
-    keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr)
-    metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant)
+    ratio = reference.ratio_of(delta, config.variant)  # once, for the loss and the metrics
+    keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr, ratio)
+    metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant, ratio)
     if not want_loss:
         return keep, metrics, None, None
-    w = token_weights(tok, config, num_tokens, loss.dtype, cut.num_valid if group is not None else None)
+    num_valid = cut.num_valid if group is not None else None
+    # the per-token terms are 0 on padding, so a token-mean weight that is finite can be one number
+    scalar = config.loss_agg_mode == "token-mean" and poison is None and (
+        not isinstance(num_tokens, Tensor) or config.validate)
+    w = token_weights(tok, config, num_tokens, loss.dtype, num_valid, scalar=scalar)
     if poison is not None:  # NaN on every valid token (padding keeps a zero gradient), as the kernels
         w = torch.where(tok.valid, w + poison.to(w.dtype), torch.zeros_like(w))
+    # (in place: loss and grad are this call's own buffers; the same one for the paper rule)
+    term = loss.mul_(w)
+    grad = term if grad is loss else grad.mul_(w)
     # summed in float64 and rounded once, as the Triton backend's partials: where the float64
     # sum of the float32 terms is exact, both backends give the same bits (README, "Float details")
-    return keep, metrics, (w * loss).sum(dtype=torch.float64).to(loss.dtype), w * grad
+    return keep, metrics, sum_f64(term).to(loss.dtype), grad
 
 
 def m2po_mask(

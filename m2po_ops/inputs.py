@@ -7,10 +7,16 @@ per-token sequence ids, so kernels never see a second grid dimension.
 Every check that can be done from shapes, dtypes and devices is done here without touching
 device memory. The checks that must read values (finiteness of valid tokens, the order of
 ``cu_seqlens``) run only with ``validate=True``: they are the only host syncs of the library.
+
+On CPU tensors a "host read" is a plain memory read, not a synchronisation, so the PyTorch
+backend branches on values there (``host_reads_free``): it skips work that the data makes
+unnecessary. Every other device takes the sync-free path, which ``device_path()`` forces on CPU
+tensors too (tests of that path, host-sync counting).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -28,6 +34,35 @@ INPUT_ERROR_NUM_TOKENS = 2  # num_tokens negative, NaN or infinite
 # Token indices are int32 inside the kernels' row arithmetic (an int64 division is a subroutine
 # call per token on the GPU).
 MAX_TOKENS = 2**31
+
+_device_path_on_cpu = False
+
+
+def host_reads_free(device: torch.device) -> bool:
+    """Whether code may read tensor values on the host for free: CPU tensors, unless inside
+    ``device_path()``."""
+    return device.type == "cpu" and not _device_path_on_cpu
+
+
+@contextlib.contextmanager
+def device_path():
+    """Run CPU tensors through the sync-free path that CUDA tensors take (no host reads), e.g.
+    to test that path or to count its host syncs without a GPU."""
+    global _device_path_on_cpu
+    previous, _device_path_on_cpu = _device_path_on_cpu, True
+    try:
+        yield
+    finally:
+        _device_path_on_cpu = previous
+
+
+def _all_finite(x: Tensor) -> bool:
+    """Host check (CPU): every value of x is finite. min and max propagate NaN, so both are
+    finite exactly when every value is; one reduction pass, no temporary."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 @dataclass(frozen=True)
@@ -128,21 +163,35 @@ class Tokens:
 
     @functools.cached_property
     def _base_and_finite(self):
+        """(base, finite): the mask as bool, and the tokens whose inputs are all finite (None:
+        every token, found on the host for CPU tensors, which skips three per-token passes)."""
         base = torch.ones(self.numel, dtype=torch.bool, device=self.device) if self.mask_src is None else (
             _mask_to_bool(self.mask_src))
+        if host_reads_free(self.device) and all(
+                _all_finite(x) for x in (self.logprobs, self.old_logprobs, self.adv_src)):
+            return base, None
         finite = torch.isfinite(self.logprobs) & torch.isfinite(self.old_logprobs) & torch.isfinite(self.advantages)
         return base, finite
 
     @functools.cached_property
     def valid(self) -> Tensor:
         base, finite = self._base_and_finite
+        if finite is None:  # a copy: keep may be this tensor, and must not alias the caller's mask
+            return base.clone() if base is self.mask_src else base
         return base & finite
+
+    @functools.cached_property
+    def num_valid(self) -> Tensor:
+        """The valid-token count (int64 0-d)."""
+        return torch.count_nonzero(self.valid)
 
     @functools.cached_property
     def nonfinite(self) -> Tensor:
         """How many tokens the mask calls valid hold a non-finite value (int64 0-d)."""
         base, finite = self._base_and_finite
-        return (base & ~finite).sum()
+        if finite is None:
+            return torch.zeros((), dtype=torch.int64, device=self.device)
+        return torch.count_nonzero(base & ~finite)
 
     @functools.cached_property
     def seq_id(self) -> Optional[Tensor]:
@@ -346,7 +395,7 @@ def prepare(
                              "is a validity mask, not a weight; with validate=False nonzero counts as valid and "
                              "NaN as padding")
         base, finite = tok._base_and_finite
-        if bool((base & ~finite).any()):
+        if finite is not None and bool((base & ~finite).any()):
             for name, x in (("logprobs", lp), ("old_logprobs", olp), ("advantages", tok.advantages)):
                 if bool((base & ~torch.isfinite(x)).any()):
                     raise ValueError(
@@ -416,12 +465,15 @@ def check_num_tokens(num_tokens, config: M2POConfig, device: torch.device):
     return float(num_tokens)
 
 
-def token_weights(tok: Tokens, config: M2POConfig, num_tokens, dtype: torch.dtype, num_valid: Optional[Tensor] = None) -> Tensor:
+def token_weights(tok: Tokens, config: M2POConfig, num_tokens, dtype: torch.dtype, num_valid: Optional[Tensor] = None,
+                  scalar: bool = False) -> Tensor:
     """Per-token weight w with loss = sum_i w_i * l_i for the chosen aggregation mode.
 
     num_valid: a global valid-token count (distributed / micro-batch use) for "token-mean".
+    scalar: for "token-mean", return the 0-d weight of a valid token (for terms that are already
+    0 on padding, and a denominator known to be finite and > 0: a padding token times a scalar
+    is 0 only then); the other modes ignore it.
     """
-    valid = tok.valid.to(dtype)
     mode = config.loss_agg_mode
     if mode == "token-mean":
         if num_tokens is not None:
@@ -429,9 +481,12 @@ def token_weights(tok: Tokens, config: M2POConfig, num_tokens, dtype: torch.dtyp
         elif num_valid is not None:
             denom = num_valid.to(dtype).clamp_min(1)
         else:
-            denom = tok.valid.sum().to(dtype).clamp_min(1)  # the int64 count rounded once, as the kernels
+            denom = tok.num_valid.to(dtype).clamp_min(1)  # the int64 count rounded once, as the kernels
+        if scalar:
+            return torch.ones((), dtype=dtype, device=tok.device) / denom  # = valid / denom on a valid token
         # padding weighs 0 whatever the denominator (0 / 0 would be NaN on padding)
-        return torch.where(tok.valid, valid / denom, torch.zeros((), dtype=dtype, device=tok.device))
+        return torch.where(tok.valid, tok.valid.to(dtype) / denom, torch.zeros((), dtype=dtype, device=tok.device))
+    valid = tok.valid.to(dtype)
     num_seqs = max(tok.num_seqs, 1)
     if mode == "seq-mean-token-sum":
         return valid / num_seqs
@@ -440,3 +495,13 @@ def token_weights(tok: Tokens, config: M2POConfig, num_tokens, dtype: torch.dtyp
     # seq-mean-token-mean: an empty sequence contributes 0 (verl would give 0/0 = NaN).
     counts = torch.zeros(tok.num_seqs + 1, dtype=dtype, device=tok.device).scatter_add_(0, tok.seq_id, valid)
     return valid / (counts[tok.seq_id].clamp_min(1) * num_seqs)
+
+
+def sum_f64(x: Tensor) -> Tensor:
+    """x summed in float64 (0-d). On CPU in chunks: converting a large tensor to float64 at once
+    allocates a buffer the allocator maps fresh on every call (page faults cost more than the sum)."""
+    chunk = 1 << 16
+    if not host_reads_free(x.device) or x.numel() <= chunk:
+        return x.sum(dtype=torch.float64)
+    flat = x.reshape(-1)
+    return torch.stack([flat[i:i + chunk].sum(dtype=torch.float64) for i in range(0, flat.numel(), chunk)]).sum()

@@ -1,9 +1,6 @@
-"""The pure-PyTorch reference backend: the spec's rules written plainly, for any device.
+"""The pure-PyTorch backend: the spec's rules written plainly, for any device.
 
 It is the ground truth the Triton kernels are tested against, and the backend used on CPU.
-Nothing here synchronises with the host: the cut is found with a sort and a float64 prefix sum,
-all on the device. (It is not fast: a full sort of the tokens is exactly what the Triton backend
-avoids.)
 
 Conventions (see ../shared/docs/m2po-spec.md and the README):
 - delta = logprobs - old_logprobs in float32 after upcasting; m2 = delta * delta in float32.
@@ -11,18 +8,37 @@ Conventions (see ../shared/docs/m2po-spec.md and the README):
   float64 for float64 inputs (so gradcheck works).
 - Paper rule: keep_count = max{k : S_k <= tau * k}, S_k the float64 sum of the k smallest m2 of
   the trust region ordered by (m2, flat index), compared as (S_k - k*tau_hi) <= k*tau_lo.
+
+Solving the cut uses the threshold split (m2po_ops/split.py): trust-region tokens whose key (the
+float32 m2 bit pattern) is at or below ``threshold_bits`` can never be cut, so only the tail above
+it is ordered; the part below enters through its count, its exact limb sum and (official) its
+maximum.
+- CPU tensors (``host_reads_free``): reading a value is free, so the solver branches on the host:
+  it compacts the trust region's keys, exits early when nothing can be cut, and otherwise sorts
+  only the tail. numpy does the compaction, the sort and the per-exponent sums when it is
+  installed (its CPU kernels for these are 5-10x faster than torch's); torch otherwise.
+- Every other device (CUDA): the histogram solver (m2po_ops/histogram.py), no host sync.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
+from . import split
 from .config import DELTA_CLAMP, OFFICIAL_EPS, OFFICIAL_NO_CONSTRAINT_HIGH, M2POConfig
 from .cut import KEEP_ALL_BITS, Cut, make_cut
-from .inputs import Tokens
+from .inputs import Tokens, host_reads_free
 
-INT64_MAX = torch.iinfo(torch.int64).max
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is optional: torch's CPU kernels give the same results
+    np = None
+
+# Python floats are float64: the host solver's scalar arithmetic is the tensors' float64 arithmetic.
+_F64 = torch.float64
 
 
 def compute_dtype(tok: Tokens) -> torch.dtype:
@@ -32,22 +48,28 @@ def compute_dtype(tok: Tokens) -> torch.dtype:
 def log_ratio(tok: Tokens) -> Tensor:
     """delta = logprobs - old_logprobs in float32, zero on invalid tokens (padding may be NaN)."""
     delta = tok.logprobs.float() - tok.old_logprobs.float()
-    return torch.where(tok.valid, delta, torch.zeros_like(delta))
+    zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
+    return torch.where(tok.valid, delta, zero, out=delta)  # (in place: one buffer fewer)
 
 
-def trust_region(tok: Tokens, delta: Tensor, config: M2POConfig) -> Tensor:
-    """The tokens the rule may mask: T (paper) or the authors' "harmful" tokens (official)."""
+def trust_region(tok: Tokens, delta: Tensor, config: M2POConfig, ratio: Optional[Tensor] = None) -> Tensor:
+    """The tokens the rule may mask: T (paper) or the authors' "harmful" tokens (official).
+
+    delta: log_ratio(tok), 0 on padding, which puts no padding token in T (delta > 0 or < 0,
+    r > 1 or < 1 all fail at delta = 0), so no separate validity test is needed.
+    ratio: ratio_f32(delta) when the caller has it (official), so it is computed once."""
     if config.variant == "paper":
-        adv = tok.advantages.float()
-        return tok.valid & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
+        # (A > 0 and delta > 0) or (A < 0 and delta < 0): sign(A) * delta > 0 in one product that
+        # cannot underflow (|sign(A) * delta| = |delta|; a NaN or zero A gives False)
+        return torch.sign(tok.advantages.float()).mul_(delta) > 0
     # The authors compare float32 tensors with Python floats, which torch casts to float32:
     # A > 1e-12 keeps its meaning, r > 1 + 1e-12 becomes r > 1.
     eps = torch.full((), OFFICIAL_EPS, dtype=torch.float32, device=delta.device)  # fills, not host copies
     one_hi = torch.full((), 1.0 + OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
     one_lo = torch.full((), 1.0 - OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
-    ratio = ratio_f32(delta)
+    ratio = ratio_f32(delta) if ratio is None else ratio
     adv_first = tok.adv_first.float()
-    return tok.valid & (((adv_first > eps) & (ratio > one_hi)) | ((adv_first < -eps) & (ratio < one_lo)))
+    return ((adv_first > eps) & (ratio > one_hi)) | ((adv_first < -eps) & (ratio < one_lo))
 
 
 def ratio_f32(delta: Tensor) -> Tensor:
@@ -60,24 +82,19 @@ def ratio_f32(delta: Tensor) -> Tensor:
     return torch.exp(delta.double()).float()
 
 
+def clamped_ratio(delta: Tensor) -> Tensor:
+    """The paper's r = exp(clamp(delta, -20, 20)) (the overflow guard)."""
+    return torch.clamp(delta, -DELTA_CLAMP, DELTA_CLAMP).exp_()
+
+
 def m2_bits(m2: Tensor) -> Tensor:
     """The int32 bit pattern of non-negative float32 m2; orders exactly like the floats."""
     return m2.view(torch.int32)
 
 
-def _sorted_trust_region(m2: Tensor, tr: Tensor):
-    """m2 of T sorted ascending by (m2, flat index), padded with zeros to N, as float64."""
-    n = m2.numel()
-    idx = torch.arange(n, device=m2.device, dtype=torch.int64)
-    key = torch.where(tr, (m2_bits(m2).to(torch.int64) << 32) | idx, torch.full_like(idx, INT64_MAX))
-    skey, order = torch.sort(key)
-    in_tr = skey != INT64_MAX
-    values = torch.where(in_tr, m2[order].double(), torch.zeros((), dtype=torch.float64, device=m2.device))
-    return values, skey
-
-
 def _max_or_zero(x: Tensor) -> Tensor:
-    return torch.cat([x.new_zeros(1), x]).max()
+    """max(0, max(x)) (0 for an empty x); numel is a shape, so no host read."""
+    return x.max().clamp_min(0) if x.numel() else x.new_zeros(())
 
 
 def _at(x: Tensor, i: Tensor) -> Tensor:
@@ -97,38 +114,6 @@ def within_budget(s: Tensor, k: Tensor, config: M2POConfig) -> Tensor:
 def official_test_value(v: Tensor, k: Tensor, c: Tensor, n: Tensor) -> Tensor:
     """The authors' water-filling test value (v_k - 1e-12) * (n - k - 1) + c_k in float64."""
     return (v - OFFICIAL_EPS) * (n.double() - k.double() - 1.0) + c
-
-
-def solve_paper(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
-    """Algorithm 1 of the paper as one cut: keep the longest (m2, index)-ordered prefix of T whose
-    mean is <= tau."""
-    device = m2.device
-    n = m2.numel()
-    n_tr = tr.sum()
-    values, skey = _sorted_trust_region(m2, tr)
-    csum = torch.cumsum(values, 0)
-    k = torch.arange(1, n + 1, device=device, dtype=torch.int64)
-    ok = within_budget(csum, k, config) & (k <= n_tr)
-    keep_count = _max_or_zero(torch.where(ok, k, torch.zeros_like(k)))
-    masked_any = keep_count < n_tr
-    at = keep_count.clamp(max=max(n - 1, 0))
-    first_cut_bits = (_at(skey, at) >> 32).to(torch.int32) if n > 0 else torch.zeros((), dtype=torch.int32, device=device)
-    value = torch.where(masked_any, first_cut_bits, torch.full_like(first_cut_bits, KEEP_ALL_BITS))
-    below = (tr & (m2_bits(m2) < value)).sum()
-    ties_kept = torch.where(masked_any, keep_count - below, torch.zeros_like(keep_count))
-    total = _max_or_zero(torch.where(k == n_tr, csum, torch.zeros_like(csum)))
-    kept_sum = _max_or_zero(torch.where(k == keep_count, csum, torch.zeros_like(csum)))
-    return make_cut(
-        config,
-        device,
-        value=value,
-        ties_kept=ties_kept,
-        num_valid=num_valid,
-        num_trust_region=n_tr,
-        m2=(total / n_tr.clamp_min(1)).float(),
-        m2_after=(kept_sum / keep_count.clamp_min(1)).float(),
-        threshold=torch.where(masked_any, value.view(torch.float32), torch.full((), float("inf"), device=device)),
-    )
 
 
 def official_bounds(tau_c: Tensor, constrained: Tensor, config: M2POConfig):
@@ -155,36 +140,11 @@ def official_bounds(tau_c: Tensor, constrained: Tensor, config: M2POConfig):
     return (1.0 - eps_lo).float(), (1.0 + eps_hi).float()
 
 
-def solve_official(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
-    """The authors' water-filling threshold (kpo_clip_harmful_tokens), without host syncs."""
-    device = m2.device
-    n_all = m2.numel()
-    e = OFFICIAL_EPS
-    n = tr.sum()
-    nf = n.double()
-    values, _ = _sorted_trust_region(m2, tr)
-    csum = torch.cumsum(values, 0)
-    total = values.sum()
-    tau = config.tau
-    target = tau * nf
-    constrained = (n > 0) & (total / nf.clamp_min(1) > tau + e) & (target < total - e)
-    kk = torch.arange(n_all, device=device, dtype=torch.int64)
-    f = official_test_value(values, kk, csum, n)
-    hit = (f >= target - e) & (kk < n)
-    k = torch.where(hit, kk, torch.full_like(kk, n_all)).min() if n_all > 0 else torch.zeros((), dtype=torch.int64, device=device)
-    constrained = constrained & (k < n)
-    tiny_budget = target <= e
-    prev = (k - 1).clamp(min=0, max=max(n_all - 1, 0))
-    v_prev = _at(values, prev) if n_all > 0 else torch.zeros((), dtype=torch.float64, device=device)
-    c_prev = _at(csum, prev) if n_all > 0 else torch.zeros((), dtype=torch.float64, device=device)
-    return official_cut(v_prev, c_prev, k, n, total, constrained, tiny_budget, num_valid, config)
-
-
 def official_cut(v_prev: Tensor, c_prev: Tensor, k_star: Tensor, n: Tensor, total: Tensor, constrained: Tensor,
                  tiny_budget: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
     """The authors' tau_c, reported M2_after and clip bounds, from the first index k_star whose
     test passes, the value just before it (v_prev) and the sum up to it (c_prev), all float64.
-    Shared by the sort-based and the histogram solvers."""
+    Shared by the host split solver, the histogram solver and the test oracle."""
     e = OFFICIAL_EPS
     nf = n.double()
     at_zero = (k_star == 0) | tiny_budget  # the authors return tau_c = 0 here
@@ -207,81 +167,281 @@ def official_cut(v_prev: Tensor, c_prev: Tensor, k_star: Tensor, n: Tensor, tota
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# The cut
+
+
+def solve_trust_region(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
+    """The cut of the trust-region tokens ``tr`` with squared log ratios ``m2`` (flat tensors)."""
+    if host_reads_free(m2.device):
+        return _solve_host(_compact(m2_bits(m2), tr), num_valid, config)
+    return solve_keys(torch.where(tr, m2_bits(m2), -1), num_valid, config)
+
+
+def solve_keys(key: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
+    """The cut from int32 keys (the m2 bits of trust-region tokens, -1 elsewhere), flat order.
+    CPU: the host split solver; other devices: the histogram solver (sync-free)."""
+    if host_reads_free(key.device):
+        return _solve_host(_compact(key, key >= 0), num_valid, config)
+    from .histogram import solve_keys as histogram_solve  # (histogram imports this module)
+
+    return histogram_solve(key, num_valid, config)
+
+
 def solve(tok: Tokens, config: M2POConfig):
     """Local solve: (cut, delta, m2, trust_region) for this call's own tokens."""
     delta = log_ratio(tok)
     m2 = delta * delta
     tr = trust_region(tok, delta, config)
-    num_valid = tok.valid.sum()
-    solver = solve_paper if config.variant == "paper" else solve_official
-    return solver(m2, tr, num_valid, config), delta, m2, tr
+    return solve_trust_region(m2, tr, tok.num_valid, config), delta, m2, tr
+
+
+# --- the host (CPU) split solver --------------------------------------------------------------
+# numpy, when installed, does the two steps torch's CPU kernels are slowest at (measured 5-10x):
+# compacting by a mask (flatnonzero has no branch per token) and sorting int32 keys.
+
+
+def _flatnonzero(mask: Tensor) -> Tensor:
+    """int64 indices of the True entries of a flat CPU bool tensor."""
+    if np is not None:
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.nonzero().reshape(-1)
+
+
+def _compact(key: Tensor, inside: Tensor) -> Tensor:
+    """int32 keys of the tokens ``inside``, in flat order."""
+    return key[_flatnonzero(inside)]
+
+
+def _sorted(keys: Tensor) -> Tensor:
+    """Keys ascending: values ascending, since non-negative floats order like their bits. The
+    values are all the solver reads, so ties need no index order (equal keys are equal values)."""
+    if np is not None:
+        return torch.from_numpy(np.sort(keys.numpy()))
+    return torch.sort(keys).values
+
+
+def _exact_sum(keys: Tensor) -> int:
+    """The exact sum of the finite float32 values with these keys, as an integer in units of
+    2**-149 (the smallest subnormal). Per exponent field: values sharing one are multiples of
+    one ulp, so their float64 sum is exact while it stays below 2**53 ulps (chunks of < 2**29
+    tokens: significands are < 2**24). Infinite keys (exponent field 255) are skipped."""
+    total = 0
+    chunk = 1 << 28
+    for start in range(0, keys.numel(), chunk):
+        k = keys[start:start + chunk]
+        sums = torch.bincount(k >> 23, weights=k.view(torch.float32).double(), minlength=256).tolist()
+        for v in sums[:255]:
+            if v:
+                total += int(v * 2.0**149)  # a power-of-two scaling of an integer multiple of 2**-149: exact
+    return total
+
+
+def _below_sum(tr_keys, tail, thr: int) -> float:
+    """The sum of the trust-region keys at or below thr with the bits of
+    split.limbs_to_float(split.limb_sums(...)): the exact integer (all keys minus the tail's),
+    written as canonical limbs, which is the form limbs_to_float reduces any limbs to."""
+    exact = _exact_sum(tr_keys) - _exact_sum(tail)
+    nlimb = split.limb_count(thr)
+    limbs = [(exact >> (split.LIMB_BITS * i)) & split.LIMB_MASK for i in range(nlimb - 1)]
+    limbs.append(exact >> (split.LIMB_BITS * (nlimb - 1)))
+    return float(split.limbs_to_float(torch.tensor(limbs, dtype=torch.int64)))
+
+
+def _f32(x: float) -> Tensor:
+    """A float64 value rounded once to a float32 0-d tensor."""
+    return torch.tensor(x, dtype=_F64).float()
+
+
+def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
+    """The split solve on the host (CPU tensors only): tr_keys are the trust region's int32 keys
+    in flat order."""
+    device = num_valid.device
+    thr = split.threshold_bits(config.variant, config.tau)
+    n = tr_keys.numel()
+    tail = _compact(tr_keys, tr_keys > thr)
+    n_below = n - tail.numel()
+    s_below = _below_sum(tr_keys, tail, thr)
+    total = s_below + float(tail.view(torch.float32).double().sum())  # (any order: the early exits and Cut.m2 read it)
+    n_t = torch.tensor(n, dtype=torch.int64)
+    total_t = torch.tensor(total, dtype=_F64)
+    if config.variant == "paper":
+        if tail.numel() == 0 or bool(within_budget(total_t, n_t, config)):  # nothing can be cut: early exit
+            m2 = _f32(total / max(n, 1))
+            return make_cut(config, device, num_valid=num_valid, num_trust_region=n_t, m2=m2, m2_after=m2)
+        return _paper_cut(_sorted(tail), n_below, s_below, n, total, num_valid, config)
+    e = OFFICIAL_EPS
+    target = config.tau * n
+    constrained = n > 0 and total / n > config.tau + e and target < total - e
+    zero = torch.zeros((), dtype=_F64)
+    if not constrained or tail.numel() == 0:  # early exit: unconstrained (no tail: no test can pass)
+        return official_cut(zero, zero, n_t, n_t, total_t, torch.tensor(False), torch.tensor(target <= e),
+                            num_valid, config)
+    return _official_cut(_sorted(tail), tr_keys, thr, n_below, s_below, n, total, num_valid, config)
+
+
+def _tail_prefix(tail_sorted, s_below: float):
+    """(tail values, S_k for k = n_below + 1 .. n): S_below plus the float64 prefix sums of the
+    sorted tail (sequential, so S_k carries at most k roundings: split.ZONE_EPS)."""
+    values = tail_sorted.view(torch.float32).double()
+    return values, s_below + torch.cumsum(values, 0)
+
+
+def _paper_cut(tail_sorted, n_below: int, s_below: float, n: int, total: float, num_valid: Tensor,
+               config: M2POConfig) -> Cut:
+    """keep_count = max{k : S_k <= tau k}: at least n_below (the threshold lemma), so only the
+    tail's prefixes are tested."""
+    _, s = _tail_prefix(tail_sorted, s_below)
+    k = torch.arange(n_below + 1, n + 1, dtype=torch.int64)
+    ok = within_budget(s, k, config)
+    kept_tail = int(ok.nonzero()[-1]) + 1 if bool(ok.any()) else 0
+    keep_count = n_below + kept_tail
+    kept_sum = float(s[kept_tail - 1]) if kept_tail > 0 else s_below
+    m2 = _f32(total / max(n, 1))
+    if kept_tail == tail_sorted.numel():  # the full prefix passed after all (it lies in the float zone)
+        return make_cut(config, num_valid.device, num_valid=num_valid, num_trust_region=torch.tensor(n), m2=m2,
+                        m2_after=m2)
+    value = int(tail_sorted[kept_tail])
+    # tokens strictly below the cut value: the below part and the tail's smaller keys
+    first_tie = int(torch.searchsorted(tail_sorted, value, side="left"))
+    as_i32 = torch.tensor(value, dtype=torch.int32)
+    return make_cut(
+        config,
+        num_valid.device,
+        value=as_i32,
+        ties_kept=torch.tensor(keep_count - n_below - first_tie, dtype=torch.int64),
+        num_valid=num_valid,
+        num_trust_region=torch.tensor(n, dtype=torch.int64),
+        m2=m2,
+        m2_after=_f32(kept_sum / max(keep_count, 1)),
+        threshold=as_i32.view(torch.float32),
+    )
+
+
+def _official_cut(tail_sorted, tr_keys, thr: int, n_below: int, s_below: float, n: int, total: float,
+                  num_valid: Tensor, config: M2POConfig) -> Cut:
+    """The first k with (v_k - 1e-12)(n - k - 1) + c_k >= tau n - 1e-12 (c_k = S_{k+1}): none
+    before the tail (the threshold lemma), so only the tail is tested."""
+    e = OFFICIAL_EPS
+    values, s = _tail_prefix(tail_sorted, s_below)
+    n_t = torch.tensor(n, dtype=torch.int64)
+    k = torch.arange(n_below, n, dtype=torch.int64)
+    hit = official_test_value(values, k, s, n_t) >= config.tau * n - e
+    j = int(hit.to(torch.uint8).argmax()) if bool(hit.any()) else tail_sorted.numel()
+    k_star = n_below + j
+    if j > 0:
+        v_prev, c_prev = float(values[j - 1]), float(s[j - 1])
+    elif n_below > 0:  # the hit is the tail's first token: the value before it is the below part's largest
+        top = torch.where(tr_keys <= thr, tr_keys, -1).max().reshape(1)
+        v_prev = float(top.view(torch.float32))
+        c_prev = s_below
+    else:
+        v_prev = c_prev = 0.0
+    return official_cut(torch.tensor(v_prev, dtype=_F64), torch.tensor(c_prev, dtype=_F64),
+                        torch.tensor(k_star), n_t, torch.tensor(total, dtype=_F64),
+                        torch.tensor(k_star < n), torch.tensor(config.tau * n <= e), num_valid, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying a cut
 
 
 def keep_paper(m2: Tensor, tr: Tensor, valid: Tensor, cut: Cut) -> Tensor:
     """Apply a paper cut: ties at the cut value are kept in flat order up to ties_kept."""
     bits = m2_bits(m2)
+    if host_reads_free(m2.device):
+        return _keep_paper_host(bits, tr, valid, cut)
     tie = tr & (bits == cut.value)
     tie_rank = torch.cumsum(tie.to(torch.int64), 0) - tie.to(torch.int64)
     keep_tr = (bits < cut.value) | (tie & (tie_rank < cut.ties_kept))
     return valid & (~tr | keep_tr)
 
 
-def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor):
-    """keep, per-token loss l_i and its derivative g_i = dl_i/dlogprobs_i (compute dtype)."""
+def _keep_paper_host(bits: Tensor, tr: Tensor, valid: Tensor, cut: Cut) -> Tensor:
+    """keep_paper on the host: only the trust-region tokens at or above the cut value (the tail's
+    top, usually a few) are looked at one by one."""
+    value = int(cut.value)
+    if value == KEEP_ALL_BITS:
+        return valid
+    at_or_above = tr & (bits >= value)
+    idx = _flatnonzero(at_or_above)
+    cand = bits[idx]
+    tie = cand == value
+    rank = torch.cumsum(tie, 0) - tie.to(torch.int64)  # earlier tied tokens, in flat order
+    masked = (cand > value) | (rank >= int(cut.ties_kept))
+    keep = valid.clone()
+    keep[idx[masked]] = False
+    return keep
+
+
+def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, ratio: Optional[Tensor] = None):
+    """keep, per-token loss l_i and its derivative g_i = dl_i/dlogprobs_i (compute dtype); l_i and
+    g_i are 0 on padding.
+
+    ratio: the variant's float32 ratio of delta (``ratio_of``) when the caller has it."""
     cd = compute_dtype(tok)
     valid = tok.valid
     zero = torch.zeros((), dtype=cd, device=tok.device)
-    if cd == torch.float64:
-        d = torch.where(valid, tok.logprobs.double() - tok.old_logprobs.double(), zero)
-    else:
-        d = delta
-    adv = torch.where(valid, tok.advantages.to(cd), zero)
+    ratio = ratio_of(delta, cut.variant) if ratio is None else ratio
     if cut.variant == "paper":
         keep = keep_paper(m2, tr, valid, cut)
-        a = torch.where(keep, adv, zero)
-        r = torch.exp(torch.clamp(torch.where(keep, d, zero), -DELTA_CLAMP, DELTA_CLAMP))
-        loss = -a * r
+        # -A r on kept tokens, r = exp(clamp(delta)): the metrics' ratio, or float64 for float64 input
+        r = ratio if cd == torch.float32 else clamped_ratio(tok.logprobs.double() - tok.old_logprobs.double())
+        loss = torch.addcmul(zero, tok.advantages.to(cd), r, value=-1)  # -A r in one pass
+        loss = torch.where(keep, loss, zero, out=loss)
         return keep, loss, loss  # straight-through: d(-a r)/d logprobs = -a r
     # official: PPO clipped surrogate with the solved bounds. The clip decision is made as the
     # authors' torch code makes it, in float32 (ratio, float32 bounds, strict comparisons), for
     # every input dtype; the loss values use the compute dtype.
+    if cd == torch.float64:
+        d = torch.where(valid, tok.logprobs.double() - tok.old_logprobs.double(), zero)
+    adv = torch.where(valid, tok.advantages.to(cd), zero)
     lower32, upper32 = cut.lower, cut.upper
-    adv32 = torch.where(valid, tok.advantages.float(), torch.zeros((), dtype=torch.float32, device=tok.device))
-    r32 = ratio_f32(delta)
+    adv32 = adv if cd == torch.float32 else adv.float()
+    r32 = ratio
     pg1_32 = -adv32 * r32
     pg2_32 = -adv32 * torch.clamp(r32, lower32, upper32)
     clipped = pg2_32 > pg1_32
     tie = pg1_32 == pg2_32
     keep = valid & ~clipped
-    r = torch.exp(d) if cd == torch.float64 else r32
-    lower, upper = lower32.to(cd), upper32.to(cd)
-    pg1 = -adv * r
-    pg2 = -adv * torch.clamp(r, lower, upper)
+    if cd == torch.float64:
+        r = torch.exp(d)
+        lower, upper = lower32.to(cd), upper32.to(cd)
+        pg1 = -adv * r
+        pg2 = -adv * torch.clamp(r, lower, upper)
+    else:
+        pg1, pg2 = pg1_32, pg2_32
     loss = torch.where(valid, torch.where(clipped, pg2, pg1), zero)
     # torch.maximum splits the gradient evenly on ties; clamp passes it inside [lower, upper].
     inside = (r32 >= lower32) & (r32 <= upper32)
-    half = torch.where(inside, torch.ones_like(r), torch.full_like(r, 0.5))
+    half = torch.where(inside, torch.ones((), dtype=cd, device=tok.device),
+                       torch.full((), 0.5, dtype=cd, device=tok.device))
     grad = torch.where(clipped, zero, torch.where(tie, pg1 * half, pg1))
     grad = torch.where(valid, grad, zero)
     return keep, loss, grad
 
 
-def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Tensor, variant: str) -> dict:
-    """The spec's metrics as float32 0-d tensors on the input's device."""
+def ratio_of(delta: Tensor, variant: str) -> Tensor:
+    """The float32 ratio a variant reports and decides with: exp(clamp(delta)) (paper), or the
+    correctly rounded exp(delta) (official)."""
+    return clamped_ratio(delta) if variant == "paper" else ratio_f32(delta)
+
+
+def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Tensor, variant: str,
+            ratio: Optional[Tensor] = None) -> dict:
+    """The spec's metrics as float32 0-d tensors on the input's device (delta is 0 on padding)."""
     valid = tok.valid
-    nv = valid.sum().clamp_min(1).float()
+    count = tok.num_valid
+    nv = count.clamp_min(1).float()
     zero = torch.zeros((), dtype=torch.float32, device=tok.device)
-    if variant == "paper":
-        ratio = torch.exp(torch.clamp(delta, -DELTA_CLAMP, DELTA_CLAMP))
-    else:
-        ratio = ratio_f32(delta)
+    ratio = ratio_of(delta, variant) if ratio is None else ratio
     ratio_v = torch.where(valid, ratio, zero)
     out = {
         "m2": cut.m2,
         "m2_after": cut.m2_after,
-        "masked_fraction": (valid & ~keep).sum().float() / nv,
-        "trust_region_fraction": tr.sum().float() / nv,
-        "kl": torch.where(valid, -delta, zero).sum() / nv,
+        "masked_fraction": (count - torch.count_nonzero(keep)).float() / nv,  # keep is a subset of valid
+        "trust_region_fraction": torch.count_nonzero(tr).float() / nv,
+        "kl": -delta.sum() / nv,
         "ratio_mean": ratio_v.sum() / nv,
         "ratio_max": _max_or_zero(ratio_v),
         "cut": cut.threshold,

@@ -115,9 +115,7 @@ def compute_keys(tok: Tokens, config: M2POConfig, backend: str):
     delta = reference.log_ratio(tok)
     m2 = delta * delta
     tr = reference.trust_region(tok, delta, config)
-    bits = reference.m2_bits(m2)
-    key = torch.where(tr, bits, torch.full_like(bits, -1))
-    return key, tok.valid.sum(), None
+    return torch.where(tr, reference.m2_bits(m2), -1), tok.num_valid, None
 
 
 def check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Cut) -> bool:
@@ -242,12 +240,9 @@ class M2POStats:
         config, keys = self.config, self._keys
         num_valid = torch.stack(self._num_valid).sum()
         if group is None and self._resolved == "torch":
-            # Exactly the torch backend's single call: the sort-based solve on the concatenation.
-            key = torch.cat(keys)
-            tr = key >= 0
-            m2 = torch.where(tr, key, torch.zeros_like(key)).view(torch.float32)
-            solver = reference.solve_paper if config.variant == "paper" else reference.solve_official
-            cut = solver(m2, tr, num_valid, config)
+            # Exactly the torch backend's single call: its solver on the concatenation of the keys
+            # (in update order, so the flat indices, and with them the ties, are the single call's)
+            cut = reference.solve_keys(torch.cat(keys), num_valid, config)
             nv = num_valid
         else:
             if self._resolved == "triton":
