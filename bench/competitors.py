@@ -8,6 +8,7 @@ A competitor is set up once per input (``prepare(batch)``), which returns a ``Ru
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -15,8 +16,26 @@ from typing import Callable, Optional
 import torch
 
 import m2po_ops
+from m2po_ops import histogram
+from m2po_ops.inputs import device_path
 
 from . import baselines
+
+
+@contextlib.contextmanager
+def count_calls(module, name: str):
+    """Count the calls of module.name inside the block (a one-element list)."""
+    original, calls = getattr(module, name), [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, original)
 
 
 @dataclass
@@ -25,6 +44,8 @@ class Runner:
     check: Callable[[], tuple]  # -> (keep or None, loss, grad); its host syncs are counted
     mask: Optional[Callable[[], torch.Tensor]] = None  # keep mask when check() gives None (not counted)
     setup_s: float = 0.0  # one-off cost (compile, graph capture), reported separately
+    # the call whose host syncs are counted, when not check(); returns how many reads to leave out
+    sync_probe: Optional[Callable[[], int]] = None
     notes: list = field(default_factory=list)
 
 
@@ -118,7 +139,17 @@ def _library_runner(batch, variant: str, backend: str) -> Runner:
     def mask():
         return m2po_ops.m2po_mask(*args, variant=variant, backend=backend, validate=False)[0]
 
-    return Runner(step, check, mask)
+    probe = None
+    if lp.device.type == "cpu" and backend == "torch":
+        def probe() -> int:
+            """The path a CUDA tensor takes (the one whose syncs a GPU would see). Returns the reads
+            not to count: split.limbs_to_float takes a Python shortcut for CPU tensors (one
+            Tensor.tolist per call) that CUDA tensors do not take."""
+            with device_path(), count_calls(histogram, "limbs_to_float") as shortcut:
+                step()
+            return shortcut[0]
+
+    return Runner(step, check, mask, sync_probe=probe)
 
 
 def _graph_runner(batch, variant: str) -> Runner:

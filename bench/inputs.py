@@ -16,6 +16,10 @@ Regimes: "none" (p = 0: nothing to mask, mean m2 <= tau), "typical" (p = 0.0018:
 the paper's order of magnitude) and "stressed" (p = 0.051: ~5% masked). The masked fractions
 are measured on every input by the reference and recorded, not assumed.
 
+"heavy-tail": a broad tail above tau instead of a few far outliers (the case the threshold split
+has the most left to order): p = 0.15 of valid tokens get delta = sign(A) * U(0.2, 0.6), m2 in
+[0.04, 0.36], so about 30% of the trust region lies above tau. ``tail_fraction`` measures it.
+
 Inputs are generated on the CPU with a seeded generator (identical on every machine) and then
 cast to the benchmark dtype (float32 or bfloat16: both logprob tensors) and moved to the device.
 """
@@ -29,7 +33,9 @@ import torch
 ROW_LEN = 2048
 BASE_SIGMA = 0.1
 OUTLIER_RANGE = (4.0, 6.0)
-REGIMES = {"none": 0.0, "typical": 0.0018, "stressed": 0.051}
+REGIMES = {"none": 0.0, "typical": 0.0018, "stressed": 0.051, "heavy-tail": 0.15}
+# |delta| of the planted tokens per regime (the original three: far outliers)
+REGIME_RANGES = {"heavy-tail": (0.2, 0.6)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -74,7 +80,7 @@ def make_batch(n_tokens: int, regime: str, dtype: str = "float32", device="cpu",
     p = REGIMES[regime]
     garbage = -torch.empty(b, t).exponential_(1.0, generator=g) * 5
     if p > 0:
-        lo, hi = OUTLIER_RANGE
+        lo, hi = REGIME_RANGES.get(regime, OUTLIER_RANGE)
         planted = (torch.rand(b, t, generator=g_out) < p) & mask
         big = torch.sign(adv_seq) * (lo + (hi - lo) * torch.rand(b, t, generator=g_out))
         delta = torch.where(planted, big.expand(b, t), delta)
@@ -86,3 +92,13 @@ def make_batch(n_tokens: int, regime: str, dtype: str = "float32", device="cpu",
     dt = DTYPES[dtype]
     logprobs = logprobs.to(dt).to(device).requires_grad_(True)
     return Batch(logprobs, old.to(dt).to(device), adv.to(device), mask.to(device), b * t, regime, dtype)
+
+
+def tail_fraction(batch: Batch, tau: float) -> float:
+    """The fraction of the paper rule's trust region whose m2 is above tau (the tail the solver
+    orders), measured on the batch."""
+    delta = batch.logprobs.detach().float() - batch.old_logprobs.float()
+    adv = batch.advantages.float()
+    tr = batch.mask & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
+    n = int(tr.sum())
+    return int((tr & (delta * delta > tau)).sum()) / n if n else 0.0

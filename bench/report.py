@@ -113,13 +113,14 @@ def tables(data: dict) -> str:
     cuda = data["machine"]["device"] == "cuda"
     names = [n for n in ORDER if any(c["name"] == n for c in data["competitors"])]
     by = {(r["competitor"], r["n_tokens"], r["dtype"], r["regime"]): r for r in data["results"]}
-    head = ["tokens", "dtype", "regime", "masked p/o"]
+    head = ["tokens", "dtype", "regime", "masked p/o", "tail"]
     rows_t, rows_c = [], []
     for inp in data["inputs"]:
         key = (inp["n_tokens"], inp["dtype"], inp["regime"])
         mf = inp["masked_fraction"]
         base = [_size(inp["n_tokens"]), inp["dtype"].replace("float", "fp").replace("bfloat", "bf"), inp["regime"],
-                f"{100 * mf['paper']:.2f}/{100 * mf['official']:.2f}%"]
+                f"{100 * mf['paper']:.2f}/{100 * mf['official']:.2f}%",
+                f"{100 * inp['tail_fraction']:.1f}%" if inp.get("tail_fraction") is not None else "-"]
         rows_t.append(base + [_time_cell(by.get((n, *key), {})) for n in names])
         floor = [_ms(inp["floor_us"] / 1e3)] if cuda and inp.get("floor_us") else (["-"] if cuda else [])
         rows_c.append(base + floor + [_cost_cell(by.get((n, *key), {}), cuda) for n in names])
@@ -127,14 +128,16 @@ def tables(data: dict) -> str:
     m = data["machine"]
     dev = (f"{v['gpu_name']} (CUDA {v['cuda']})" if cuda else
            f"CPU: {m['cpu']}, {m['cpu_count']} cores, {m['torch_threads']} torch thread(s), "
-           f"load average {m.get('loadavg_at_start', ['?'])[0]} at start")
+           f"load average {m.get('loadavg_at_start', ['?'])[0]} at start" + _cell_loads(data))
     out = [
         f"### m2po-ops benchmark: {dev}; torch {v['torch']}, triton {v['triton']}"
         + (" (quick run)" if data.get("quick") else ""),
         "",
         "Time per forward+backward call: median ±half the p10-p90 spread in % of it; (Nx) = that competitor's time / the fastest m2po_ops path "
         "of the same rule on the same input. masked p/o: the reference's masked fraction, paper / official "
-        "rule (official: tokens whose gradient the clip cuts).",
+        "rule (official: tokens whose gradient the clip cuts). tail: the fraction of the paper rule's trust region "
+        "with m2 > tau (what the solver orders). The competitors of one input are timed in rounds (one call "
+        "of each per round), at least 7 rounds.",
         "",
         _table(head + [SHORT[n] for n in names], rows_t),
         "",
@@ -180,6 +183,24 @@ def tables(data: dict) -> str:
                  "(m2po_mask, same rule); a mismatch would read 'WRONG mask' and is not timed.")
     out += ["Notes:", *notes]
     return "\n".join(out)
+
+
+def _cell_loads(data: dict) -> str:
+    """', 1-min load average per cell X-Y' from each input's loadavg_before / loadavg_after."""
+    loads = [inp[k][0] for inp in data.get("inputs", []) for k in ("loadavg_before", "loadavg_after") if inp.get(k)]
+    return f", per cell {min(loads):.2f}-{max(loads):.2f} (before/after each)" if loads else ""
+
+
+def host_path_line(data: dict) -> str:
+    """The fused backend's host path (bench/host_path.py), one line."""
+    h = data.get("host_path")
+    if not h:
+        return ""
+    if h.get("error"):
+        return f"host path of the fused backend: not measured ({h['error'][:200]})"
+    return (f"host path of the fused backend ({h['n_tokens']} tokens, {h['dtype']}, kernels stubbed, forward+backward, "
+            f"median of {h['calls']} calls): {h['fused_us']:.0f} us, plain eager GRPO loss {h['eager_us']:.0f} us: "
+            f"{h['ratio']:.2f}x (goal <= 0.6x)")
 
 
 def _summary(data: dict, names: list) -> str:
@@ -292,10 +313,42 @@ def verdict(data: dict) -> str:
         else:
             parts.append(f"faster than {name} at {', '.join(_size(n) for n in faster)} and slower at "
                          f"{', '.join(_size(n) for n in slower)} ({lo:.2g}x-{hi:.2g}x)")
+    target = _target_line(data)
     if not parts:
-        return "verdict: no ratio to report (m2po_ops and at least one competitor must be timed on the same inputs)"
+        return "verdict: no ratio to report (m2po_ops and at least one competitor must be timed on the same inputs)" + target
     return f"verdict ({data.get('machine', {}).get('device', '?')}): m2po_ops is " + "; ".join(parts) + \
-        " (x = competitor time / m2po_ops time, median over regimes and dtypes)"
+        " (x = competitor time / m2po_ops time, median over regimes and dtypes)" + target
+
+
+TARGET_SPEEDUP, TARGET_FROM = 3.0, 262144
+
+
+def _target_line(data: dict) -> str:
+    """Whether m2po_ops[torch]/paper is >= 3x sorted-eager at every size >= 256K in every regime
+    and dtype, and never slower at the smaller sizes (each cell's ratio)."""
+    ok = {(r["competitor"], r["n_tokens"], r["dtype"], r["regime"]): r["median_ms"] for r in data["results"]
+          if r.get("status") == "ok"}
+    cells = [dict(n_tokens=n, dtype=d, regime=g, ratio=ms / ok[("m2po_ops[torch]/paper", n, d, g)])
+             for (name, n, d, g), ms in ok.items()
+             if name == "sorted-eager" and ("m2po_ops[torch]/paper", n, d, g) in ok]
+    if not cells:
+        return ""
+    big = [r for r in cells if r["n_tokens"] >= TARGET_FROM]
+    small = [r for r in cells if r["n_tokens"] < TARGET_FROM]
+    missed = [r for r in big if r["ratio"] < TARGET_SPEEDUP]
+    slower = [r for r in small if r["ratio"] < 1.0]
+
+    def where(rs):
+        return ", ".join(f"{_size(r['n_tokens'])} {r['dtype']} {r['regime']} {r['ratio']:.2f}x" for r in rs)
+
+    out = [f"m2po_ops[torch]/paper vs sorted-eager: "
+           + (f">= {TARGET_SPEEDUP:g}x at every size >= {_size(TARGET_FROM)} in every regime and dtype "
+              f"(min {min(r['ratio'] for r in big):.2f}x)" if big and not missed else
+              f"below {TARGET_SPEEDUP:g}x at {where(missed)}" if missed else f"no size >= {_size(TARGET_FROM)} timed")]
+    if small:
+        out.append(f"never slower below {_size(TARGET_FROM)} (min {min(r['ratio'] for r in small):.2f}x)" if not slower
+                   else f"slower at {where(slower)}")
+    return "\n" + "; ".join(out)
 
 
 if __name__ == "__main__":  # python -m bench.report results/x.json: rewrite the tables (.md) and the plot

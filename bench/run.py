@@ -29,8 +29,8 @@ import torch
 
 import m2po_ops
 
-from . import baselines, competitors, report, syncs
-from .inputs import BASE_SIGMA, DTYPES, OUTLIER_RANGE, REGIMES, ROW_LEN, make_batch
+from . import baselines, competitors, host_path, report, syncs
+from .inputs import BASE_SIGMA, DTYPES, OUTLIER_RANGE, REGIME_RANGES, REGIMES, ROW_LEN, make_batch, tail_fraction
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -221,8 +221,10 @@ def reference(batch) -> dict:
     return out
 
 
-def measure(comp, batch, ref, device, opts, row: dict) -> None:
-    """Fill ``row`` for one competitor on one input."""
+def check(comp, batch, ref, device, opts, row: dict):
+    """Set up one competitor on one input and run its checked, instrumented call: fills ``row``
+    (syncs, mask and loss check, or the failure) and returns (runner, seconds of the checked
+    call) when it may be timed, else None."""
     budget = opts.official_budget if comp.name == "official-eager" else None
     try:
         runner = competitors.prepare(comp, batch, official_budget_s=budget)
@@ -230,7 +232,7 @@ def measure(comp, batch, ref, device, opts, row: dict) -> None:
         raise
     except Exception as exc:  # e.g. CUDA graph capture failure, missing Triton backend
         row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
-        return
+        return None
     # 1) the checked, instrumented call (host syncs counted)
     try:
         for _ in range(comp.sync_runs):
@@ -245,10 +247,23 @@ def measure(comp, batch, ref, device, opts, row: dict) -> None:
                    syncs=exc.iterations + 2, syncs_lower_bound=True,
                    note=f"threshold loop passed the per-call budget of {budget:g} s after {exc.iterations} of "
                         f"{exc.candidates} candidates; estimated_ms extrapolates linearly (not measured)")
-        return
+        return None
     except Exception as exc:
         row.update(status="error", error=f"{type(exc).__name__}: {exc}"[:500])
-        return
+        return None
+    row.update(syncs=counted.total, syncs_by_kind=dict(counted.by_kind))
+    if runner.sync_probe is not None:
+        # the library on CPU: the timed call reads values on the host (free there); the syncs a
+        # GPU would see are those of the device path, which the probe runs on the same input
+        with syncs.count_syncs() as device_counted:
+            left_out = runner.sync_probe()
+        by_kind = dict(device_counted.by_kind)
+        if left_out:
+            by_kind["Tensor.tolist"] = by_kind.get("Tensor.tolist", 0) - left_out
+            by_kind = {k: v for k, v in by_kind.items() if v}
+        row.update(syncs=sum(by_kind.values()), syncs_by_kind=by_kind, cpu_host_reads=counted.total,
+                   syncs_note="counted on the device path (what a CUDA tensor runs), without split.limbs_to_float's "
+                              f"CPU-only shortcut ({left_out} Tensor.tolist)")
     if keep is None:
         keep = runner.mask()
     r = ref[comp.variant]
@@ -256,52 +271,90 @@ def measure(comp, batch, ref, device, opts, row: dict) -> None:
     ref_loss = float(r["loss"])
     loss_err = abs(float(loss) - ref_loss) / max(abs(ref_loss), 1e-30)
     grad_err = float((grad.float() - r["grad"].float()).abs().max()) if grad is not None else None
-    row.update(syncs=counted.total, syncs_by_kind=dict(counted.by_kind), mask_equal=mismatches == 0,
-               mask_mismatches=mismatches, loss_rel_err=loss_err, grad_max_abs_err=grad_err)
+    row.update(mask_equal=mismatches == 0, mask_mismatches=mismatches, loss_rel_err=loss_err, grad_max_abs_err=grad_err)
     if mismatches or not math.isfinite(loss_err) or loss_err > 1e-3:
         row.update(status="wrong", note="mask differs from the reference" if mismatches else "loss differs")
-        return
-    # 2) timing (one untimed warm-up call first, unless --quick or the checked call took > 0.25 s:
-    # then that call was the warm-up)
-    try:
-        if not opts.quick and t_check < 0.25:
-            runner.step()
-            _sync(device)
-        times = time_steps(runner.step, device, opts.rep_budget, opts.min_reps, opts.max_reps)
-    except baselines.BudgetExceeded as exc:
-        row.update(status="timeout", budget_s=budget, lower_bound_ms=exc.seconds * 1e3,
-                   note="threshold loop passed the per-call budget during the timed calls")
-        return
-    med = statistics.median(times)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [med] * 9
-    row.update(status="ok", median_ms=med, p10_ms=q[0], p90_ms=q[-1], min_ms=min(times), max_ms=max(times),
-               reps=len(times))
-    if runner.setup_s:
-        key = "compile_s" if comp.name == "compiled" else "setup_s"
-        row[key] = max(runner.setup_s - med / 1e3, 0.0) if comp.name == "compiled" else runner.setup_s
-    # 3) CUDA only: sync debug mode, kernel launches, peak extra memory, bandwidth fraction
+        return None
+    return runner, t_check
+
+
+def _time_one(step, device) -> float:
+    """Wall time of one call in ms (CUDA: events around the call, after a synchronize, so host
+    stalls inside the call count)."""
     if device.type == "cuda":
-        small = (row.get("syncs") or 0) < 20000
-        try:
-            row["cuda_sync_warnings"] = cuda_sync_warnings(runner.step) if small else None
-        except Exception as exc:
-            row["cuda_sync_warnings_error"] = str(exc)[:300]
-        try:
-            if small:
-                row["launches"] = count_launches(runner.step, device)
-                if "+graph" in comp.name:
-                    row["launches"]["graph_launches"] = 1
-            else:
-                row["launches"] = None
-                row["launches_note"] = "not profiled: one kernel launch per .item() of the Python loop"
-        except Exception as exc:
-            row["launches_error"] = str(exc)[:300]
-        try:
-            row["peak_extra_mb"] = peak_extra_mb(runner.step, device)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    step()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_round_robin(timed: dict, rows: dict, device, opts) -> None:
+    """Time the competitors of one input in rounds, one call of each per round (in a fixed
+    order), so that drifting machine load hits every competitor alike. At least opts.min_reps
+    rounds, then more while the cell's budget (opts.rep_budget per competitor) lasts, at most
+    opts.max_reps. Fills each row's median, p10/p90, min/max and reps."""
+    times = {name: [] for name in timed}
+    for name, (runner, t_check) in list(timed.items()):  # one untimed warm-up call each
+        if not opts.quick and t_check < 0.25:
+            try:
+                runner.step()
+                _sync(device)
+            except baselines.BudgetExceeded as exc:
+                rows[name].update(status="timeout", lower_bound_ms=exc.seconds * 1e3,
+                                  note="threshold loop passed the per-call budget during the timed calls")
+                del timed[name]
+    budget = opts.rep_budget * max(len(timed), 1)
+    start = time.perf_counter()
+    rounds = 0
+    while timed and rounds < opts.max_reps and (rounds < opts.min_reps or time.perf_counter() - start < budget):
+        for name, (runner, _) in list(timed.items()):
+            try:
+                times[name].append(_time_one(runner.step, device))
+            except baselines.BudgetExceeded as exc:
+                rows[name].update(status="timeout", lower_bound_ms=exc.seconds * 1e3,
+                                  note="threshold loop passed the per-call budget during the timed calls")
+                del timed[name]
+        rounds += 1
+    for name in timed:
+        ts, row = times[name], rows[name]
+        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [med] * 9
+        row.update(status="ok", median_ms=med, p10_ms=q[0], p90_ms=q[-1], min_ms=min(ts), max_ms=max(ts), reps=len(ts))
+        runner = timed[name][0]
+        if runner.setup_s:
+            key = "compile_s" if name == "compiled" else "setup_s"
+            row[key] = max(runner.setup_s - med / 1e3, 0.0) if name == "compiled" else runner.setup_s
+
+
+def cuda_extras(comp, runner, device, row: dict) -> None:
+    """CUDA only: sync debug mode, kernel launches, peak extra memory."""
+    small = (row.get("syncs") or 0) < 20000
+    try:
+        row["cuda_sync_warnings"] = cuda_sync_warnings(runner.step) if small else None
+    except Exception as exc:
+        row["cuda_sync_warnings_error"] = str(exc)[:300]
+    try:
+        if small:
+            row["launches"] = count_launches(runner.step, device)
             if "+graph" in comp.name:
-                row["peak_extra_mb_note"] = "replay allocates nothing: the graph's memory pool is set at capture"
-        except Exception as exc:
-            row["peak_extra_mb_error"] = str(exc)[:300]
+                row["launches"]["graph_launches"] = 1
+        else:
+            row["launches"] = None
+            row["launches_note"] = "not profiled: one kernel launch per .item() of the Python loop"
+    except Exception as exc:
+        row["launches_error"] = str(exc)[:300]
+    try:
+        row["peak_extra_mb"] = peak_extra_mb(runner.step, device)
+        if "+graph" in comp.name:
+            row["peak_extra_mb_note"] = "replay allocates nothing: the graph's memory pool is set at capture"
+    except Exception as exc:
+        row["peak_extra_mb_error"] = str(exc)[:300]
 
 
 def _sizes_note(on_cuda: bool, opts):
@@ -353,28 +406,44 @@ def run(opts) -> dict:
                     "m2_before": ref["paper"]["metrics"]["m2"],
                     "m2_after": {v: ref[v]["metrics"]["m2_after"] for v in ref},
                     "min_bytes": batch.nbytes_min(),
+                    "tail_fraction": tail_fraction(batch, TAU),
                 }
                 if on_cuda:
                     rec.update(copy_floor(batch.nbytes_min(), device))
                 inputs.append(rec)
+                rows, timed = {}, {}
                 for comp in comps:
                     row = {"competitor": comp.name, "variant": comp.variant, "n_tokens": batch.n_tokens,
                            "dtype": dtype, "regime": regime}
+                    rows[comp.name] = row
                     key = (comp.name, dtype, regime)
                     if key in timed_out:
                         row.update(status="skipped", note="timed out at a smaller size in this regime")
-                    else:
-                        measure(comp, batch, ref, device, opts, row)
-                        if row["status"] == "timeout":
-                            timed_out.add(key)
-                    if on_cuda and row.get("status") == "ok" and rec.get("floor_us"):
-                        row["bandwidth_fraction"] = rec["floor_us"] / (row["median_ms"] * 1e3)
+                        continue
+                    ready = check(comp, batch, ref, device, opts, row)
+                    if ready is not None:
+                        timed[comp.name] = ready
+                rec["loadavg_before"] = _loadavg()
+                time_round_robin(dict(timed), rows, device, opts)
+                rec["loadavg_after"] = _loadavg()
+                for comp in comps:
+                    row = rows[comp.name]
+                    if row.get("status") == "timeout":
+                        timed_out.add((comp.name, dtype, regime))
+                    if on_cuda and row.get("status") == "ok":
+                        cuda_extras(comp, timed[comp.name][0], device, row)
+                        if rec.get("floor_us"):
+                            row["bandwidth_fraction"] = rec["floor_us"] / (row["median_ms"] * 1e3)
                     results.append(row)
                 del batch, ref
                 if on_cuda:
                     torch.cuda.empty_cache()
                 log(f"  {n:>9} {dtype:<8} {regime:<8} done in {time.perf_counter() - t_in:5.1f} s "
                     f"(total {time.time() - started:5.0f} s)")
+    try:
+        host = host_path.measure(calls=100 if opts.quick else host_path.CALLS)
+    except Exception as exc:  # triton missing on this machine
+        host = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     info["loadavg_at_end"] = _loadavg()
     report.add_ratios(results)
     not_timed = []
@@ -392,6 +461,8 @@ def run(opts) -> dict:
             "tau": TAU, "sizes": sizes, "dtypes": dtypes, "regimes": {r: REGIMES[r] for r in regimes},
             "regime_construction": {
                 "row_len": ROW_LEN, "delta_sigma": BASE_SIGMA, "outlier_abs_delta": list(OUTLIER_RANGE),
+                "planted_abs_delta_by_regime": {r: list(REGIME_RANGES.get(r, OUTLIER_RANGE)) for r in regimes},
+                "tail_fraction": "per input: the fraction of the paper rule's trust region with m2 > tau",
                 "outlier_fraction_of_valid": {r: REGIMES[r] for r in regimes},
                 "padding": "row lengths uniform in [T/16, T], 15% of rows at T; padding holds finite garbage",
             },
@@ -401,12 +472,15 @@ def run(opts) -> dict:
         },
         "methods": {
             "time": "per forward+backward call (loss.backward(); autograd.grad inside the CUDA graph), median "
-                    "and p10/p90 over reps after one warm-up call (the checked call is the warm-up in --quick and "
-                    "for calls over 0.25 s); "
-                    "CPU figures are wall times on a machine that may be shared (see machine.loadavg_*); "
-                    "CPU: perf_counter; CUDA: CUDA events after a "
+                    "and p10/p90 over at least min_reps calls; the competitors of one input are timed in rounds, "
+                    "one call of each per round, so load drift hits all alike (after one untimed warm-up call "
+                    "each; the checked call is the warm-up in --quick and for calls over 0.25 s); "
+                    "CPU figures are wall times on a machine that may be shared (see machine.loadavg_* and each "
+                    "input's loadavg_before / loadavg_after); CPU: perf_counter; CUDA: CUDA events after a "
                     "synchronize (host stalls inside a call count)",
-            "syncs": syncs.METHOD,
+            "syncs": syncs.METHOD + " The library's PyTorch backend on CPU reads values on the host, which is "
+                     "free there; its row counts the device path (the code a CUDA tensor runs, forced with "
+                     "m2po_ops.inputs.device_path()) and gives the CPU path's reads as cpu_host_reads.",
             "launches": "CUDA only: torch.profiler CUDA activity of one call; kernels, memcpy, memset counted",
             "peak_extra_mb": "CUDA only: max_memory_allocated during one call minus memory_allocated before "
                              "(includes the gradient); n/a on CPU (no honest allocator hook for torch there)",
@@ -425,6 +499,7 @@ def run(opts) -> dict:
         "not_timed": not_timed,
         "inputs": inputs,
         "results": results,
+        "host_path": host,
     }
 
 
@@ -453,7 +528,7 @@ def main(argv=None) -> int:
         opts.official_budget = 0.3 if opts.quick else (5.0 if cuda else 2.0)
     if opts.rep_budget is None:
         opts.rep_budget = (0.15 if opts.quick else 0.8) if not cuda else (0.2 if opts.quick else 0.3)
-    opts.min_reps = 2 if opts.quick else 3
+    opts.min_reps = 7  # rounds: every cell's median is of at least 7 calls of each competitor
     opts.max_reps = (10 if opts.quick else 25) if not cuda else 200
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
@@ -476,11 +551,12 @@ def main(argv=None) -> int:
     os.makedirs(opts.out_dir, exist_ok=True)
     path_json = os.path.join(opts.out_dir, stem + ".json")
     tables = report.tables(data)
-    print(tables)
+    host_line = report.host_path_line(data)
+    print(tables + "\n\n" + host_line)
     with open(path_json, "w") as f:
         json.dump(data, f, indent=1)
     with open(os.path.join(opts.out_dir, stem + ".md"), "w") as f:
-        f.write(tables + "\n\n" + report.verdict(data) + "\n")
+        f.write(tables + "\n\n" + host_line + "\n\n" + report.verdict(data) + "\n")
     if not opts.no_plot:
         try:
             report.plot(data, os.path.join(opts.out_dir, stem + ".png"))
