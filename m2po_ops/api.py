@@ -11,7 +11,8 @@ from torch import Tensor
 from . import reference
 from .config import BACKENDS, DEFAULT_TAU, M2POConfig
 from .cut import Cut
-from .inputs import Tokens, check_group, check_num_tokens, input_error, poison_of, prepare, sum_f64, token_weights
+from .inputs import (Tokens, check_group, check_num_tokens, host_reads_free, input_error, poison_of, prepare, sum_f64,
+                     token_weights)
 
 
 class AttachGrad(torch.autograd.Function):
@@ -132,20 +133,25 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
 
             solver = triton_group_solver(config, group)
         return triton_forward(tok, config, cut, want_loss, num_tokens, solver, poison)
-    if cut is None:
-        if group is not None:
-            from .distributed import solve_group_torch
-
-            cut, delta, m2, tr = solve_group_torch(tok, config, group)
-        else:
-            cut, delta, m2, tr = reference.solve(tok, config)
-    else:
+    n_tr = host = None
+    if cut is not None or group is None:
         delta = reference.log_ratio(tok)
+        ratio = reference.ratio_of(delta, config.variant)  # once: the trust region, the loss, the metrics
         m2 = delta * delta
-        tr = reference.trust_region(tok, delta, config)
-    ratio = reference.ratio_of(delta, config.variant)  # once, for the loss and the metrics
-    keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr, ratio)
-    metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant, ratio)
+        tr = reference.trust_region(tok, delta, config, ratio)
+        if host_reads_free(tok.device):  # compacted once: for the solver and for applying its cut
+            host = reference.compact_trust_region(m2, tr)
+        if cut is None:
+            cut = reference.solve_trust_region(m2, tr, tok.num_valid, config, host)
+            n_tr = cut.num_trust_region
+    else:
+        from .distributed import solve_group_torch
+
+        cut, delta, m2, tr = solve_group_torch(tok, config, group)
+        ratio = None
+    ratio_v = reference.valid_ratio(tok, delta, config.variant, ratio)  # (in place: ratio is not read again)
+    keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr, ratio_v, host)
+    metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant, ratio_v, n_tr)
     if not want_loss:
         return keep, metrics, None, None
     num_valid = cut.num_valid if group is not None else None
@@ -195,6 +201,8 @@ def m2po_mask(
     be = resolve_backend(backend, tok.device)
     _maybe_check_drift(tok, config, be, cut, check_drift)
     keep, metrics, _, _ = _forward(tok, config, be, cut, group, want_loss=False)
+    if mask is not None and keep.data_ptr() == mask.data_ptr():  # (tok.valid may be the caller's mask)
+        keep = keep.clone()
     return keep.reshape(tok.shape), metrics
 
 

@@ -173,12 +173,17 @@ class Tokens:
         finite = torch.isfinite(self.logprobs) & torch.isfinite(self.old_logprobs) & torch.isfinite(self.advantages)
         return base, finite
 
+    @property
+    def all_finite(self) -> bool:
+        """Known on the host that every input value is finite (padding included)."""
+        return self._base_and_finite[1] is None
+
     @functools.cached_property
     def valid(self) -> Tensor:
+        """Valid tokens (bool (N,)). May be the caller's own bool mask (flattened): not to be
+        written to, nor returned to the caller without a copy."""
         base, finite = self._base_and_finite
-        if finite is None:  # a copy: keep may be this tensor, and must not alias the caller's mask
-            return base.clone() if base is self.mask_src else base
-        return base & finite
+        return base if finite is None else base & finite
 
     @functools.cached_property
     def num_valid(self) -> Tensor:
@@ -498,10 +503,15 @@ def token_weights(tok: Tokens, config: M2POConfig, num_tokens, dtype: torch.dtyp
 
 
 def sum_f64(x: Tensor) -> Tensor:
-    """x summed in float64 (0-d). On CPU in chunks: converting a large tensor to float64 at once
-    allocates a buffer the allocator maps fresh on every call (page faults cost more than the sum)."""
+    """x summed in float64 (0-d). On CPU, torch converts the whole tensor to float64 first (a
+    buffer the allocator maps fresh on every call: the page faults cost more than the sum);
+    numpy's reduction converts block by block, and chunks do where numpy is missing."""
     chunk = 1 << 16
     if not host_reads_free(x.device) or x.numel() <= chunk:
         return x.sum(dtype=torch.float64)
-    flat = x.reshape(-1)
-    return torch.stack([flat[i:i + chunk].sum(dtype=torch.float64) for i in range(0, flat.numel(), chunk)]).sum()
+    flat = x.detach().reshape(-1)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        return torch.stack([flat[i:i + chunk].sum(dtype=torch.float64) for i in range(0, flat.numel(), chunk)]).sum()
+    return torch.tensor(float(np.add.reduce(flat.numpy(), dtype=np.float64)), dtype=torch.float64)

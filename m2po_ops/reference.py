@@ -22,6 +22,7 @@ maximum.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -47,7 +48,10 @@ def compute_dtype(tok: Tokens) -> torch.dtype:
 
 def log_ratio(tok: Tokens) -> Tensor:
     """delta = logprobs - old_logprobs in float32, zero on invalid tokens (padding may be NaN)."""
-    delta = tok.logprobs.float() - tok.old_logprobs.float()
+    lp, old = tok.logprobs, tok.old_logprobs
+    old = old.float() if old.dtype == torch.float64 else old  # (a half type is upcast exactly inside sub)
+    # in place into logprobs' float32 copy when .float() made one: one buffer fewer
+    delta = lp - old if lp.dtype == torch.float32 else lp.float().sub_(old)
     zero = torch.zeros((), dtype=delta.dtype, device=delta.device)
     return torch.where(tok.valid, delta, zero, out=delta)  # (in place: one buffer fewer)
 
@@ -171,10 +175,26 @@ def official_cut(v_prev: Tensor, c_prev: Tensor, k_star: Tensor, n: Tensor, tota
 # The cut
 
 
-def solve_trust_region(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
-    """The cut of the trust-region tokens ``tr`` with squared log ratios ``m2`` (flat tensors)."""
+@dataclass(frozen=True)
+class HostTrustRegion:
+    """The trust region compacted on the host (CPU): flat indices (int64) and keys (int32), in
+    flat order. The solver reads the keys; applying a paper cut reads both (no pass over N)."""
+
+    index: Tensor
+    keys: Tensor
+
+
+def compact_trust_region(m2: Tensor, tr: Tensor) -> HostTrustRegion:
+    index = _flatnonzero(tr)
+    return HostTrustRegion(index, m2_bits(m2)[index])
+
+
+def solve_trust_region(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig,
+                       host: Optional[HostTrustRegion] = None) -> Cut:
+    """The cut of the trust-region tokens ``tr`` with squared log ratios ``m2`` (flat tensors).
+    host: compact_trust_region(m2, tr) when the caller has it (CPU)."""
     if host_reads_free(m2.device):
-        return _solve_host(_compact(m2_bits(m2), tr), num_valid, config)
+        return _solve_host((host or compact_trust_region(m2, tr)).keys, num_valid, config)
     return solve_keys(torch.where(tr, m2_bits(m2), -1), num_valid, config)
 
 
@@ -280,6 +300,15 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
     return _official_cut(_sorted(tail), tr_keys, thr, n_below, s_below, n, total, num_valid, config)
 
 
+def _last_true(flags: Tensor) -> int:
+    """Index of the last True of a CPU bool vector, -1 if none."""
+    if np is not None:
+        rev = flags.numpy()[::-1]
+        return flags.numel() - 1 - int(rev.argmax()) if rev.size and rev.any() else -1
+    idx = flags.nonzero()
+    return int(idx[-1]) if idx.numel() else -1
+
+
 def _tail_prefix(tail_sorted, s_below: float):
     """(tail values, S_k for k = n_below + 1 .. n): S_below plus the float64 prefix sums of the
     sorted tail (sequential, so S_k carries at most k roundings: split.ZONE_EPS)."""
@@ -294,7 +323,7 @@ def _paper_cut(tail_sorted, n_below: int, s_below: float, n: int, total: float, 
     _, s = _tail_prefix(tail_sorted, s_below)
     k = torch.arange(n_below + 1, n + 1, dtype=torch.int64)
     ok = within_budget(s, k, config)
-    kept_tail = int(ok.nonzero()[-1]) + 1 if bool(ok.any()) else 0
+    kept_tail = _last_true(ok) + 1
     keep_count = n_below + kept_tail
     kept_sum = float(s[kept_tail - 1]) if kept_tail > 0 else s_below
     m2 = _f32(total / max(n, 1))
@@ -348,47 +377,61 @@ def _official_cut(tail_sorted, tr_keys, thr: int, n_below: int, s_below: float, 
 
 def keep_paper(m2: Tensor, tr: Tensor, valid: Tensor, cut: Cut) -> Tensor:
     """Apply a paper cut: ties at the cut value are kept in flat order up to ties_kept."""
+    return _keep_paper(m2, tr, valid, cut)[0]
+
+
+def _keep_paper(m2: Tensor, tr: Tensor, valid: Tensor, cut: Cut, host: Optional[HostTrustRegion] = None):
+    """(keep, the flat indices of the masked tokens, or None when not listed)."""
     bits = m2_bits(m2)
     if host_reads_free(m2.device):
-        return _keep_paper_host(bits, tr, valid, cut)
+        return _keep_paper_host(bits, tr, valid, cut, host)
     tie = tr & (bits == cut.value)
     tie_rank = torch.cumsum(tie.to(torch.int64), 0) - tie.to(torch.int64)
     keep_tr = (bits < cut.value) | (tie & (tie_rank < cut.ties_kept))
-    return valid & (~tr | keep_tr)
+    return valid & (~tr | keep_tr), None
 
 
-def _keep_paper_host(bits: Tensor, tr: Tensor, valid: Tensor, cut: Cut) -> Tensor:
-    """keep_paper on the host: only the trust-region tokens at or above the cut value (the tail's
-    top, usually a few) are looked at one by one."""
+def _keep_paper_host(bits: Tensor, tr: Tensor, valid: Tensor, cut: Cut, host: Optional[HostTrustRegion]):
+    """_keep_paper on the host: only the trust-region tokens at or above the cut value (the tail's
+    top, usually a few) are looked at one by one. Nothing masked: keep is ``valid`` itself."""
     value = int(cut.value)
     if value == KEEP_ALL_BITS:
-        return valid
-    at_or_above = tr & (bits >= value)
-    idx = _flatnonzero(at_or_above)
-    cand = bits[idx]
-    tie = cand == value
+        return valid, torch.zeros(0, dtype=torch.int64)
+    if host is not None:
+        at = _flatnonzero(host.keys >= value)
+        cand, cand_bits = host.index[at], host.keys[at]
+    else:
+        cand = _flatnonzero(bits >= value)
+        cand = cand[tr[cand]]  # the trust region's, in flat order
+        cand_bits = bits[cand]
+    tie = cand_bits == value
     rank = torch.cumsum(tie, 0) - tie.to(torch.int64)  # earlier tied tokens, in flat order
-    masked = (cand > value) | (rank >= int(cut.ties_kept))
+    masked = cand[(cand_bits > value) | (rank >= int(cut.ties_kept))]
     keep = valid.clone()
-    keep[idx[masked]] = False
-    return keep
+    keep[masked] = False
+    return keep, masked
 
 
-def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, ratio: Optional[Tensor] = None):
+def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, ratio_v: Optional[Tensor] = None,
+              host: Optional[HostTrustRegion] = None):
     """keep, per-token loss l_i and its derivative g_i = dl_i/dlogprobs_i (compute dtype); l_i and
     g_i are 0 on padding.
 
-    ratio: the variant's float32 ratio of delta (``ratio_of``) when the caller has it."""
+    ratio_v: ``valid_ratio(tok, delta, variant)`` when the caller has it (the metrics read it too).
+    host: compact_trust_region(m2, tr) when the caller has it (CPU)."""
     cd = compute_dtype(tok)
     valid = tok.valid
     zero = torch.zeros((), dtype=cd, device=tok.device)
-    ratio = ratio_of(delta, cut.variant) if ratio is None else ratio
+    ratio = valid_ratio(tok, delta, cut.variant) if ratio_v is None else ratio_v
     if cut.variant == "paper":
-        keep = keep_paper(m2, tr, valid, cut)
+        keep, masked = _keep_paper(m2, tr, valid, cut, host)
         # -A r on kept tokens, r = exp(clamp(delta)): the metrics' ratio, or float64 for float64 input
         r = ratio if cd == torch.float32 else clamped_ratio(tok.logprobs.double() - tok.old_logprobs.double())
         loss = torch.addcmul(zero, tok.advantages.to(cd), r, value=-1)  # -A r in one pass
-        loss = torch.where(keep, loss, zero, out=loss)
+        if masked is not None and cd == torch.float32 and tok.all_finite:
+            loss[masked] = 0  # r is 0 on padding, where A is finite: only the masked tokens are left
+        else:
+            loss = torch.where(keep, loss, zero, out=loss)
         return keep, loss, loss  # straight-through: d(-a r)/d logprobs = -a r
     # official: PPO clipped surrogate with the solved bounds. The clip decision is made as the
     # authors' torch code makes it, in float32 (ratio, float32 bounds, strict comparisons), for
@@ -423,24 +466,34 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
 
 def ratio_of(delta: Tensor, variant: str) -> Tensor:
     """The float32 ratio a variant reports and decides with: exp(clamp(delta)) (paper), or the
-    correctly rounded exp(delta) (official)."""
+    correctly rounded exp(delta) (official). 1 on padding (delta = 0 there)."""
     return clamped_ratio(delta) if variant == "paper" else ratio_f32(delta)
 
 
+def valid_ratio(tok: Tokens, delta: Tensor, variant: str, ratio: Optional[Tensor] = None) -> Tensor:
+    """ratio_of(delta) on valid tokens, 0 on padding; written into ``ratio`` when given."""
+    ratio = ratio_of(delta, variant) if ratio is None else ratio
+    return torch.where(tok.valid, ratio, torch.zeros((), dtype=ratio.dtype, device=ratio.device), out=ratio)
+
+
 def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Tensor, variant: str,
-            ratio: Optional[Tensor] = None) -> dict:
-    """The spec's metrics as float32 0-d tensors on the input's device (delta is 0 on padding)."""
-    valid = tok.valid
+            ratio_v: Optional[Tensor] = None, num_trust_region: Optional[Tensor] = None) -> dict:
+    """The spec's metrics as float32 0-d tensors on the input's device (delta is 0 on padding).
+
+    ratio_v: valid_ratio(...) when the caller has it; num_trust_region: the count of tr when the
+    caller has it (a local cut's)."""
     count = tok.num_valid
     nv = count.clamp_min(1).float()
     zero = torch.zeros((), dtype=torch.float32, device=tok.device)
-    ratio = ratio_of(delta, variant) if ratio is None else ratio
-    ratio_v = torch.where(valid, ratio, zero)
+    ratio_v = valid_ratio(tok, delta, variant) if ratio_v is None else ratio_v
+    n_tr = torch.count_nonzero(tr) if num_trust_region is None else num_trust_region
+    # keep is a subset of valid: the masked count is their difference (0 when keep is valid itself)
+    masked = torch.zeros_like(count) if keep is tok.valid else count - torch.count_nonzero(keep)
     out = {
         "m2": cut.m2,
         "m2_after": cut.m2_after,
-        "masked_fraction": (count - torch.count_nonzero(keep)).float() / nv,  # keep is a subset of valid
-        "trust_region_fraction": torch.count_nonzero(tr).float() / nv,
+        "masked_fraction": masked.float() / nv,
+        "trust_region_fraction": n_tr.float() / nv,
         "kl": -delta.sum() / nv,
         "ratio_mean": ratio_v.sum() / nv,
         "ratio_max": _max_or_zero(ratio_v),
