@@ -137,10 +137,12 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
     if cut is not None or group is None:
         delta = reference.log_ratio(tok)
         ratio = reference.ratio_of(delta, config.variant)  # once: the trust region, the loss, the metrics
-        m2 = delta * delta
         tr = reference.trust_region(tok, delta, config, ratio)
-        if host_reads_free(tok.device):  # compacted once: for the solver and for applying its cut
-            host = reference.compact_trust_region(m2, tr)
+        if host_reads_free(tok.device):  # compacted once, for the solver and for applying its cut:
+            host = reference.compact_trust_region(delta, tr)  # m2 of the trust region only
+            m2 = None
+        else:
+            m2 = delta * delta
         if cut is None:
             cut = reference.solve_trust_region(m2, tr, tok.num_valid, config, host)
             n_tr = cut.num_trust_region

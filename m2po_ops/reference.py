@@ -184,17 +184,23 @@ class HostTrustRegion:
     keys: Tensor
 
 
-def compact_trust_region(m2: Tensor, tr: Tensor) -> HostTrustRegion:
+def compact_trust_region(delta: Tensor, tr: Tensor) -> HostTrustRegion:
+    """From delta (float32, flat): the keys are m2_bits(delta * delta) of the trust region, squared
+    only there (the same float32 product, so the same bits)."""
     index = _flatnonzero(tr)
-    return HostTrustRegion(index, m2_bits(m2)[index])
+    d = delta[index]
+    return HostTrustRegion(index, m2_bits(d.mul_(d)))
 
 
-def solve_trust_region(m2: Tensor, tr: Tensor, num_valid: Tensor, config: M2POConfig,
+def solve_trust_region(m2: Optional[Tensor], tr: Tensor, num_valid: Tensor, config: M2POConfig,
                        host: Optional[HostTrustRegion] = None) -> Cut:
     """The cut of the trust-region tokens ``tr`` with squared log ratios ``m2`` (flat tensors).
-    host: compact_trust_region(m2, tr) when the caller has it (CPU)."""
-    if host_reads_free(m2.device):
-        return _solve_host((host or compact_trust_region(m2, tr)).keys, num_valid, config)
+    host: compact_trust_region(delta, tr) when the caller has it (CPU; m2 is then not read)."""
+    if host_reads_free(tr.device):
+        if host is None:
+            index = _flatnonzero(tr)
+            host = HostTrustRegion(index, m2_bits(m2)[index])
+        return _solve_host(host.keys, num_valid, config)
     return solve_keys(torch.where(tr, m2_bits(m2), -1), num_valid, config)
 
 
@@ -380,18 +386,19 @@ def keep_paper(m2: Tensor, tr: Tensor, valid: Tensor, cut: Cut) -> Tensor:
     return _keep_paper(m2, tr, valid, cut)[0]
 
 
-def _keep_paper(m2: Tensor, tr: Tensor, valid: Tensor, cut: Cut, host: Optional[HostTrustRegion] = None):
-    """(keep, the flat indices of the masked tokens, or None when not listed)."""
+def _keep_paper(m2: Optional[Tensor], tr: Tensor, valid: Tensor, cut: Cut, host: Optional[HostTrustRegion] = None):
+    """(keep, the flat indices of the masked tokens, or None when not listed). m2 is not read
+    when host is given."""
+    if host_reads_free(tr.device):
+        return _keep_paper_host(None if host is not None else m2_bits(m2), tr, valid, cut, host)
     bits = m2_bits(m2)
-    if host_reads_free(m2.device):
-        return _keep_paper_host(bits, tr, valid, cut, host)
     tie = tr & (bits == cut.value)
     tie_rank = torch.cumsum(tie.to(torch.int64), 0) - tie.to(torch.int64)
     keep_tr = (bits < cut.value) | (tie & (tie_rank < cut.ties_kept))
     return valid & (~tr | keep_tr), None
 
 
-def _keep_paper_host(bits: Tensor, tr: Tensor, valid: Tensor, cut: Cut, host: Optional[HostTrustRegion]):
+def _keep_paper_host(bits: Optional[Tensor], tr: Tensor, valid: Tensor, cut: Cut, host: Optional[HostTrustRegion]):
     """_keep_paper on the host: only the trust-region tokens at or above the cut value (the tail's
     top, usually a few) are looked at one by one. Nothing masked: keep is ``valid`` itself."""
     value = int(cut.value)
@@ -418,7 +425,7 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
     g_i are 0 on padding.
 
     ratio_v: ``valid_ratio(tok, delta, variant)`` when the caller has it (the metrics read it too).
-    host: compact_trust_region(m2, tr) when the caller has it (CPU)."""
+    host: compact_trust_region(delta, tr) when the caller has it (CPU; m2 may then be None)."""
     cd = compute_dtype(tok)
     valid = tok.valid
     zero = torch.zeros((), dtype=cd, device=tok.device)
