@@ -58,7 +58,7 @@ GPU_SIZES = dict(histogram=1 << 24, masks=1 << 20, kernels=[1 << 15, 1 << 20, 1 
 DRY_SIZES = dict(histogram=4096, masks=2048, kernels=[2048])
 # The Triton kernels the forward launches (names as the profiler shows them), in launch order.
 TRITON_KERNELS = ("stats_kernel", "select1_kernel", "level2_kernel", "select2_kernel", "ties_kernel",
-                  "tie_scan_kernel", "apply_kernel", "finalize_kernel")
+                  "tie_scan_kernel", "fix_paper_kernel", "apply_official_kernel", "finalize_kernel")
 
 
 def log(msg: str) -> None:
@@ -190,7 +190,8 @@ def _full_call(batch, variant):
 
 
 def step_histogram(ctx: Ctx) -> dict:
-    """Histogram exactness (integer atomics: any order gives the same bits) and run-to-run bit
+    """Exactness of the mergeable sums and histograms (integer atomics: any order gives the same
+    bits; the 16M-token stats pass pre-aggregates per block) and run-to-run bit
     identity of the whole call (float partials reduced in a fixed order, not by atomics)."""
     import torch
 
@@ -210,15 +211,19 @@ def step_histogram(ctx: Ctx) -> dict:
             config = M2POConfig(tau=0.04, variant=variant, validate=False)
             tok = prepare(*batch.args(), config)
             ws = tb.Workspace.allocate(tok.numel, tok.device)
-            key = tb.stats_pass(tok, config, ws)
-            expected = H.level1(key)
-            hist_equal = torch.equal(ws.hist1, expected)
+            tb.stats_pass(tok, config, ws, write_keys=True)
+            key = ws.key
+            sums = H.summarize(key, config)  # tail histogram, below / tail counts and limbs
+            expected = sums[:H.BELOW_COUNT].view(2, -1)
+            hist_equal = torch.equal(ws.sums, sums)
             bad_buckets = int((ws.hist1 != expected).any(0).sum())
             # level 2 (the second atomic histogram, inside the bucket select1 picked), same test
             tb.select1(ws, config)
-            tb.level2(key, ws)
+            tb.level2(ws, config)
             state1 = ws.state1.clone()
-            hist2_equal = torch.equal(ws.hist2, H.level2(key, state1).reshape(ws.hist2.shape))
+            refined_now = bool(state1[H.REFINE] != 0)  # (select1 zeroes hist2 only when it refines)
+            hist2_equal = (not refined_now) or torch.equal(ws.hist2, H.level2(key, state1, config).reshape(
+                ws.hist2.shape))
             refined = bool(state1[H.REFINE] != 0)
             first, second = _full_call(batch, variant), _full_call(batch, variant)
             differ = [k for k in first if not bit_equal(first[k], second[k])]
@@ -226,7 +231,7 @@ def step_histogram(ctx: Ctx) -> dict:
                 regime=regime, variant=variant, n_tokens=batch.n_tokens, num_valid=batch.num_valid,
                 trust_region_tokens=int(expected[0].sum()), nonempty_buckets=int((expected[0] > 0).sum()),
                 hist_equal=hist_equal, mismatching_buckets=bad_buckets, level2_refined=refined,
-                level2_tokens=int(ws.hist2[0].sum() + ws.hist2[2].sum()), hist2_equal=hist2_equal,
+                level2_tokens=int(ws.hist2[0].sum() + ws.hist2[2].sum()) if refined else 0, hist2_equal=hist2_equal,
                 masked_fraction=float(first["loss_metrics.masked_fraction"]),
                 run_to_run_identical=not differ, differing_outputs=differ,
                 compared_outputs=sorted(first), seconds=round(time.perf_counter() - t0, 3),

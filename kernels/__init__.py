@@ -7,7 +7,8 @@ tie_scan_kernel (per-block tie offsets), finalize_kernel (partials to loss and m
 algorithm, in PyTorch, is m2po_ops/histogram.py.
 """
 
-from .apply import APPLY_COLS, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR, W_TENSOR_DENOM, apply_kernel, finalize_kernel
+from .apply import (APPLY_COLS, FINAL_COLS, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR, W_TENSOR_DENOM, apply_official_kernel,
+                    finalize_kernel, fix_paper_kernel)
 from .histogram import STATS_COLS, first_valid_kernel, level2_kernel, stats_kernel, tie_scan_kernel, ties_kernel
 from .select import PART_COLS, select1_kernel, select2_kernel
 
@@ -19,13 +20,15 @@ ALL_KERNELS = (
     select2_kernel,
     ties_kernel,
     tie_scan_kernel,
-    apply_kernel,
+    fix_paper_kernel,
+    apply_official_kernel,
     finalize_kernel,
 )
 
 __all__ = [
     "ALL_KERNELS",
     "APPLY_COLS",
+    "FINAL_COLS",
     "PART_COLS",
     "STATS_COLS",
     "W_COUNT",
@@ -33,7 +36,8 @@ __all__ = [
     "W_PER_TOKEN",
     "W_SCALAR",
     "W_TENSOR_DENOM",
-    "apply_kernel",
+    "apply_official_kernel",
+    "fix_paper_kernel",
     "finalize_kernel",
     "first_valid_kernel",
     "level2_kernel",

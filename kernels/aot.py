@@ -205,7 +205,8 @@ def _resources(cubin: bytes):
     return int(reg.group(1)) if reg else -1, int(stack.group(1)) if stack else -1
 
 
-_LABEL_FLAGS = ("OFFICIAL", "HAS_MASK", "ADV_PER_ROW", "FIRST_PER_ROW", "WEIGHTS", "TAU_INF", "HAS_MINI_LO")
+_LABEL_FLAGS = ("OFFICIAL", "HAS_MASK", "ADV_PER_ROW", "FIRST_PER_ROW", "WEIGHTS", "WRITE_KEEP", "WRITE_KEYS", "DENSE", "TAU_INF",
+                "HAS_MINI_LO")
 
 
 def _describe(launch, spec) -> str:

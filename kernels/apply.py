@@ -1,150 +1,197 @@
-"""The apply pass and the final reduction.
+"""The passes after the cut: the fix-up of what stats wrote, and the final reduction.
 
-apply_kernel: one read of the inputs with the solved cut. Per token: keep, the surrogate l_i
-and its gradient w_i * dl_i/dlogprobs_i, stored in forward so backward only scales it; per-block
-loss and masked-count partials.
-finalize_kernel: one program that sums the per-block partials in a fixed order (deterministic,
-no float atomics) into the loss and the metrics.
+stats_kernel already wrote every token's derivative, loss term and keep as if nothing were
+masked. So:
+fix_paper_kernel: per block, only the compacted tail (the only tokens a paper cut can mask):
+the tokens above the cut value, and the tied ones past ties_kept in token order, get a zero
+derivative and keep = False; their terms and count go to per-block partials. Exits at once
+when nothing is masked (the common case), and reads only the tail's bytes otherwise.
+apply_official_kernel: when the solved clip bounds differ from the unconstrained ones stats
+used, one more read of the inputs recomputes every token with the solved bounds; otherwise it
+exits at once.
+finalize_kernel: per-block partials to the loss, the backward scale and the metrics, in a fixed
+order (deterministic, no float atomics): one program per FINAL_CHUNK blocks, the last to arrive
+adding the chunk rows.
 """
 
 import triton
 import triton.language as tl
 
-from .common import as_f64, clamp, exp_f32, in_bounds, load_tokens, ratio_f32, reciprocal_f32
+from .common import as_f64, in_bounds, last_to_arrive, load_tokens, official_terms, ratio_f32, reciprocal_f32
 
 # weights
 W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = 0, 1, 2, 3, 4
-APPLY_COLS = 2  # per-block partials of apply_kernel (float64): loss sum, masked tokens
+APPLY_COLS = 3  # per-block partials of the fix-up passes (float64): loss terms, masked tokens, recomputed flag
 _APPLY_COLS = tl.constexpr(APPLY_COLS)
+FINAL_COLS = 8  # per-chunk rows of finalize: valid, trust, -delta, ratio sum, ratio max, nonfinite, loss, masked
+_FINAL_COLS = tl.constexpr(FINAL_COLS)
 
 
-@triton.jit(do_not_specialize=["adv_div", "denom_bits", "n"],
-            do_not_specialize_on_alignment=["denom_ptr", "poison_ptr", "value_ptr", "ties_kept_ptr", "lower_ptr",
-                                            "upper_ptr", "ties_ptr"])
-def apply_kernel(
-    lp_ptr, olp_ptr, adv_ptr, adv_div: tl.int64, mask_ptr, key_ptr, w_ptr, denom_ptr, denom_bits: tl.int64,
-    poison_ptr, value_ptr, ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr,
-    keep_ptr, grad_ptr, part_ptr, n: tl.int64,
-    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr,
-    KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
+@triton.jit(do_not_specialize_on_alignment=["poison_ptr", "value_ptr", "ties_kept_ptr"])
+def fix_paper_kernel(
+    tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr, value_ptr, ties_kept_ptr, ties_ptr, tie_chunk_ptr,
+    poison_ptr, grad_ptr, keep_ptr, part_ptr,
+    KEEP_ALL: tl.constexpr, WRITE_GRAD: tl.constexpr, WRITE_KEEP: tl.constexpr, TIE_CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """w_ptr: per-token weights (W_PER_TOKEN); denom_ptr: the 0-d count or denominator
-    (W_COUNT, W_TENSOR_DENOM); denom_bits: a Python-number denominator (W_SCALAR); poison_ptr:
-    float32 0-d added to every weight (0, or NaN when the API found the inputs invalid)."""
-    # the token-mean weight, once per program and outside the blocks (its correctly rounded divide
-    # has a slow-path call; in each block copy it made ptxas spill): the same float32 value as the
-    # torch backend's valid / denom
-    if WEIGHTS == 1:  # a valid-token count (int64 at denom_ptr)
-        w_mean = reciprocal_f32(tl.maximum(tl.load(denom_ptr).to(tl.float32), 1.0))
-    elif WEIGHTS == 2:  # a Python-number denominator (rounded to float32 first)
-        w_mean = reciprocal_f32(as_f64(denom_bits).to(tl.float32))
-    elif WEIGHTS == 3:  # a tensor denominator
-        w_mean = reciprocal_f32(tl.load(denom_ptr))
-    else:
-        w_mean = tl.zeros((), tl.float32)
-    poison = tl.load(poison_ptr)
-    # every block but the last is full: its accesses need no bounds mask (see common.in_bounds)
     pid = tl.program_id(0)
-    if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _apply_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, w_mean, poison, value_ptr,
-                     ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr, keep_ptr, grad_ptr, part_ptr, n, pid, OFFICIAL,
-                     HAS_MASK, ADV_PER_ROW, WEIGHTS, KEEP_ALL, BLOCK, INTERP, True)
-    else:
-        _apply_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, w_mean, poison, value_ptr,
-                     ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr, keep_ptr, grad_ptr, part_ptr, n, pid, OFFICIAL,
-                     HAS_MASK, ADV_PER_ROW, WEIGHTS, KEEP_ALL, BLOCK, INTERP, False)
+    value = tl.load(value_ptr)
+    if value != KEEP_ALL:
+        cnt = tl.load(tail_cnt_ptr + pid)
+        if cnt > 0:
+            j = tl.arange(0, BLOCK)
+            at = pid.to(tl.int64) * BLOCK + j
+            inside = j < cnt
+            key = tl.load(tail_key_ptr + at, mask=inside, other=-1)
+            tie = inside & (key == value)
+            tie64 = tie.to(tl.int64)
+            # tied tokens before this one in token order: earlier chunks, earlier blocks, this block
+            prior = tl.load(tie_chunk_ptr + pid // TIE_CHUNK) + tl.load(ties_ptr + pid)
+            rank = prior + tl.cumsum(tie64, 0) - tie64
+            masked = inside & ((key > value) | (tie & (rank >= tl.load(ties_kept_ptr))))
+            where = pid.to(tl.int64) * BLOCK + tl.load(tail_pos_ptr + at, mask=masked, other=0)
+            if WRITE_GRAD:
+                # a masked token's derivative is 0 (NaN when the inputs were found invalid, as every
+                # valid token's)
+                zero = 0.0 * (1.0 + tl.load(poison_ptr))
+                tl.store(grad_ptr + where, tl.full([BLOCK], 0.0, tl.float32) + zero, mask=masked)
+                term = tl.load(tail_term_ptr + at, mask=masked, other=0.0)
+                tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS, tl.sum(term.to(tl.float64)))
+            if WRITE_KEEP:
+                tl.store(keep_ptr + where, tl.zeros([BLOCK], tl.int1), mask=masked)
+            tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS + 1, tl.sum(masked.to(tl.int64)).to(tl.float64))
+
+
+@triton.jit(do_not_specialize=["adv_div", "lower_u_bits", "upper_u_bits", "n"],
+            do_not_specialize_on_alignment=["poison_ptr", "lower_ptr", "upper_ptr"])
+def apply_official_kernel(
+    lp_ptr, olp_ptr, adv_ptr, adv_div: tl.int64, mask_ptr, w_ptr, poison_ptr, lower_ptr, upper_ptr,
+    lower_u_bits: tl.int64, upper_u_bits: tl.int64, grad_ptr, keep_ptr, part_ptr, n: tl.int64,
+    HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    lower = tl.load(lower_ptr)
+    upper = tl.load(upper_ptr)
+    same = (lower.to(tl.int32, bitcast=True) == lower_u_bits.to(tl.int32)) & (
+        upper.to(tl.int32, bitcast=True) == upper_u_bits.to(tl.int32))
+    if not same:  # the solved bounds differ from those stats used: recompute every token
+        pid = tl.program_id(0)
+        if (pid.to(tl.int64) + 1) * BLOCK <= n:
+            _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper, grad_ptr,
+                            keep_ptr, part_ptr, n, pid, HAS_MASK, ADV_PER_ROW, WEIGHTS, WRITE_KEEP, BLOCK, True)
+        else:
+            _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper, grad_ptr,
+                            keep_ptr, part_ptr, n, pid, HAS_MASK, ADV_PER_ROW, WEIGHTS, WRITE_KEEP, BLOCK, False)
 
 
 @triton.jit
-def _apply_block(
-    lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, key_ptr, w_ptr, w_mean, poison,
-    value_ptr, ties_kept_ptr, lower_ptr, upper_ptr, ties_ptr,
-    keep_ptr, grad_ptr, part_ptr, n, pid,
-    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr,
-    KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, FULL: tl.constexpr,
-):
+def _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper, grad_ptr, keep_ptr,
+                    part_ptr, n, pid, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr,
+                    WRITE_KEEP: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr):
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = in_bounds(offs, n, FULL)
-    lp, olp, adv, valid, _ = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK,
-                                         ADV_PER_ROW, FULL)
+    lp, olp, adv, valid, _ = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK, ADV_PER_ROW,
+                                         FULL)
     delta = tl.where(valid, lp - olp, 0.0)
     adv = tl.where(valid, adv, 0.0)
-    if OFFICIAL:
-        # the reference's torch.where form (not max/min, which drop NaN on the GPU): a NaN term,
-        # e.g. an inf ratio times a zero advantage, stays NaN as in torch
-        lower = tl.load(lower_ptr)
-        upper = tl.load(upper_ptr)
-        ratio = ratio_f32(delta)
-        pg1 = -adv * ratio
-        pg2 = -adv * clamp(ratio, lower, upper)
-        clipped = pg2 > pg1
-        keep = valid & ~clipped
-        loss = tl.where(valid, tl.where(clipped, pg2, pg1), 0.0)
-        # torch.maximum splits the gradient on ties; clamp passes it inside [lower, upper]
-        inside = (ratio >= lower) & (ratio <= upper)
-        grad = tl.where(clipped, 0.0, tl.where(pg1 == pg2, pg1 * tl.where(inside, 1.0, 0.5), pg1))
-        grad = tl.where(valid, grad, 0.0)
-    else:
-        value = tl.load(value_ptr)
-        key = tl.load(key_ptr + offs, mask=inb, other=-1)
-        keep_trust = key < value
-        if value != KEEP_ALL:
-            ties_kept = tl.load(ties_kept_ptr)
-            tie = key == value
-            prior = tl.load(ties_ptr + pid)  # tied tokens in earlier blocks (tie_scan_kernel)
-            tie64 = tie.to(tl.int64)
-            rank = prior + tl.cumsum(tie64, 0) - tie64
-            keep_trust = keep_trust | (tie & (rank < ties_kept))
-        keep = valid & ((key < 0) | keep_trust)
-        adv = tl.where(keep, adv, 0.0)
-        ratio = exp_f32(clamp(tl.where(keep, delta, 0.0), -20.0, 20.0), INTERP)
-        loss = -adv * ratio
-        grad = loss  # straight-through: d(-A r)/d logprobs = -A r
-    tl.store(keep_ptr + offs, keep, mask=inb)
-    masked = tl.sum((valid & ~keep).to(tl.int64)).to(tl.float64)
-    tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS + 1, masked)
-    if WEIGHTS != 0:
-        if WEIGHTS == 4:  # per-token weights (sequence-level modes)
-            w = tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        else:  # token-mean
-            w = w_mean
-        w = tl.where(valid, w + poison, 0.0)
-        tl.store(grad_ptr + offs, w * grad, mask=inb)
-        # float64 partial sums of the float32 terms, as the torch backend sums them: where that
-        # sum is exact the loss has the same bits whatever the order (README, "Float details")
-        tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS, tl.sum((w * loss).to(tl.float64)))
+    loss, grad, clipped = official_terms(adv, ratio_f32(delta), valid, lower, upper)
+    if WRITE_KEEP:
+        tl.store(keep_ptr + offs, valid & ~clipped, mask=inb)
+    row = part_ptr + pid.to(tl.int64) * _APPLY_COLS
+    if WEIGHTS != 0:  # (the same weighting as stats_kernel)
+        poison = tl.load(poison_ptr)
+        if WEIGHTS == 4:
+            w = tl.where(valid, tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32) + poison, 0.0)
+            term = w * loss
+            grad = w * grad
+        else:
+            term = tl.where(valid, loss * (1.0 + poison), 0.0)
+            grad = tl.where(valid, grad * (1.0 + poison), 0.0)
+        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inb)
+        tl.store(row, tl.sum(term.to(tl.float64)))
+    tl.store(row + 1, tl.sum((valid & clipped).to(tl.int64)).to(tl.float64))
+    tl.store(row + 2, 1.0)
 
 
-@triton.jit(do_not_specialize=["nblocks"], do_not_specialize_on_alignment=["out_ptr"])
-def finalize_kernel(stats_ptr, apply_ptr, out_ptr, nblocks: tl.int64, STATS_COLS: tl.constexpr, CHUNK: tl.constexpr):
-    """out: loss, masked_fraction, trust_region_fraction, kl, ratio_mean, ratio_max,
-    num_nonfinite (float32)."""
+@triton.jit(do_not_specialize=["denom_bits", "nblocks"],
+            do_not_specialize_on_alignment=["denom_ptr", "out_ptr", "counter_ptr"])
+def finalize_kernel(stats_ptr, apply_ptr, chunk_ptr, counter_ptr, denom_ptr, denom_bits: tl.int64, out_ptr,
+                    nblocks: tl.int64, OFFICIAL: tl.constexpr, WEIGHTS: tl.constexpr, STATS_COLS: tl.constexpr,
+                    CHUNK: tl.constexpr):
+    """out (float32): loss, masked_fraction, trust_region_fraction, kl, ratio_mean, ratio_max,
+    num_nonfinite, and the backward scale (token-mean: the float32 1 / denominator, as torch's
+    division rounds it; else 1). The loss: token-mean, the float64 sum of the float32 terms times
+    that scale, rounded once; per-token weights, the float64 sum of the weighted terms."""
+    pid = tl.program_id(0)
+    b = pid.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+    inb = b < nblocks
+    row = stats_ptr + b * STATS_COLS
+    arow = apply_ptr + b * _APPLY_COLS
+    fixed = tl.load(arow + 2, mask=inb, other=0.0) != 0.0  # official: the block was recomputed
+    if OFFICIAL:  # the recomputed blocks' terms replace stats'
+        loss = tl.where(fixed, tl.load(arow + 0, mask=inb, other=0.0), tl.load(row + 6, mask=inb, other=0.0))
+        masked = tl.where(fixed, tl.load(arow + 1, mask=inb, other=0.0), tl.load(row + 7, mask=inb, other=0.0))
+    else:  # the masked tail's terms are taken back out
+        loss = tl.load(row + 6, mask=inb, other=0.0) - tl.load(arow + 0, mask=inb, other=0.0)
+        masked = tl.load(arow + 1, mask=inb, other=0.0)
+    out = chunk_ptr + pid.to(tl.int64) * _FINAL_COLS
+    tl.store(out + 0, tl.sum(tl.load(row + 0, mask=inb, other=0.0)))
+    tl.store(out + 1, tl.sum(tl.load(row + 1, mask=inb, other=0.0)))
+    tl.store(out + 2, tl.sum(tl.load(row + 2, mask=inb, other=0.0)))
+    tl.store(out + 3, tl.sum(tl.load(row + 3, mask=inb, other=0.0)))
+    tl.store(out + 4, tl.max(tl.load(row + 4, mask=inb, other=0.0)))
+    tl.store(out + 5, tl.sum(tl.load(row + 5, mask=inb, other=0.0)))
+    tl.store(out + 6, tl.sum(loss))
+    tl.store(out + 7, tl.sum(masked))
+    programs = tl.num_programs(0)
+    if last_to_arrive(counter_ptr, programs):
+        _finish(chunk_ptr, denom_ptr, denom_bits, out_ptr, programs, WEIGHTS, CHUNK)
+
+
+@triton.jit
+def _finish(chunk_ptr, denom_ptr, denom_bits, out_ptr, programs, WEIGHTS: tl.constexpr, CHUNK: tl.constexpr):
     n_valid = tl.zeros((), tl.float64)
     n_trust = tl.zeros((), tl.float64)
     neg_delta = tl.zeros((), tl.float64)
     ratio_sum = tl.zeros((), tl.float64)
     ratio_max = tl.zeros((), tl.float64)
+    nonfinite = tl.zeros((), tl.float64)
     loss = tl.zeros((), tl.float64)
     masked = tl.zeros((), tl.float64)
-    nonfinite = tl.zeros((), tl.float64)
-    for c in range(0, nblocks, CHUNK):
-        b = c + tl.arange(0, CHUNK)
-        inb = b < nblocks
-        row = stats_ptr + b.to(tl.int64) * STATS_COLS
-        n_valid += tl.sum(tl.load(row + 0, mask=inb, other=0.0))
-        n_trust += tl.sum(tl.load(row + 1, mask=inb, other=0.0))
-        neg_delta += tl.sum(tl.load(row + 2, mask=inb, other=0.0))
-        ratio_sum += tl.sum(tl.load(row + 3, mask=inb, other=0.0))
-        ratio_max = tl.maximum(ratio_max, tl.max(tl.load(row + 4, mask=inb, other=0.0)))
-        nonfinite += tl.sum(tl.load(row + 5, mask=inb, other=0.0))
-        arow = apply_ptr + b.to(tl.int64) * _APPLY_COLS
-        loss += tl.sum(tl.load(arow + 0, mask=inb, other=0.0))
-        masked += tl.sum(tl.load(arow + 1, mask=inb, other=0.0))
+    for c in range(0, programs, CHUNK):
+        r = c + tl.arange(0, CHUNK)
+        inr = r < programs
+        row = chunk_ptr + r.to(tl.int64) * _FINAL_COLS
+        n_valid += tl.sum(tl.load(row + 0, mask=inr, other=0.0, cache_modifier=".cg"))
+        n_trust += tl.sum(tl.load(row + 1, mask=inr, other=0.0, cache_modifier=".cg"))
+        neg_delta += tl.sum(tl.load(row + 2, mask=inr, other=0.0, cache_modifier=".cg"))
+        ratio_sum += tl.sum(tl.load(row + 3, mask=inr, other=0.0, cache_modifier=".cg"))
+        ratio_max = tl.maximum(ratio_max, tl.max(tl.load(row + 4, mask=inr, other=0.0, cache_modifier=".cg")))
+        nonfinite += tl.sum(tl.load(row + 5, mask=inr, other=0.0, cache_modifier=".cg"))
+        loss += tl.sum(tl.load(row + 6, mask=inr, other=0.0, cache_modifier=".cg"))
+        masked += tl.sum(tl.load(row + 7, mask=inr, other=0.0, cache_modifier=".cg"))
+    # the token-mean scale: the same float32 value as the torch backend's 1 / denominator
+    if WEIGHTS == 1:  # a valid-token count (int64 at denom_ptr)
+        scale = reciprocal_f32(tl.maximum(tl.load(denom_ptr).to(tl.float32), 1.0))
+    elif WEIGHTS == 2:  # a Python-number denominator (rounded to float32 first)
+        scale = reciprocal_f32(as_f64(denom_bits).to(tl.float32))
+    elif WEIGHTS == 3:  # a tensor denominator
+        scale = reciprocal_f32(tl.load(denom_ptr).to(tl.float32))
+    else:
+        scale = tl.full((), 1.0, tl.float32)
+    if WEIGHTS == 4:
+        loss32 = loss.to(tl.float32)
+    else:
+        # (a zero sum stays 0 under a zero denominator's inf scale; and a non-finite scale scales
+        # no derivative, so padding keeps its zero)
+        loss32 = tl.where(loss == 0.0, loss, loss * scale.to(tl.float64)).to(tl.float32)
+        scale = tl.where((scale - scale) == 0.0, scale, 0.0)
     denom = tl.maximum(n_valid, 1.0)
-    tl.store(out_ptr + 0, loss.to(tl.float32))
+    tl.store(out_ptr + 0, loss32)
     tl.store(out_ptr + 1, (masked / denom).to(tl.float32))
     tl.store(out_ptr + 2, (n_trust / denom).to(tl.float32))
     tl.store(out_ptr + 3, (neg_delta / denom).to(tl.float32))
     tl.store(out_ptr + 4, (ratio_sum / denom).to(tl.float32))
     tl.store(out_ptr + 5, ratio_max.to(tl.float32))
     tl.store(out_ptr + 6, nonfinite.to(tl.float32))
+    tl.store(out_ptr + 7, scale)

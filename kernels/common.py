@@ -208,9 +208,10 @@ def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: 
 # last-program-to-arrive pattern of the parallel select kernels.
 
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
-# up to this many distinct buckets in a block are added one at a time (a min-reduction each);
-# beyond, the block sorts its entries and adds one run per bucket
-FEW_BUCKETS = tl.constexpr(16)
+# up to this many entries in a block are added one bucket at a time (a min-reduction each);
+# beyond, the block sorts its entries and adds one run per bucket. (The interpreter runs
+# tl.sort's bitonic network op by op, about a second per block: it loops further.)
+FEW_BUCKETS = tl.constexpr(128 if INTERPRET else 16)
 
 
 @triton.jit
@@ -243,20 +244,20 @@ def add_aggregated(count_ptr, sig_ptr, bucket, sig, sel, N: tl.constexpr):
                 b = tl.min(tl.where(sel_bucket > b, sel_bucket, INT64_MAX))
         else:  # sort (bucket, sig) pairs; each run of a bucket is added once, by its first entry
             packed = tl.sort(tl.where(sel, (bucket.to(tl.int64) << 32) | sig.to(tl.int64), INT64_MAX))
-            b = packed >> 32
+            run_bucket = packed >> 32
             one = tl.full([N], 1, tl.int64)
             v = packed & 0xFFFFFFFF
-            _, run_pos, _ = tl.associative_scan((b, one, v), 0, _runs)
-            _, run_cnt, run_sig = tl.associative_scan((b, one, v), 0, _runs, reverse=True)
+            _, run_pos, _ = tl.associative_scan((run_bucket, one, v), 0, _runs)
+            _, run_cnt, run_sig = tl.associative_scan((run_bucket, one, v), 0, _runs, reverse=True)
             head = (packed != INT64_MAX) & (run_pos == 1)
             # (`+ 0` costs nothing compiled; the interpreter's atomics read a reverse scan's
             # strided result as if it were dense, and the add makes a dense copy)
-            tl.atomic_add(count_ptr + b, run_cnt + 0, mask=head, sem="relaxed")
-            tl.atomic_add(sig_ptr + b, run_sig + 0, mask=head, sem="relaxed")
+            tl.atomic_add(count_ptr + run_bucket, run_cnt + 0, mask=head, sem="relaxed")
+            tl.atomic_add(sig_ptr + run_bucket, run_sig + 0, mask=head, sem="relaxed")
 
 
 @triton.jit
-def add_limbs(limb_ptr, bits, sel, NLIMB: tl.constexpr):
+def add_limbs(limb_ptr, bits, sel, NLIMB: tl.constexpr, INTERP: tl.constexpr):
     """limb_ptr[0:NLIMB] += the exact sum of the selected float32 values (bit patterns ``bits``)
     as 30-bit limbs (m2po_ops/split.py): one atomic per limb per block."""
     e = bits.to(tl.int32) >> 23
@@ -264,12 +265,18 @@ def add_limbs(limb_ptr, bits, sel, NLIMB: tl.constexpr):
     q = p // 30
     r = p - q * 30
     x = significand(bits) << r.to(tl.int64)
-    lo = x & 0x3FFFFFFF
-    hi = x >> 30
-    for i in tl.static_range(NLIMB):
-        part = tl.sum(tl.where(sel & (q == i), lo, 0) + tl.where(sel & (q == i - 1), hi, 0))
-        if part != 0:
-            tl.atomic_add(limb_ptr + i, part, sem="relaxed")
+    lo = tl.where(sel, x & 0x3FFFFFFF, 0)
+    hi = tl.where(sel, x >> 30, 0)
+    if INTERP:  # one [block, 16] reduction instead of 16 Python-level steps (too many registers on a GPU)
+        i16 = tl.arange(0, 16)
+        part = tl.sum(tl.where(q[:, None] == i16[None, :], lo[:, None], 0)
+                      + tl.where(q[:, None] == i16[None, :] - 1, hi[:, None], 0), axis=0)
+        tl.atomic_add(limb_ptr + i16, part, mask=(i16 < NLIMB) & (part != 0), sem="relaxed")
+    else:
+        for i in tl.static_range(NLIMB):
+            part = tl.sum(tl.where(q == i, lo, 0) + tl.where(q == i - 1, hi, 0))
+            if part != 0:
+                tl.atomic_add(limb_ptr + i, part, sem="relaxed")
 
 
 @triton.jit
@@ -278,24 +285,21 @@ def _pow2(e: tl.constexpr):
 
 
 @triton.jit
-def limbs_to_f64(limb_ptr, NLIMB: tl.constexpr):
-    """The float64 of limb sums, by the sequence of m2po_ops.split.limbs_to_float: one carry
-    sweep from the lowest limb, then the digits from the highest down."""
-    i16 = tl.arange(0, 16)
-    raw = tl.load(limb_ptr + i16, mask=i16 < NLIMB, other=0)
-    digits = tl.zeros([16], tl.int64)
+def limbs_to_f64(limb_ptr, other_ptr, NLIMB: tl.constexpr, TWO: tl.constexpr):
+    """The float64 of limb sums (TWO: of the limb-wise sums at limb_ptr and other_ptr), by the
+    sequence of m2po_ops.split.limbs_to_float: from the lowest limb up, the carry taken into
+    the next and the 30-bit digit, times its power of two, added (the top limb keeps its high
+    bits). Other programs' atomics wrote the limbs: read past the L1 cache (.cg)."""
     carry = tl.zeros((), tl.int64)
-    for i in tl.static_range(NLIMB):
-        v = tl.sum(tl.where(i16 == i, raw, 0)) + carry
-        if i < NLIMB - 1:
-            digits = tl.where(i16 == i, v & 0x3FFFFFFF, digits)
-            carry = v >> 30
-        else:
-            digits = tl.where(i16 == i, v, digits)
     s = tl.zeros((), tl.float64)
-    for j in tl.static_range(NLIMB):
-        d = tl.sum(tl.where(i16 == NLIMB - 1 - j, digits, 0))
-        s = s + d.to(tl.float64) * _pow2(30 * (NLIMB - 1 - j) - 149)
+    for i in tl.static_range(NLIMB):
+        v = tl.load(limb_ptr + i, cache_modifier=".cg") + carry
+        if TWO:
+            v += tl.load(other_ptr + i, cache_modifier=".cg")
+        if i < NLIMB - 1:
+            carry = v >> 30
+            v = v & 0x3FFFFFFF
+        s = s + v.to(tl.float64) * _pow2(30 * i - 149)
     return s
 
 
@@ -308,3 +312,18 @@ def last_to_arrive(counter_ptr, programs):
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     return ticket == programs - 1
+
+
+@triton.jit
+def official_terms(adv, ratio, valid, lower, upper):
+    """The official rule's per-token PPO-clip loss, derivative and clip flag with bounds
+    [lower, upper], as the torch backend computes them. The torch.where form, not max/min,
+    which drop NaN on the GPU: a NaN term (an inf ratio times a zero advantage) stays NaN."""
+    pg1 = -adv * ratio
+    pg2 = -adv * clamp(ratio, lower, upper)
+    clipped = pg2 > pg1
+    loss = tl.where(valid, tl.where(clipped, pg2, pg1), 0.0)
+    # torch.maximum splits the gradient on ties; clamp passes it inside [lower, upper]
+    inside = (ratio >= lower) & (ratio <= upper)
+    grad = tl.where(clipped, 0.0, tl.where(pg1 == pg2, pg1 * tl.where(inside, 1.0, 0.5), pg1))
+    return loss, tl.where(valid, grad, 0.0), clipped

@@ -18,13 +18,21 @@ so the apply pass knows how many tied tokens precede each block; exits at once l
 import triton
 import triton.language as tl
 
-from .common import (L1_SHIFT, add_aggregated, add_limbs, clamp, exp_f32, in_bounds, is_finite, load_tokens, ratio_f32,
-                     row_of, significand)
+from ..histogram import B0, B1, BELOW_COUNT, BELOW_LIMBS, REFINE, TAIL_COUNT, TAIL_INF, TAIL_LIMBS
+from ..split import MAX_LIMBS
+from .common import (L1_SHIFT, add_aggregated, add_limbs, clamp, exp_f32, in_bounds, is_finite, last_to_arrive,
+                     load_tokens, official_terms, ratio_f32, row_of, significand)
 
 # per-block partials written by stats_kernel (float64 columns): valid tokens, trust-region
-# tokens, sum of -delta, sum of ratios, max ratio, masked-in tokens holding inf/NaN
-STATS_COLS = 6
+# tokens, sum of -delta, sum of ratios, max ratio, masked-in tokens holding inf/NaN, sum of the
+# loss terms as if nothing were masked, tokens clipped under those assumptions (official)
+STATS_COLS = 8
 _STATS_COLS = tl.constexpr(STATS_COLS)  # kernels may only read constexpr globals
+# offsets in the sums after the level-1 histogram (m2po_ops/histogram.py)
+_REFINE, _B1, _B0 = tl.constexpr(REFINE), tl.constexpr(B1), tl.constexpr(B0)
+BELOW_COUNT_C = tl.constexpr(BELOW_COUNT)
+BELOW_LIMBS, TAIL_COUNT, TAIL_INF, TAIL_LIMBS = (tl.constexpr(x) for x in (BELOW_LIMBS, TAIL_COUNT, TAIL_INF, TAIL_LIMBS))
+MAX_LIMBS_C = tl.constexpr(MAX_LIMBS)
 
 
 @triton.jit(do_not_specialize=["row_len", "n"], do_not_specialize_on_alignment=["cu_ptr"])
@@ -55,41 +63,58 @@ def first_valid_kernel(
     tl.store(first_ptr + seq, adv)
 
 
-@triton.jit(do_not_specialize=["adv_div", "first_div", "first_mul", "thr", "n"],
-            do_not_specialize_on_alignment=["n_valid_ptr", "below_max_ptr"])
+@triton.jit(do_not_specialize=["adv_div", "first_div", "first_mul", "thr", "lower_u_bits", "upper_u_bits", "n"],
+            do_not_specialize_on_alignment=["poison_ptr", "n_valid_ptr", "below_max_ptr"])
 def stats_kernel(
     lp_ptr, olp_ptr, adv_ptr, adv_div: tl.int64, first_ptr, first_div: tl.int64, first_mul: tl.int64, mask_ptr,
-    key_ptr, hist1_ptr, below_ptr, below_max_ptr, thr: tl.int64, part_ptr, n_valid_ptr, n: tl.int64,
+    w_ptr, poison_ptr, grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr,
+    sums_ptr, below_max_ptr, thr: tl.int64, lower_u_bits: tl.int64, upper_u_bits: tl.int64, part_ptr, n_valid_ptr,
+    n: tl.int64,
     OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
-    NB1: tl.constexpr, NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
+    WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr, WRITE_KEYS: tl.constexpr, NB1: tl.constexpr,
+    NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):
-    """hist1_ptr: int64 [2, NB1] tail histogram; below_ptr: int64 [1 + NLIMB], the below part's
-    count and limbs; below_max_ptr: int64, the largest below key (official); thr: the split's
-    threshold key (m2po_ops.split.threshold_bits)."""
+    """The one full read of the inputs. Writes, per token, the derivative as if nothing were
+    masked (grad_ptr, the input dtype; paper: the straight-through -A r; official: the clipped
+    surrogate's under the unconstrained bounds lower_u / upper_u) and, when asked, keep and the
+    keys; per block, the tail compacted in token order (tail_key / tail_pos / tail_term at the
+    block's offset, tail_cnt) for the passes that only look at the tail, the split's sums
+    (sums_ptr: m2po_ops.histogram's SUMS layout) and the metric partials.
+
+    WEIGHTS: 0 no loss (mask only); 1 token-mean (the 1 / denominator scale is applied by
+    finalize and in backward); 4 per-token weights at w_ptr. poison_ptr: float32 0-d, 0 or NaN
+    (invalid inputs found on the device), carried into every valid token's term."""
     # every block but the last is full: its accesses need no bounds mask (see common.in_bounds)
     pid = tl.program_id(0)
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, key_ptr,
-                     hist1_ptr, below_ptr, below_max_ptr, thr, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK,
-                     ADV_PER_ROW, FIRST_PER_ROW, NB1, NLIMB, BLOCK, INTERP, True)
+        _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr, poison_ptr,
+                     grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr, sums_ptr,
+                     below_max_ptr, thr, lower_u_bits, upper_u_bits, part_ptr, n_valid_ptr, n, pid, OFFICIAL,
+                     HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, WEIGHTS, WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP,
+                     True)
     else:
-        _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, key_ptr,
-                     hist1_ptr, below_ptr, below_max_ptr, thr, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK,
-                     ADV_PER_ROW, FIRST_PER_ROW, NB1, NLIMB, BLOCK, INTERP, False)
+        _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr, poison_ptr,
+                     grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr, sums_ptr,
+                     below_max_ptr, thr, lower_u_bits, upper_u_bits, part_ptr, n_valid_ptr, n, pid, OFFICIAL,
+                     HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, WEIGHTS, WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP,
+                     False)
 
 
 @triton.jit
 def _stats_block(
-    lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr,
-    key_ptr, hist1_ptr, below_ptr, below_max_ptr, thr, part_ptr, n_valid_ptr, n, pid,
+    lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr, poison_ptr,
+    grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr, sums_ptr,
+    below_max_ptr, thr, lower_u_bits, upper_u_bits, part_ptr, n_valid_ptr, n, pid,
     OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
-    NB1: tl.constexpr, NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, FULL: tl.constexpr,
+    WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr, WRITE_KEYS: tl.constexpr, NB1: tl.constexpr,
+    NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, FULL: tl.constexpr,
 ):
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = in_bounds(offs, n, FULL)
     lp, olp, adv, valid, nonfinite = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK,
                                                  ADV_PER_ROW, FULL)
     delta = tl.where(valid, lp - olp, 0.0)
+    adv = tl.where(valid, adv, 0.0)
     m2 = delta * delta
     if OFFICIAL:
         # the authors' "harmful" tokens: first-token advantage sign and ratio side, in float32.
@@ -104,20 +129,55 @@ def _stats_block(
         trust = valid & (((adv_first > 1e-12) & (delta >= 5.9604644775390625e-08))
                          | ((adv_first < -1e-12) & (delta < -2.9802322387695312e-08)))
         ratio = ratio_f32(delta)
+        lower_u = lower_u_bits.to(tl.int32).to(tl.float32, bitcast=True)
+        upper_u = upper_u_bits.to(tl.int32).to(tl.float32, bitcast=True)
+        loss, grad, clipped = official_terms(adv, ratio, valid, lower_u, upper_u)
+        keep = valid & ~clipped
     else:
         trust = valid & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
         ratio = exp_f32(clamp(delta, -20.0, 20.0), INTERP)
+        loss = tl.where(valid, -adv * ratio, 0.0)  # a kept token's term (the tail fix-up undoes the masked)
+        grad = loss  # straight-through: d(-A r)/d logprobs = -A r
+        keep = valid
     bits = m2.to(tl.int32, bitcast=True)
-    key = tl.where(trust, bits, -1)
-    tl.store(key_ptr + offs, key, mask=inb)
+    if WRITE_KEYS:
+        tl.store(key_ptr + offs, tl.where(trust, bits, -1), mask=inb)
+    if WRITE_KEEP:
+        tl.store(keep_ptr + offs, keep, mask=inb)
+    term = loss
+    if WEIGHTS != 0:
+        poison = tl.load(poison_ptr)
+        if WEIGHTS == 4:  # per-token weights (sequence-level modes)
+            w = tl.where(valid, tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32) + poison, 0.0)
+            term = w * loss
+            grad = w * grad
+        else:  # token-mean: the scale comes later; (1 + poison) is exactly 1, or NaN
+            term = tl.where(valid, loss * (1.0 + poison), 0.0)
+            grad = tl.where(valid, grad * (1.0 + poison), 0.0)
+        tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inb)
 
+    # the threshold split: the tail, compacted in token order, and its histogram; the sums
     tail = trust & (bits > thr)
-    add_aggregated(hist1_ptr, hist1_ptr + NB1, bits >> L1_SHIFT, significand(bits), tail, BLOCK)
+    n_tail = tl.sum(tail.to(tl.int32))
+    tl.store(tail_cnt_ptr + pid, n_tail)
+    if n_tail > 0:
+        at = pid.to(tl.int64) * BLOCK + tl.cumsum(tail.to(tl.int32), 0) - 1
+        tl.store(tail_key_ptr + at, bits, mask=tail)
+        tl.store(tail_pos_ptr + at, tl.arange(0, BLOCK), mask=tail)
+        if not OFFICIAL:
+            tl.store(tail_term_ptr + at, term, mask=tail)
+        add_aggregated(sums_ptr, sums_ptr + NB1, bits >> L1_SHIFT, significand(bits), tail, BLOCK)
+        finite = tail & (bits < 0x7F800000)
+        tl.atomic_add(sums_ptr + TAIL_COUNT, n_tail.to(tl.int64), sem="relaxed")
+        n_inf = tl.sum((tail & ~finite).to(tl.int64))
+        if n_inf > 0:
+            tl.atomic_add(sums_ptr + TAIL_INF, n_inf, sem="relaxed")
+        add_limbs(sums_ptr + TAIL_LIMBS, bits, finite, MAX_LIMBS_C, INTERP)
     below = trust & (bits <= thr)
     n_below = tl.sum(below.to(tl.int64))
     if n_below > 0:
-        tl.atomic_add(below_ptr, n_below, sem="relaxed")
-        add_limbs(below_ptr + 1, bits, below, NLIMB)
+        tl.atomic_add(sums_ptr + BELOW_COUNT_C, n_below, sem="relaxed")
+        add_limbs(sums_ptr + BELOW_LIMBS, bits, below, NLIMB, INTERP)
         if OFFICIAL:  # the value before the first hit when that hit is the tail's first token
             tl.atomic_max(below_max_ptr, tl.max(tl.where(below, bits, -1)).to(tl.int64), sem="relaxed")
 
@@ -131,62 +191,77 @@ def _stats_block(
     tl.store(row + 3, tl.sum(ratio).to(tl.float64))
     tl.store(row + 4, tl.max(ratio).to(tl.float64))
     tl.store(row + 5, tl.sum(nonfinite.to(tl.int64)).to(tl.float64))
+    # float64 sums of the float32 terms, as the torch backend sums them: where that sum is exact
+    # the loss has the same bits whatever the order (README, "Float details")
+    tl.store(row + 6, tl.sum(term.to(tl.float64)))
+    tl.store(row + 7, tl.sum((valid & ~keep).to(tl.int64)).to(tl.float64))
+
+
+@triton.jit
+def _tail_block(tail_key_ptr, tail_cnt_ptr, pid, BLOCK: tl.constexpr):
+    """One block's compacted tail keys (-1 past its count) and the count; masked loads, so
+    only the tail's bytes move."""
+    cnt = tl.load(tail_cnt_ptr + pid)
+    j = tl.arange(0, BLOCK)
+    key = tl.load(tail_key_ptr + pid.to(tl.int64) * BLOCK + j, mask=j < cnt, other=-1)
+    return key, cnt
 
 
 @triton.jit(do_not_specialize=["thr", "n"], do_not_specialize_on_alignment=["state_ptr"])
-def level2_kernel(key_ptr, state_ptr, hist2_ptr, thr: tl.int64, n: tl.int64, NB2: tl.constexpr,
-                  BLOCK: tl.constexpr):
+def level2_kernel(key_ptr, cnt_ptr, state_ptr, hist2_ptr, thr: tl.int64, n: tl.int64, OFFICIAL: tl.constexpr,
+                  DENSE: tl.constexpr, NB2: tl.constexpr, BLOCK: tl.constexpr):
+    """Level-2 histograms of the tail keys in buckets b1 (slot 0) and, official, b0 (slot 1).
+    key_ptr: the compacted tail with its counts at cnt_ptr, or (DENSE) every token's key (the
+    micro-batch and process-group paths keep those), of which the tail is key > thr."""
     pid = tl.program_id(0)
-    if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _level2_block(key_ptr, state_ptr, hist2_ptr, thr, n, pid, NB2, BLOCK, True)
-    else:
-        _level2_block(key_ptr, state_ptr, hist2_ptr, thr, n, pid, NB2, BLOCK, False)
+    if tl.load(state_ptr + _REFINE) != 0:
+        j = tl.arange(0, BLOCK)
+        if DENSE:
+            cnt = tl.minimum(n - pid.to(tl.int64) * BLOCK, BLOCK)
+        else:
+            cnt = tl.load(cnt_ptr + pid).to(tl.int64)
+        if cnt > 0:
+            key = tl.load(key_ptr + pid.to(tl.int64) * BLOCK + j, mask=j < cnt, other=-1)
+            tail = key > thr
+            bucket = (key >> L1_SHIFT).to(tl.int64)
+            low = key & (NB2 - 1)
+            sig = significand(key)
+            add_aggregated(hist2_ptr, hist2_ptr + NB2, low, sig, tail & (bucket == tl.load(state_ptr + _B1)), BLOCK)
+            if OFFICIAL:
+                add_aggregated(hist2_ptr + 2 * NB2, hist2_ptr + 3 * NB2, low, sig,
+                               tail & (bucket == tl.load(state_ptr + _B0)), BLOCK)
 
 
-@triton.jit
-def _level2_block(key_ptr, state_ptr, hist2_ptr, thr, n, pid, NB2: tl.constexpr, BLOCK: tl.constexpr,
-                  FULL: tl.constexpr):
-    refine = tl.load(state_ptr + 0)
-    if refine != 0:
-        b1 = tl.load(state_ptr + 1)
-        b0 = tl.load(state_ptr + 2)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        key = tl.load(key_ptr + offs, mask=in_bounds(offs, n, FULL), other=-1)
-        bucket = (key >> L1_SHIFT).to(tl.int64)
-        low = key & (NB2 - 1)
-        sig = significand(key)
-        tail = key > thr  # (keys of T at or below the threshold are not in the histograms)
-        add_aggregated(hist2_ptr, hist2_ptr + NB2, low, sig, tail & (bucket == b1), BLOCK)
-        add_aggregated(hist2_ptr + 2 * NB2, hist2_ptr + 3 * NB2, low, sig, tail & (bucket == b0), BLOCK)
-
-
-@triton.jit(do_not_specialize=["n"], do_not_specialize_on_alignment=["value_ptr"])
-def ties_kernel(key_ptr, value_ptr, ties_ptr, n: tl.int64, KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize_on_alignment=["value_ptr"])
+def ties_kernel(tail_key_ptr, tail_cnt_ptr, value_ptr, ties_ptr, KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr):
+    """Per block: the tail tokens sitting exactly at the paper cut's value."""
     pid = tl.program_id(0)
-    if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _ties_block(key_ptr, value_ptr, ties_ptr, n, pid, KEEP_ALL, BLOCK, True)
-    else:
-        _ties_block(key_ptr, value_ptr, ties_ptr, n, pid, KEEP_ALL, BLOCK, False)
-
-
-@triton.jit
-def _ties_block(key_ptr, value_ptr, ties_ptr, n, pid, KEEP_ALL: tl.constexpr, BLOCK: tl.constexpr,
-                FULL: tl.constexpr):
     value = tl.load(value_ptr)
     if value != KEEP_ALL:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        key = tl.load(key_ptr + offs, mask=in_bounds(offs, n, FULL), other=-1)
+        key, cnt = _tail_block(tail_key_ptr, tail_cnt_ptr, pid, BLOCK)
         tl.store(ties_ptr + pid, tl.sum((key == value).to(tl.int64)))
 
 
-@triton.jit(do_not_specialize=["nblocks"], do_not_specialize_on_alignment=["value_ptr"])
-def tie_scan_kernel(value_ptr, ties_ptr, nblocks: tl.int64, KEEP_ALL: tl.constexpr, CHUNK: tl.constexpr):
+@triton.jit(do_not_specialize=["nblocks"], do_not_specialize_on_alignment=["value_ptr", "counter_ptr"])
+def tie_scan_kernel(value_ptr, ties_ptr, chunk_ptr, counter_ptr, nblocks: tl.int64, KEEP_ALL: tl.constexpr,
+                    CHUNK: tl.constexpr):
+    """Exclusive offsets of the per-block tie counts: in place within each chunk of CHUNK blocks
+    (one program each), and chunk_ptr[c] = the ties of the chunks before c (the last program to
+    arrive scans the chunk totals). Tied tokens before block b: ties[b] + chunk[b // CHUNK]."""
     value = tl.load(value_ptr)
     if value != KEEP_ALL:
-        carry = tl.zeros((), tl.int64)
-        for c in range(0, nblocks, CHUNK):
-            idx = c + tl.arange(0, CHUNK)
-            inb = idx < nblocks
-            counts = tl.load(ties_ptr + idx, mask=inb, other=0)
-            tl.store(ties_ptr + idx, carry + tl.cumsum(counts, 0) - counts, mask=inb)
-            carry += tl.sum(counts)
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        idx = pid.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
+        inb = idx < nblocks
+        counts = tl.load(ties_ptr + idx, mask=inb, other=0)
+        tl.store(ties_ptr + idx, tl.cumsum(counts, 0) - counts, mask=inb)
+        tl.store(chunk_ptr + pid, tl.sum(counts))
+        if last_to_arrive(counter_ptr, programs):
+            carry = tl.zeros((), tl.int64)
+            for c in range(0, programs, CHUNK):
+                cidx = c + tl.arange(0, CHUNK)
+                cin = cidx < programs
+                totals = tl.load(chunk_ptr + cidx, mask=cin, other=0, cache_modifier=".cg")
+                tl.store(chunk_ptr + cidx, carry + tl.cumsum(totals, 0) - totals, mask=cin)
+                carry += tl.sum(totals)

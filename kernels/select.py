@@ -19,8 +19,10 @@ count, its limb sum as float64 and (official) its largest key.
 import triton
 import triton.language as tl
 
+from ..histogram import (B0, B1, BELOW_COUNT, BELOW_LIMBS, K_BASE, K_END, N_TR, REFINE, S_BASE, S_END, STATE_LEN,
+                         TAIL_COUNT, TAIL_INF, TAIL_LIMBS, TOTAL)
+from ..split import MAX_LIMBS
 from .common import L1_SHIFT, as_f64, bits_to_f64, bucket_scale, exp_f64, last_to_arrive, limbs_to_f64
-from ..histogram import B0, B1, K_BASE, K_END, N_TR, REFINE, S_BASE, S_END, STATE_LEN, TOTAL
 
 SEARCH_STEPS = tl.constexpr(32)
 PART_COLS = 4  # int64 columns of a chunk's partial row
@@ -28,6 +30,9 @@ _PART_COLS = tl.constexpr(PART_COLS)
 _REFINE, _B1, _B0 = tl.constexpr(REFINE), tl.constexpr(B1), tl.constexpr(B0)
 _K_BASE, _S_BASE, _K_END, _S_END = tl.constexpr(K_BASE), tl.constexpr(S_BASE), tl.constexpr(K_END), tl.constexpr(S_END)
 _N_TR, _TOTAL = tl.constexpr(N_TR), tl.constexpr(TOTAL)
+_BELOW_COUNT, _BELOW_LIMBS = tl.constexpr(BELOW_COUNT), tl.constexpr(BELOW_LIMBS)
+_TAIL_COUNT, _TAIL_INF, _TAIL_LIMBS = tl.constexpr(TAIL_COUNT), tl.constexpr(TAIL_INF), tl.constexpr(TAIL_LIMBS)
+_MAX_LIMBS = tl.constexpr(MAX_LIMBS)
 assert STATE_LEN >= 9
 
 
@@ -70,94 +75,117 @@ def _bucket_hi(idx):
 
 
 @triton.jit(do_not_specialize=["tau_hi_bits", "tau_lo_bits", "tau_bits", "tau_eps_bits", "eps_bits"],
-            do_not_specialize_on_alignment=["below_ptr", "state_ptr", "counter_ptr"])
+            do_not_specialize_on_alignment=["state_ptr", "counter_ptr"])
 def select1_kernel(
-    hist1_ptr, below_ptr, part_ptr, counter_ptr, state_ptr,
+    sums_ptr, hist2_ptr, part_ptr, counter_ptr, state_ptr,
     tau_hi_bits: tl.int64, tau_lo_bits: tl.int64, tau_bits: tl.int64, tau_eps_bits: tl.int64, eps_bits: tl.int64,
-    OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, NB1: tl.constexpr, NLIMB: tl.constexpr, CHUNK: tl.constexpr,
+    OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, NB1: tl.constexpr, NB2: tl.constexpr, NLIMB: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
-    """Pick the level-1 bucket b1 holding the cut; write the select state (m2po_ops.histogram)."""
+    """Pick the level-1 bucket b1 holding the cut; write the select state (m2po_ops.histogram).
+    Every program first decides from the exact totals (a few scalars) whether anything is cut;
+    if not, program 0 writes the state and all return. Otherwise each zeroes its share of the
+    level-2 histograms (so the workspace memset does not have to) and adds its chunk's row."""
     pid = tl.program_id(0)
     programs = NB1 // CHUNK
-    idx = pid * CHUNK + tl.arange(0, CHUNK)
-    cnt = tl.load(hist1_ptr + idx)
-    # (the scale of an empty bucket is zeroed first: 0 * inf would be NaN)
-    sums = tl.load(hist1_ptr + NB1 + idx).to(tl.float64) * tl.where(cnt > 0, bucket_scale(idx), 0.0)
-    cum = tl.cumsum(sums, 0)
-    row = part_ptr + pid * _PART_COLS
-    tl.store(row + 0, tl.sum(cnt))
-    tl.store(row + 1, _bits(tl.sum(tl.where(tl.arange(0, CHUNK) == CHUNK - 1, cum, 0.0))))
-    tl.store(row + 2, tl.max(tl.where(cnt > 0, idx, -1)).to(tl.int64))
-    if last_to_arrive(counter_ptr, programs):
-        tau_hi = as_f64(tau_hi_bits)
-        tau_lo = as_f64(tau_lo_bits)
-        tau = as_f64(tau_bits)
-        eps = as_f64(eps_bits)
-        n_below = tl.load(below_ptr, cache_modifier=".cg")
-        s_below = limbs_to_f64(below_ptr + 1, NLIMB)
-        # totals first (the official test needs n)
-        n = n_below
-        for c in range(programs):
-            n += tl.load(part_ptr + c * _PART_COLS, cache_modifier=".cg")
-        nf = n.to(tl.float64)
-        target = tau * nf
-        # walk the chunks in order: the first non-empty chunk whose end fails the budget
-        k_end = n_below
-        s_end = s_below
-        c_star = tl.full((), programs, tl.int64)
-        k_before = n_below
-        s_before = s_below
-        last_before = tl.full((), -1, tl.int64)  # last non-empty bucket of the chunks before c_star
-        for c in range(programs):
-            c_cnt = tl.load(part_ptr + c * _PART_COLS, cache_modifier=".cg")
-            c_sum = _f64(tl.load(part_ptr + c * _PART_COLS + 1, cache_modifier=".cg"))
-            c_last = tl.load(part_ptr + c * _PART_COLS + 2, cache_modifier=".cg")
-            k_prev = k_end
-            s_prev = s_end
-            k_end = k_end + c_cnt
-            s_end = s_end + c_sum
-            if OFFICIAL:
-                hit = (c_cnt > 0) & (_f_official(_bucket_hi(c_last), k_end - 1, s_end, nf, eps) >= target - eps)
-            else:
-                hit = (c_cnt > 0) & ~_cond_paper(s_end, k_end, tau_hi, tau_lo, TAU_INF)
-            first = hit & (c_star == programs)
-            k_before = tl.where(first, k_prev, k_before)
-            s_before = tl.where(first, s_prev, s_before)
-            c_star = tl.where(first, c, c_star)
-            last_before = tl.where((c_star == programs) & (c_cnt > 0), c_last, last_before)
-        total = s_end
+    tau_hi = as_f64(tau_hi_bits)
+    tau_lo = as_f64(tau_lo_bits)
+    tau = as_f64(tau_bits)
+    eps = as_f64(eps_bits)
+    n_below = tl.load(sums_ptr + _BELOW_COUNT)
+    n = n_below + tl.load(sums_ptr + _TAIL_COUNT)
+    nf = n.to(tl.float64)
+    target = tau * nf
+    total = limbs_to_f64(sums_ptr + _BELOW_LIMBS, sums_ptr + _TAIL_LIMBS, _MAX_LIMBS, True)
+    total = tl.where(tl.load(sums_ptr + _TAIL_INF) > 0, float("inf"), total)
+    if OFFICIAL:
+        refine = (n > 0) & (total / tl.maximum(nf, 1.0) > as_f64(tau_eps_bits)) & (target < total - eps)
+    else:
+        refine = ~_cond_paper(total, n, tau_hi, tau_lo, TAU_INF)
+    if not refine:
+        if pid == 0:
+            tl.store(state_ptr + _REFINE, 0)
+            tl.store(state_ptr + _B0, -1)
+            tl.store(state_ptr + _N_TR, n)
+            tl.store(state_ptr + _TOTAL, _bits(total))
+    else:
+        share = 4 * NB2 // programs
+        zero = pid * share + tl.arange(0, CHUNK)
+        for z in range(0, share, CHUNK):
+            tl.store(hist2_ptr + zero + z, tl.zeros([CHUNK], tl.int64))
+        idx = pid * CHUNK + tl.arange(0, CHUNK)
+        cnt = tl.load(sums_ptr + idx)
+        # (the scale of an empty bucket is zeroed first: 0 * inf would be NaN)
+        sums = tl.load(sums_ptr + NB1 + idx).to(tl.float64) * tl.where(cnt > 0, bucket_scale(idx), 0.0)
+        cum = tl.cumsum(sums, 0)
+        row = part_ptr + pid * _PART_COLS
+        tl.store(row + 0, tl.sum(cnt))
+        tl.store(row + 1, _bits(tl.sum(tl.where(tl.arange(0, CHUNK) == CHUNK - 1, cum, 0.0))))
+        tl.store(row + 2, tl.max(tl.where(cnt > 0, idx, -1)).to(tl.int64))
+        if last_to_arrive(counter_ptr, programs):
+            _walk1(sums_ptr, part_ptr, state_ptr, n, nf, total, n_below, tau_hi, tau_lo, target, eps, OFFICIAL,
+                   TAU_INF, NB1, NLIMB, CHUNK)
+
+
+@triton.jit
+def _walk1(sums_ptr, part_ptr, state_ptr, n, nf, total, n_below, tau_hi, tau_lo, target, eps,
+           OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, NB1: tl.constexpr, NLIMB: tl.constexpr,
+           CHUNK: tl.constexpr):
+    """The last program of select1: walk the chunk rows in order to the first non-empty chunk
+    whose end fails the budget (paper) / hits the test (official), then scan that chunk."""
+    programs = NB1 // CHUNK
+    s_below = limbs_to_f64(sums_ptr + _BELOW_LIMBS, sums_ptr, NLIMB, False)
+    k_end = n_below
+    s_end = s_below
+    c_star = tl.full((), programs, tl.int64)
+    k_before = n_below
+    s_before = s_below
+    last_before = tl.full((), -1, tl.int64)  # last non-empty bucket of the chunks before c_star
+    for c in range(programs):
+        c_cnt = tl.load(part_ptr + c * _PART_COLS, cache_modifier=".cg")
+        c_sum = _f64(tl.load(part_ptr + c * _PART_COLS + 1, cache_modifier=".cg"))
+        c_last = tl.load(part_ptr + c * _PART_COLS + 2, cache_modifier=".cg")
+        k_prev = k_end
+        s_prev = s_end
+        k_end = k_end + c_cnt
+        s_end = s_end + c_sum
         if OFFICIAL:
-            refine = (n > 0) & (total / tl.maximum(nf, 1.0) > as_f64(tau_eps_bits)) & (target < total - eps)
+            hit = (c_cnt > 0) & (_f_official(_bucket_hi(c_last), k_end - 1, s_end, nf, eps) >= target - eps)
         else:
-            refine = ~_cond_paper(total, n, tau_hi, tau_lo, TAU_INF)
-        # the bucket inside chunk c_star (a refined cut always has one)
-        found = c_star < programs
-        c_star = tl.where(found, c_star, 0)
-        idx = c_star * CHUNK + tl.arange(0, CHUNK)
-        cnt = tl.load(hist1_ptr + idx)
-        sums = tl.load(hist1_ptr + NB1 + idx).to(tl.float64) * tl.where(cnt > 0, bucket_scale(idx), 0.0)
-        s_in = s_before + tl.cumsum(sums, 0)
-        k_in = k_before + tl.cumsum(cnt, 0)
-        if OFFICIAL:
-            pred = (cnt > 0) & (_f_official(_bucket_hi(idx), k_in - 1, s_in, nf, eps) >= target - eps)
-        else:
-            pred = (cnt > 0) & ~_cond_paper(s_in, k_in, tau_hi, tau_lo, TAU_INF)
-        b1 = tl.min(tl.where(pred, idx, NB1)).to(tl.int64)
-        # (the chunk's end failed, and its last non-empty bucket has the same prefix numbers)
-        b1 = tl.where(b1 < NB1, b1, tl.max(tl.where(cnt > 0, idx, -1)).to(tl.int64))
-        b1 = tl.where(found, b1, 0)
-        b0 = tl.max(tl.where((cnt > 0) & (idx < b1), idx, -1)).to(tl.int64)
-        b0 = tl.where(b0 >= 0, b0, last_before)
-        first_of_chunk = b1 == c_star * CHUNK
-        tl.store(state_ptr + _REFINE, (refine & found).to(tl.int64))
-        tl.store(state_ptr + _B1, b1)
-        tl.store(state_ptr + _B0, b0)
-        tl.store(state_ptr + _K_BASE, _pick(k_in - cnt, idx, b1))
-        tl.store(state_ptr + _S_BASE, _bits(tl.where(first_of_chunk, s_before, _pick(s_in, idx, b1 - 1))))
-        tl.store(state_ptr + _K_END, _pick(k_in, idx, b1))
-        tl.store(state_ptr + _S_END, _bits(_pick(s_in, idx, b1)))
-        tl.store(state_ptr + _N_TR, n)
-        tl.store(state_ptr + _TOTAL, _bits(total))
+            hit = (c_cnt > 0) & ~_cond_paper(s_end, k_end, tau_hi, tau_lo, TAU_INF)
+        first = hit & (c_star == programs)
+        k_before = tl.where(first, k_prev, k_before)
+        s_before = tl.where(first, s_prev, s_before)
+        c_star = tl.where(first, c, c_star)
+        last_before = tl.where((c_star == programs) & (c_cnt > 0), c_last, last_before)
+    # the bucket inside chunk c_star (its end fails, so one does)
+    found = c_star < programs
+    c_star = tl.where(found, c_star, 0)
+    idx = c_star * CHUNK + tl.arange(0, CHUNK)
+    cnt = tl.load(sums_ptr + idx)
+    sums = tl.load(sums_ptr + NB1 + idx).to(tl.float64) * tl.where(cnt > 0, bucket_scale(idx), 0.0)
+    s_in = s_before + tl.cumsum(sums, 0)
+    k_in = k_before + tl.cumsum(cnt, 0)
+    if OFFICIAL:
+        pred = (cnt > 0) & (_f_official(_bucket_hi(idx), k_in - 1, s_in, nf, eps) >= target - eps)
+    else:
+        pred = (cnt > 0) & ~_cond_paper(s_in, k_in, tau_hi, tau_lo, TAU_INF)
+    b1 = tl.min(tl.where(pred, idx, NB1)).to(tl.int64)
+    # (the chunk's end failed, and its last non-empty bucket has the same prefix numbers)
+    b1 = tl.where(b1 < NB1, b1, tl.max(tl.where(cnt > 0, idx, -1)).to(tl.int64))
+    b1 = tl.where(found, b1, 0)
+    b0 = tl.max(tl.where((cnt > 0) & (idx < b1), idx, -1)).to(tl.int64)
+    b0 = tl.where(b0 >= 0, b0, last_before)
+    first_of_chunk = b1 == c_star * CHUNK
+    tl.store(state_ptr + _REFINE, found.to(tl.int64))
+    tl.store(state_ptr + _B1, b1)
+    tl.store(state_ptr + _B0, b0)
+    tl.store(state_ptr + _K_BASE, _pick(k_in - cnt, idx, b1))
+    tl.store(state_ptr + _S_BASE, _bits(tl.where(first_of_chunk, s_before, _pick(s_in, idx, b1 - 1))))
+    tl.store(state_ptr + _K_END, _pick(k_in, idx, b1))
+    tl.store(state_ptr + _S_END, _bits(_pick(s_in, idx, b1)))
+    tl.store(state_ptr + _N_TR, n)
+    tl.store(state_ptr + _TOTAL, _bits(total))
 
 
 @triton.jit

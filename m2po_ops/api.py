@@ -16,23 +16,26 @@ from .inputs import (Tokens, check_group, check_num_tokens, host_reads_free, inp
 
 
 class AttachGrad(torch.autograd.Function):
-    """Returns ``loss`` with d loss / d logprobs = ``grad`` (computed in forward by a backend).
+    """Returns ``loss`` with d loss / d logprobs = ``scale * grad`` (both computed in forward by
+    a backend: ``grad`` per token in logprobs' dtype, ``scale`` a 0-d tensor or None for 1).
 
-    Backward is one multiply: grad_output * grad, cast to logprobs' dtype.
+    Backward is one multiply: grad * (grad_output * scale), into logprobs' dtype.
     """
 
     @staticmethod
-    def forward(ctx, logprobs: Tensor, loss: Tensor, grad: Tensor):
-        ctx.save_for_backward(grad)
+    def forward(ctx, logprobs: Tensor, loss: Tensor, grad: Tensor, scale: Optional[Tensor]):
+        ctx.save_for_backward(grad, scale)
         ctx.shape, ctx.dtype = logprobs.shape, logprobs.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):
-        (grad,) = ctx.saved_tensors
+        grad, scale = ctx.saved_tensors
+        if scale is not None:
+            grad_output = grad_output * scale
         out = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad.device)
         torch.mul(grad.reshape(ctx.shape), grad_output, out=out)
-        return out, None, None
+        return out, None, None, None
 
 
 def metrics_to_host(metrics: dict) -> dict:
@@ -112,12 +115,12 @@ def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], 
     validate=False found wrong on the device (input_error) give a NaN loss and gradient."""
     error = input_error(tok, num_tokens, config)
     poison = poison_of(error) if error is not None and want_loss else None
-    keep, metrics, loss, grad = _run_backend(tok, config, backend, cut, group, want_loss, num_tokens, poison)
+    keep, metrics, loss, grad, scale = _run_backend(tok, config, backend, cut, group, want_loss, num_tokens, poison)
     if error is not None:
         metrics["input_error"] = error.to(torch.float32)
         if loss is not None:  # NaN even when no token is valid (nothing for the weights to carry it)
             loss = loss + poison.to(loss.dtype)
-    return keep, metrics, loss, grad
+    return keep, metrics, loss, grad, scale
 
 
 def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool,
@@ -132,7 +135,7 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
             from .distributed import triton_group_solver
 
             solver = triton_group_solver(config, group)
-        return triton_forward(tok, config, cut, want_loss, num_tokens, solver, poison)
+        return triton_forward(tok, config, cut, want_loss, num_tokens, solver, poison, want_keep=not want_loss)
     n_tr = host = None
     if cut is not None or group is None:
         delta = reference.log_ratio(tok)
@@ -155,12 +158,23 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
     keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr, ratio_v, host)
     metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant, ratio_v, n_tr)
     if not want_loss:
-        return keep, metrics, None, None
+        return keep, metrics, None, None, None
     num_valid = cut.num_valid if group is not None else None
-    # the per-token terms are 0 on padding, so a token-mean weight that is finite can be one number
-    scalar = config.loss_agg_mode == "token-mean" and poison is None and (
-        not isinstance(num_tokens, Tensor) or config.validate)
-    w = token_weights(tok, config, num_tokens, loss.dtype, num_valid, scalar=scalar)
+    if config.loss_agg_mode == "token-mean":
+        # as the kernels: the unweighted terms summed in float64, times the 1 / denominator once;
+        # the derivative stored unweighted, the 1 / denominator applied in backward (the scale)
+        w = token_weights(tok, config, num_tokens, loss.dtype, num_valid, scalar=True)
+        if poison is not None:  # NaN on every valid token (padding keeps a zero gradient), as the kernels
+            factor = torch.where(tok.valid, 1.0 + poison.to(loss.dtype), torch.zeros((), dtype=loss.dtype,
+                                                                                   device=tok.device))
+            loss = loss * factor
+            grad = loss if grad is loss else grad * factor
+        total = sum_f64(loss)
+        value = torch.where(total == 0, total, total * w.double()).to(loss.dtype)
+        # a zero or non-finite denominator scales no derivative (padding keeps its zero)
+        scale = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+        return keep, metrics, value, grad.to(tok.logprobs.dtype), scale
+    w = token_weights(tok, config, num_tokens, loss.dtype, num_valid)
     if poison is not None:  # NaN on every valid token (padding keeps a zero gradient), as the kernels
         w = torch.where(tok.valid, w + poison.to(w.dtype), torch.zeros_like(w))
     # (in place: loss and grad are this call's own buffers; the same one for the paper rule)
@@ -168,7 +182,7 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
     grad = term if grad is loss else grad.mul_(w)
     # summed in float64 and rounded once, as the Triton backend's partials: where the float64
     # sum of the float32 terms is exact, both backends give the same bits (README, "Float details")
-    return keep, metrics, sum_f64(term).to(loss.dtype), grad
+    return keep, metrics, sum_f64(term).to(loss.dtype), grad.to(tok.logprobs.dtype), None
 
 
 def m2po_mask(
@@ -202,7 +216,7 @@ def m2po_mask(
     cut = _check_cut(cut, config, tok.device)
     be = resolve_backend(backend, tok.device)
     _maybe_check_drift(tok, config, be, cut, check_drift)
-    keep, metrics, _, _ = _forward(tok, config, be, cut, group, want_loss=False)
+    keep, metrics, _, _, _ = _forward(tok, config, be, cut, group, want_loss=False)
     if mask is not None and keep.data_ptr() == mask.data_ptr():  # (tok.valid may be the caller's mask)
         keep = keep.clone()
     return keep.reshape(tok.shape), metrics
@@ -277,5 +291,5 @@ def m2po_loss(
     cut = _check_cut(cut, config, tok.device)
     be = resolve_backend(backend, tok.device)
     _maybe_check_drift(tok, config, be, cut, check_drift)
-    _, metrics, loss, grad = _forward(tok, config, be, cut, group, want_loss=True, num_tokens=num_tokens)
-    return AttachGrad.apply(logprobs, loss, grad), metrics
+    _, metrics, loss, grad, scale = _forward(tok, config, be, cut, group, want_loss=True, num_tokens=num_tokens)
+    return AttachGrad.apply(logprobs, loss, grad, scale), metrics

@@ -33,8 +33,6 @@ spec allows either answer (see m2po_ops/histogram.py).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -162,8 +160,7 @@ class TritonSteps:
         from . import triton_backend as TB
 
         for k in keys:  # the kernel adds into ws.hist2, so micro-batches accumulate
-            nblocks = max(1, math.ceil(k.numel() / TB.BLOCK))
-            TB.level2(k, dataclasses.replace(self.ws, nblocks=nblocks), config)
+            TB.level2(self.ws, config, key=k)
         return self.ws.hist2
 
     def select2(self, hist2: Tensor, state1: Tensor, config: M2POConfig, num_valid: Tensor) -> Cut:

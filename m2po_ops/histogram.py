@@ -47,10 +47,16 @@ L1_BUCKETS = 1 << 15
 L2_BUCKETS = 1 << 16
 L2_SLOTS = 2  # level-2 histograms of the boundary bucket (slot 0) and the bucket before it (slot 1)
 SEARCH_STEPS = 32  # binary-search steps inside one value's run of ties (counts < 2**31)
-SELECT_CHUNK = 2048  # buckets per program of the select kernels
-# the mergeable sums: level-1 histogram (count row, significand row), below count, limbs
-SUMS_LEN = 2 * L1_BUCKETS + 1 + MAX_LIMBS
+SELECT_CHUNK = 1024  # level-1 buckets per program of select1
+LEVEL2_CHUNK = 512  # level-2 buckets per program of select2 (it reads up to 3 rows of each)
+# the mergeable sums (int64, indices): the tail's level-1 histogram (count row, significand
+# row), the below part's count and limbs, the tail's count, infinite keys and finite-value limbs
 BELOW_COUNT = 2 * L1_BUCKETS
+BELOW_LIMBS = BELOW_COUNT + 1
+TAIL_COUNT = BELOW_LIMBS + MAX_LIMBS
+TAIL_INF = TAIL_COUNT + 1
+TAIL_LIMBS = TAIL_INF + 1
+SUMS_LEN = TAIL_LIMBS + MAX_LIMBS
 # the select state (int64; float64 fields as bit patterns): refine flag, boundary bucket b1,
 # previous non-empty tail bucket b0 (-1 if none), prefix count / sum before b1 and through b1,
 # trust-region count, trust-region sum
@@ -97,8 +103,23 @@ def summarize(key: Tensor, config: M2POConfig) -> Tensor:
     hist[1].scatter_add_(0, bucket, torch.where(tail, significand(k), 0))
     sums[BELOW_COUNT] = below.sum()
     nlimb = limb_count(thr)
-    sums[BELOW_COUNT + 1: BELOW_COUNT + 1 + nlimb] = limb_sums(key, below, nlimb)
+    sums[BELOW_LIMBS: BELOW_LIMBS + nlimb] = limb_sums(key, below, nlimb)
+    finite = tail & (k < 0x7F800000)
+    sums[TAIL_COUNT] = tail.sum()
+    sums[TAIL_INF] = (tail & ~finite).sum()
+    sums[TAIL_LIMBS:] = limb_sums(key, finite, MAX_LIMBS)
     return sums
+
+
+def totals(sums: Tensor, config: M2POConfig):
+    """(n, the trust region's count; its float64 sum from the exact limbs; the below part's
+    count; its float64 sum), as the select kernels compute them."""
+    nlimb = limb_count(threshold_bits(config.variant, config.tau))
+    n_below = sums[BELOW_COUNT]
+    s_below = limbs_to_float(sums[BELOW_LIMBS: BELOW_LIMBS + nlimb]).to(sums.device)
+    total = limbs_to_float(sums[BELOW_LIMBS: BELOW_LIMBS + MAX_LIMBS] + sums[TAIL_LIMBS: TAIL_LIMBS + MAX_LIMBS])
+    total = torch.where(sums[TAIL_INF] > 0, float("inf"), total.to(sums.device))
+    return n_below + sums[TAIL_COUNT], total, n_below, s_below
 
 
 def below_max(key: Tensor, config: M2POConfig) -> Tensor:
@@ -160,10 +181,7 @@ def select1(sums: Tensor, config: M2POConfig) -> Tensor:
     """Pick the level-1 bucket holding the cut. Returns the select state (int64 [STATE_LEN])."""
     device = sums.device
     hist1 = sums[: 2 * L1_BUCKETS].view(2, L1_BUCKETS)
-    n_below = sums[BELOW_COUNT]
-    s_below = limbs_to_float(sums[BELOW_COUNT + 1: BELOW_COUNT + 1 + limb_count(threshold_bits(config.variant,
-                                                                                                 config.tau))])
-    s_below = s_below.to(device)
+    n, total, n_below, s_below = totals(sums, config)
     count = hist1[0]
     buckets = torch.arange(L1_BUCKETS, device=device, dtype=torch.int64)
     scaled = torch.where(count > 0, hist1[1].double() * bucket_scale(buckets), 0.0)
@@ -173,8 +191,6 @@ def select1(sums: Tensor, config: M2POConfig) -> Tensor:
     c_last = torch.where(count.view(programs, SELECT_CHUNK) > 0, buckets.view(programs, SELECT_CHUNK), -1).max(1).values
     k_end = n_below + torch.cumsum(c_cnt, 0)
     s_end = _seq_prefix(s_below, cum[:, -1])
-    n = k_end[-1]
-    total = s_end[-1]
     nf = n.double()
     if config.variant == "paper":
         hit = (c_cnt > 0) & ~within_budget(s_end, k_end, config)

@@ -108,35 +108,26 @@ def limb_sums(key: Tensor, below: Tensor, nlimb: int) -> Tensor:
 
 def limbs_to_float(limbs: Tensor) -> Tensor:
     """float64 0-d from limb sums, by a fixed sequence of operations (the kernels run the same
-    one): carries propagated from the lowest limb up (every limb but the top becomes a 30-bit
-    digit), then the digits from the highest down, each converted to float64 (rounded to
-    nearest) and times its power of two (exact), added one by one. Within one ulp of the exact
-    sum; the same bits for the same limbs on every device."""
+    one): from the lowest limb up, the carry is taken into the next limb and the remaining
+    30-bit digit (the top limb: all of it), converted to float64 (rounded to nearest) and times
+    its power of two (exact), is added to the running sum. Within two ulps of the exact sum (the
+    small digits first); the same bits for the same limbs on every device."""
     if limbs.device.type == "cpu":  # Python ints and floats: the same IEEE operations, no kernels
         raw = limbs.tolist()
-        digits, carry = [], 0
+        s, carry = 0.0, 0
         for i, v in enumerate(raw):
             v += carry
             if i < len(raw) - 1:
-                digits.append(v & LIMB_MASK)
-                carry = v >> LIMB_BITS
-            else:
-                digits.append(v)
-        s = 0.0
-        for i in reversed(range(len(digits))):
-            s = s + float(digits[i]) * 2.0 ** (LIMB_BITS * i - 149)
+                carry, v = v >> LIMB_BITS, v & LIMB_MASK
+            s = s + float(v) * 2.0 ** (LIMB_BITS * i - 149)
         return torch.tensor(s, dtype=torch.float64)
-    digits, carry = [], torch.zeros((), dtype=torch.int64, device=limbs.device)
+    s = torch.zeros((), dtype=torch.float64, device=limbs.device)
+    carry = torch.zeros((), dtype=torch.int64, device=limbs.device)
     for i in range(limbs.numel()):
         v = limbs[i] + carry
         if i < limbs.numel() - 1:
-            digits.append(v & LIMB_MASK)
-            carry = v >> LIMB_BITS
-        else:
-            digits.append(v)
-    s = torch.zeros((), dtype=torch.float64, device=limbs.device)
-    for i in reversed(range(len(digits))):
-        s = s + digits[i].double() * 2.0 ** (LIMB_BITS * i - 149)
+            carry, v = v >> LIMB_BITS, v & LIMB_MASK
+        s = s + v.double() * 2.0 ** (LIMB_BITS * i - 149)
     return s
 
 

@@ -16,8 +16,9 @@ micro-batch's keep is its slice of that call's keep.
 
 What is kept between update and solve: per micro-batch the int32 keys (4 bytes a token: the m2
 bit pattern of trust-region tokens, -1 otherwise), the valid count and a 4-number fingerprint;
-no autograd graph. With the Triton backend the level-1 histogram is accumulated as well
-(512 KiB), so solve does not re-read the keys for it.
+no autograd graph. With the Triton backend the mergeable sums (the tail's level-1 histogram, the
+below part's count and limbs: 512 KiB) are accumulated as well, so solve does not re-read the
+keys for them.
 
 The pre-pass and the training forward must give bit-identical log-probs (no dropout, the same
 deterministic kernels and batch shapes); otherwise the cut was solved on other numbers than the
@@ -102,16 +103,16 @@ def fingerprint(key: Tensor, num_valid: Tensor) -> Tensor:
 
 
 def compute_keys(tok: Tokens, config: M2POConfig, backend: str):
-    """(keys int32 (N,), valid count int64 0-d, level-1 histogram or None) with a backend's
-    stats pass."""
+    """(keys int32 (N,), valid count int64 0-d, the mergeable sums and below maximum or None)
+    with a backend's stats pass."""
     if backend == "triton":
         from . import triton_backend as TB
 
         TB.check_device(tok)
         tok = TB._contiguous(tok)
         ws = TB.Workspace.allocate(tok.numel, tok.device)
-        key = TB.stats_pass(tok, config, ws)
-        return key, ws.n_valid.clone(), ws.hist1.clone()
+        TB.stats_pass(tok, config, ws, write_keys=True)
+        return ws.key.clone(), ws.n_valid.clone(), (ws.sums.clone(), ws.below_max.clone())
     delta = reference.log_ratio(tok)
     m2 = delta * delta
     tr = reference.trust_region(tok, delta, config)
@@ -185,7 +186,8 @@ class M2POStats:
         self._keys: List[Tensor] = []
         self._num_valid: List[Tensor] = []
         self._fingerprints: List[Tensor] = []
-        self._hist1: Optional[Tensor] = None
+        self._sums: Optional[Tensor] = None
+        self._below_max: Optional[Tensor] = None
         self._device: Optional[torch.device] = None
         self._resolved: Optional[str] = None
 
@@ -218,9 +220,11 @@ class M2POStats:
             self._resolved = resolve_backend(self.backend, tok.device)
         elif tok.device != self._device:
             raise ValueError(f"micro-batch on {tok.device}, earlier ones on {self._device}")
-        key, n_valid, hist1 = compute_keys(tok, self.config, self._resolved)
-        if hist1 is not None:
-            self._hist1 = hist1 if self._hist1 is None else self._hist1.add_(hist1)
+        key, n_valid, summary = compute_keys(tok, self.config, self._resolved)
+        if summary is not None:
+            sums, below_max = summary
+            self._sums = sums if self._sums is None else self._sums.add_(sums)
+            self._below_max = below_max if self._below_max is None else torch.maximum(self._below_max, below_max)
         self._keys.append(key)
         self._num_valid.append(n_valid.to(torch.int64).reshape(()))
         self._fingerprints.append(fingerprint(key, n_valid))
@@ -246,9 +250,9 @@ class M2POStats:
             nv = num_valid
         else:
             if self._resolved == "triton":
-                steps = TritonSteps.from_hist1(self._hist1, max(k.numel() for k in keys))
+                steps = TritonSteps.from_sums(self._sums, self._below_max, max(k.numel() for k in keys))
             else:
-                steps = TorchSteps.from_keys(keys, self._device)
+                steps = TorchSteps.from_keys(keys, config, self._device)
             cut, nv = solve_steps(steps, keys, num_valid, config, group)
         if config.variant == "paper":
             per_part = local_ties(keys, cut)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -39,7 +40,7 @@ from . import kernels as K
 from .config import OFFICIAL_EPS, M2POConfig
 from .cut import Cut
 from .inputs import Tokens, token_weights
-from .histogram import BELOW_COUNT, SELECT_CHUNK, STATE_LEN, SUMS_LEN
+from .histogram import BELOW_COUNT, LEVEL2_CHUNK, SELECT_CHUNK, STATE_LEN, SUMS_LEN
 from .kernels.common import INTERPRET, KEEP_ALL_BITS, L1_BUCKETS, L2_BUCKETS, f64_bits
 from .split import MAX_LIMBS, limb_count, threshold_bits
 
@@ -56,10 +57,19 @@ APPLY_WARPS = 8
 # registers and spilled 16 bytes in an official apply variant; with this bound it uses 64 and
 # spills nothing. (stats needs ~150 registers at 4 warps: a bound of 128 makes it spill.)
 APPLY_MAXNREG = 128
-SELECT_WARPS = 8  # select kernels also run without FMA contraction: their float64 tests are
+SELECT_WARPS = 8
+# ptxas settled on 64 registers for the select kernels at 8 warps and spilled a register in the
+# last program's walk (sm_90); with this budget it spills nothing (the AOT spill check)
+SELECT_MAXNREG = 128  # select kernels also run without FMA contraction: their float64 tests are
 # written as separate multiplies and adds (as the PyTorch description and the authors' code)
-TIE_CHUNK = 1024  # blocks per step of tie_scan_kernel
-FINAL_CHUNK = 1024
+# Buckets per program of select1 / select2 on the GPU (m2po_ops/histogram.py): each program reads
+# its chunk and the last one one more, so no program scans more than ~4096 values. Under the
+# interpreter every program and every scalar step is a Python call: one program there
+# (tests/test_kernel_properties.py counts the kernels' work with the GPU's).
+SELECT1_CHUNK = L1_BUCKETS if INTERPRET else SELECT_CHUNK
+SELECT2_CHUNK = L2_BUCKETS if INTERPRET else LEVEL2_CHUNK
+TIE_CHUNK = 4096  # blocks per program of tie_scan_kernel
+FINAL_CHUNK = 512  # blocks per program of finalize_kernel (8 partials each: 4096 loads)
 FIRST_CHUNK = 256  # tokens per step of first_valid_kernel (one step for a right-padded row)
 FIRST_WARPS = 2
 
@@ -109,54 +119,74 @@ def _launch(kernel, grid, *args, **meta):
 
 @dataclass
 class Workspace:
-    """One zeroed int64 buffer (a single memset) sliced into everything the passes need."""
+    """Two buffers per call: one zeroed int64 buffer (a single memset) for everything that is
+    accumulated or read before it is written, and one uninitialised buffer for what is always
+    written first (the level-2 histograms, zeroed by select1 only when a cut is refined; the
+    compacted tail; the keys)."""
 
     sums: Tensor  # int64 [SUMS_LEN]: the mergeable sums (m2po_ops/histogram.py), viewed as:
     hist1: Tensor  # int64 [2, L1]: the tail's level-1 histogram
-    below: Tensor  # int64 [1 + MAX_LIMBS]: the below part's count and limbs
     below_max: Tensor  # int64 0-d: the largest below key (official)
-    hist2: Tensor  # int64 [4, L2]: slot 0 (count, sig), slot 1 (count, sig)
     state1: Tensor  # int64 [STATE_LEN]: the select state
-    part1: Tensor  # int64 [L1 / SELECT_CHUNK, PART_COLS]: select1's chunk totals
-    part2: Tensor  # int64 [L2 / SELECT_CHUNK, PART_COLS]: select2's chunk totals
-    counters: Tensor  # int64 [2]: programs of select1 / select2 that have finished
+    part1: Tensor  # int64 [L1 / SELECT1_CHUNK, PART_COLS]: select1's chunk totals
+    part2: Tensor  # int64 [L2 / SELECT2_CHUNK, PART_COLS]: select2's chunk totals
+    counters: Tensor  # int64 [4]: finished programs of select1, select2, tie_scan, finalize
     n_valid: Tensor  # int64 0-d: this call's valid tokens
     cut_i64: Tensor  # int64 [3]: ties_kept, num_trust_region, num_valid
     stats_part: Tensor  # float64 [nblocks, STATS_COLS]
-    apply_part: Tensor  # float64 [nblocks, 2]
+    apply_part: Tensor  # float64 [nblocks, APPLY_COLS]
     ties: Tensor  # int64 [nblocks]
-    f32: Tensor  # float32 [14]: cut (lower, upper, m2, m2_after, threshold), 7 outputs, value bits, a zero
+    tie_chunks: Tensor  # int64 [ceil(nblocks / TIE_CHUNK)]
+    final_chunks: Tensor  # float64 [ceil(nblocks / FINAL_CHUNK), FINAL_COLS]
+    f32: Tensor  # float32 [16]: cut (lower, upper, m2, m2_after, threshold), 8 outputs, value bits, a zero
+    hist2: Tensor  # int64 [4, L2]: slot 0 (count, sig), slot 1 (count, sig) (not zeroed here)
+    tail_key: Tensor  # int32 [nblocks * BLOCK]: each block's tail keys at the block's offset
+    tail_pos: Tensor  # int32 [nblocks * BLOCK]: their positions in the block
+    tail_term: Tensor  # float32 [nblocks * BLOCK]: their loss terms (paper)
+    tail_cnt: Tensor  # int32 [nblocks]
+    key: Tensor  # int32 [n]: every token's key, written only when asked (M2POStats, groups)
     nblocks: int
 
     @staticmethod
     def allocate(n: int, device) -> "Workspace":
         nblocks = max(1, math.ceil(n / BLOCK))
-        p1, p2 = L1_BUCKETS // SELECT_CHUNK * K.PART_COLS, L2_BUCKETS // SELECT_CHUNK * K.PART_COLS
-        sizes = [SUMS_LEN, 1, 4 * L2_BUCKETS, STATE_LEN, p1, p2, 2, 1, 3, nblocks * K.STATS_COLS,
-                 nblocks * K.APPLY_COLS, nblocks, 7]
+        p1, p2 = L1_BUCKETS // SELECT1_CHUNK * K.PART_COLS, L2_BUCKETS // SELECT2_CHUNK * K.PART_COLS
+        sizes = [SUMS_LEN, 1, STATE_LEN, p1, p2, 4, 1, 3, nblocks * K.STATS_COLS, nblocks * K.APPLY_COLS, nblocks,
+                 math.ceil(nblocks / TIE_CHUNK), math.ceil(nblocks / FINAL_CHUNK) * K.FINAL_COLS, 8]
         # every part starts on a 16-byte boundary (2 int64), whatever nblocks: the JIT specialises
         # pointers on 16-byte alignment, and a parity-dependent offset would be another variant
         padded = [s + s % 2 for s in sizes]
         buf = torch.zeros(sum(padded), dtype=torch.int64, device=device)
         parts = [p[:s] for p, s in zip(torch.split(buf, padded), sizes)]
-        f32 = parts[12].view(torch.float32)
+        # the uninitialised part, in int32 units: hist2, tail keys / positions / terms, counts, keys
+        n_pad = nblocks * BLOCK
+        words = [8 * L2_BUCKETS, n_pad, n_pad, n_pad, nblocks, n]
+        words = [w + (-w) % 4 for w in words]
+        raw = torch.empty(sum(words), dtype=torch.int32, device=device)
+        r = torch.split(raw, words)
         sums = parts[0]
         return Workspace(
             sums=sums,
             hist1=sums[:BELOW_COUNT].view(2, L1_BUCKETS),
-            below=sums[BELOW_COUNT:],
             below_max=parts[1].view(()),
-            hist2=parts[2].view(4, L2_BUCKETS),
-            state1=parts[3],
-            part1=parts[4].view(-1, K.PART_COLS),
-            part2=parts[5].view(-1, K.PART_COLS),
-            counters=parts[6],
-            n_valid=parts[7].view(()),
-            cut_i64=parts[8],
-            stats_part=parts[9].view(torch.float64).view(nblocks, K.STATS_COLS),
-            apply_part=parts[10].view(torch.float64).view(nblocks, K.APPLY_COLS),
-            ties=parts[11],
-            f32=f32,
+            state1=parts[2],
+            part1=parts[3].view(-1, K.PART_COLS),
+            part2=parts[4].view(-1, K.PART_COLS),
+            counters=parts[5],
+            n_valid=parts[6].view(()),
+            cut_i64=parts[7],
+            stats_part=parts[8].view(torch.float64).view(nblocks, K.STATS_COLS),
+            apply_part=parts[9].view(torch.float64).view(nblocks, K.APPLY_COLS),
+            ties=parts[10],
+            tie_chunks=parts[11],
+            final_chunks=parts[12].view(torch.float64),
+            f32=parts[13].view(torch.float32),
+            hist2=r[0].view(torch.int64).view(4, L2_BUCKETS),
+            tail_key=r[1],
+            tail_pos=r[2],
+            tail_term=r[3].view(torch.float32),
+            tail_cnt=r[4][:nblocks],
+            key=r[5][:n],
             nblocks=nblocks,
         )
 
@@ -165,7 +195,7 @@ class Workspace:
         return Cut(
             variant=config.variant,
             tau=config.tau,
-            value=f[12:13].view(torch.int32).view(()),
+            value=f[13:14].view(torch.int32).view(()),
             ties_kept=self.cut_i64[0].view(()),
             lower=f[0].view(()),
             upper=f[1].view(()),
@@ -175,6 +205,15 @@ class Workspace:
             m2_after=f[3].view(()),
             threshold=f[4].view(()),
         )
+
+    @property
+    def out(self) -> Tensor:
+        """finalize's outputs (float32 [8], see kernels/apply.py)."""
+        return self.f32[5:13]
+
+    @property
+    def zero(self) -> Tensor:
+        return self.f32[14].view(())
 
 
 def _tau_args(config: M2POConfig):
@@ -191,6 +230,18 @@ def _tau_args(config: M2POConfig):
     )
 
 
+@functools.lru_cache(maxsize=None)
+def unconstrained_bounds(miniclip_low, miniclip_high) -> tuple:
+    """The official rule's clip bounds when nothing is constrained, as float32 bit patterns
+    (the authors' 0 / 100000 through their floors): what stats applies before the cut is known."""
+    from .reference import official_bounds
+
+    config = M2POConfig(variant="official", miniclip_low=miniclip_low, miniclip_high=miniclip_high)
+    no = torch.zeros((), dtype=torch.bool)
+    lower, upper = official_bounds(torch.zeros((), dtype=torch.float64), no, config)
+    return int(lower.view(torch.int32)), int(upper.view(torch.int32))
+
+
 def first_valid_pass(tok: Tokens):
     """(first_src, first_div, first_mul): each sequence's advantage read at its first valid
     token (tok.first_scan), by one program per sequence; packed input maps it back to tokens."""
@@ -205,25 +256,37 @@ def first_valid_pass(tok: Tokens):
     return first, max(tok.row_len, 1), 1
 
 
-def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace) -> Tensor:
-    """Keys (int32: m2 bits in the trust region, else -1), level-1 histogram, partials."""
+def _weight_code(config: M2POConfig, want_loss: bool) -> int:
+    if not want_loss:
+        return K.W_NONE
+    return K.W_COUNT if config.loss_agg_mode == "token-mean" else K.W_PER_TOKEN
+
+
+def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional[Tensor] = None,
+               keep: Optional[Tensor] = None, weights: Optional[Tensor] = None, poison: Optional[Tensor] = None,
+               write_keys: bool = False) -> None:
+    """The full read: grad (input dtype, derivative as if nothing were masked) when given, keep
+    when given, ws.key when write_keys; the tail, the split's sums, the metric partials."""
     n = tok.numel
-    key = torch.empty(n, dtype=torch.int32, device=tok.device)
     first, first_div, first_mul = tok.first_src, tok.first_div, tok.first_mul
     if tok.first_scan and n > 0 and tok.num_seqs > 0:
         first, first_div, first_mul = first_valid_pass(tok)
     if first is None:
         first = tok.adv_src
     mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
+    code = (K.W_PER_TOKEN if weights is not None else K.W_COUNT) if grad is not None else K.W_NONE
+    lower_u, upper_u = unconstrained_bounds(config.miniclip_low, config.miniclip_high)
     _launch(
         K.stats_kernel, (ws.nblocks,),
         tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), first, first_div, first_mul, mask,
-        key, ws.hist1, ws.below, ws.below_max, threshold_bits(config.variant, config.tau), ws.stats_part, ws.n_valid, n,
+        weights if weights is not None else ws.zero, poison if poison is not None else ws.zero,
+        grad if grad is not None else ws.zero, keep if keep is not None else ws.zero, ws.key,
+        ws.tail_key, ws.tail_pos, ws.tail_term, ws.tail_cnt, ws.sums, ws.below_max,
+        threshold_bits(config.variant, config.tau), lower_u, upper_u, ws.stats_part, ws.n_valid, n,
         OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
-        FIRST_PER_ROW=tok.first_per_row, NB1=L1_BUCKETS, NLIMB=_nlimb(config), BLOCK=BLOCK, INTERP=INTERPRET,
-        num_warps=TOKEN_WARPS,
+        FIRST_PER_ROW=tok.first_per_row, WEIGHTS=code, WRITE_KEEP=keep is not None, WRITE_KEYS=write_keys,
+        NB1=L1_BUCKETS, NLIMB=_nlimb(config), BLOCK=BLOCK, INTERP=INTERPRET, num_warps=TOKEN_WARPS,
     )
-    return key
 
 
 def _nlimb(config: M2POConfig) -> int:
@@ -231,75 +294,82 @@ def _nlimb(config: M2POConfig) -> int:
 
 
 def select1(ws: Workspace, config: M2POConfig) -> None:
-    _launch(K.select1_kernel, (L1_BUCKETS // SELECT_CHUNK,), ws.hist1, ws.below, ws.part1, ws.counters[0:1],
-            ws.state1, **_tau_args(config), NB1=L1_BUCKETS, NLIMB=_nlimb(config), CHUNK=SELECT_CHUNK,
-            num_warps=SELECT_WARPS, enable_fp_fusion=False)
+    _launch(K.select1_kernel, (L1_BUCKETS // SELECT1_CHUNK,), ws.sums, ws.hist2, ws.part1, ws.counters[0:1],
+            ws.state1, **_tau_args(config), NB1=L1_BUCKETS, NB2=L2_BUCKETS, NLIMB=_nlimb(config),
+            CHUNK=SELECT1_CHUNK, num_warps=SELECT_WARPS, maxnreg=SELECT_MAXNREG, enable_fp_fusion=False)
 
 
-def level2(key: Tensor, ws: Workspace, config: M2POConfig) -> None:
-    _launch(K.level2_kernel, (ws.nblocks,), key, ws.state1, ws.hist2, threshold_bits(config.variant, config.tau),
-            key.numel(), NB2=L2_BUCKETS, BLOCK=BLOCK, num_warps=TOKEN_WARPS)
+def level2(ws: Workspace, config: M2POConfig, key: Optional[Tensor] = None) -> None:
+    """Level-2 histograms from this call's compacted tail, or from a keys tensor (micro-batches
+    and process groups keep keys; the kernel adds, so several keys tensors accumulate)."""
+    dense = key is not None
+    nblocks = max(1, math.ceil(key.numel() / BLOCK)) if dense else ws.nblocks
+    _launch(K.level2_kernel, (nblocks,), key if dense else ws.tail_key, ws.tail_cnt, ws.state1, ws.hist2,
+            threshold_bits(config.variant, config.tau), key.numel() if dense else 0,
+            OFFICIAL=config.variant == "official", DENSE=dense, NB2=L2_BUCKETS, BLOCK=BLOCK, num_warps=TOKEN_WARPS)
 
 
 def select2(ws: Workspace, config: M2POConfig, num_valid: Tensor) -> Cut:
     """Solve the cut into the workspace; ``num_valid`` (int64 0-d) becomes cut.num_valid."""
     args = _tau_args(config)
     _launch(
-        K.select2_kernel, (L2_BUCKETS // SELECT_CHUNK,),
-        ws.hist2, ws.state1, ws.below_max, ws.part2, ws.counters[1:2], num_valid, ws.f32[12:13].view(torch.int32),
+        K.select2_kernel, (L2_BUCKETS // SELECT2_CHUNK,),
+        ws.hist2, ws.state1, ws.below_max, ws.part2, ws.counters[1:2], num_valid, ws.f32[13:14].view(torch.int32),
         ws.cut_i64, ws.f32,
         args["tau_hi_bits"], args["tau_lo_bits"], args["tau_bits"], args["tau_eps_bits"], args["eps_bits"],
         f64_bits(config.miniclip_low or 0.0), f64_bits(config.miniclip_high or 0.0),
         OFFICIAL=args["OFFICIAL"], TAU_INF=args["TAU_INF"],
         HAS_MINI_LO=config.miniclip_low is not None, HAS_MINI_HI=config.miniclip_high is not None,
-        KEEP_ALL=KEEP_ALL_BITS, NB2=L2_BUCKETS, CHUNK=SELECT_CHUNK,
-        num_warps=SELECT_WARPS, enable_fp_fusion=False,
+        KEEP_ALL=KEEP_ALL_BITS, NB2=L2_BUCKETS, CHUNK=SELECT2_CHUNK,
+        num_warps=SELECT_WARPS, maxnreg=SELECT_MAXNREG, enable_fp_fusion=False,
     )
     return ws.cut(config)
 
 
-def ties_pass(key: Tensor, cut: Cut, ws: Workspace) -> None:
-    _launch(K.ties_kernel, (ws.nblocks,), key, cut.value, ws.ties, key.numel(), KEEP_ALL=KEEP_ALL_BITS, BLOCK=BLOCK,
-            num_warps=TOKEN_WARPS)
-    _launch(K.tie_scan_kernel, (1,), cut.value, ws.ties, ws.nblocks, KEEP_ALL=KEEP_ALL_BITS, CHUNK=TIE_CHUNK,
-            num_warps=4)
+def ties_pass(cut: Cut, ws: Workspace) -> None:
+    _launch(K.ties_kernel, (ws.nblocks,), ws.tail_key, ws.tail_cnt, cut.value, ws.ties, KEEP_ALL=KEEP_ALL_BITS,
+            BLOCK=BLOCK, num_warps=TOKEN_WARPS)
+    _launch(K.tie_scan_kernel, (math.ceil(ws.nblocks / TIE_CHUNK),), cut.value, ws.ties, ws.tie_chunks,
+            ws.counters[2:3], ws.nblocks, KEEP_ALL=KEEP_ALL_BITS, CHUNK=TIE_CHUNK, num_warps=4)
 
 
-def _weights(tok: Tokens, config: M2POConfig, num_tokens, count: Tensor):
-    """(WEIGHTS code, per-token weights, 0-d denominator, float bits) for apply_kernel (an
-    unused pointer slot gets ``count``, which is always there)."""
-    if config.loss_agg_mode != "token-mean":
-        return K.W_PER_TOKEN, token_weights(tok, config, None, torch.float32), count, 0
-    if num_tokens is None:
-        return K.W_COUNT, count, count, 0
-    if isinstance(num_tokens, Tensor):
-        return K.W_TENSOR_DENOM, count, num_tokens, 0
-    return K.W_SCALAR, count, count, f64_bits(num_tokens)
-
-
-def apply_pass(tok: Tokens, config: M2POConfig, key: Tensor, cut: Cut, ws: Workspace, want_loss: bool,
-               num_tokens=None, count: Optional[Tensor] = None, poison: Optional[Tensor] = None):
-    n = tok.numel
-    keep = torch.empty(n, dtype=torch.bool, device=tok.device)
-    grad = torch.empty(n, dtype=torch.float32, device=tok.device) if want_loss else keep
-    code, weights, denom, bits = _weights(tok, config, num_tokens, count if count is not None else ws.n_valid) if (
-        want_loss) else (K.W_NONE, ws.n_valid, ws.n_valid, 0)
+def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Optional[Tensor],
+             keep: Optional[Tensor], weights: Optional[Tensor], poison: Optional[Tensor]) -> None:
+    """What the cut changes in stats' output: the paper rule's masked tail tokens, or every
+    token under the official rule's solved bounds (each pass returns at once when nothing
+    changes)."""
+    poison = poison if poison is not None else ws.zero
+    if config.variant == "paper":
+        _launch(K.fix_paper_kernel, (ws.nblocks,), ws.tail_key, ws.tail_pos, ws.tail_term, ws.tail_cnt, cut.value,
+                cut.ties_kept, ws.ties, ws.tie_chunks, poison, grad if grad is not None else ws.zero,
+                keep if keep is not None else ws.zero, ws.apply_part, KEEP_ALL=KEEP_ALL_BITS,
+                WRITE_GRAD=grad is not None, WRITE_KEEP=keep is not None, TIE_CHUNK=TIE_CHUNK, BLOCK=BLOCK,
+                num_warps=TOKEN_WARPS)
+        return
+    lower_u, upper_u = unconstrained_bounds(config.miniclip_low, config.miniclip_high)
     mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
-    _launch(
-        K.apply_kernel, (ws.nblocks,),
-        tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), mask, key, weights, denom, bits,
-        poison if poison is not None else ws.f32[13],
-        cut.value, cut.ties_kept, cut.lower, cut.upper, ws.ties,
-        keep, grad, ws.apply_part, n,
-        OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
-        WEIGHTS=code,
-        KEEP_ALL=KEEP_ALL_BITS,
-        BLOCK=BLOCK, INTERP=INTERPRET, num_warps=APPLY_WARPS, maxnreg=APPLY_MAXNREG,
-    )
-    out = ws.f32[5:12]
-    _launch(K.finalize_kernel, (1,), ws.stats_part, ws.apply_part, out, ws.nblocks, STATS_COLS=K.STATS_COLS,
-            CHUNK=FINAL_CHUNK)
-    return keep, (grad if want_loss else None), out
+    code = (K.W_PER_TOKEN if weights is not None else K.W_COUNT) if grad is not None else K.W_NONE
+    _launch(K.apply_official_kernel, (ws.nblocks,), tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1),
+            mask, weights if weights is not None else ws.zero, poison, cut.lower, cut.upper, lower_u, upper_u,
+            grad if grad is not None else ws.zero, keep if keep is not None else ws.zero, ws.apply_part, tok.numel,
+            HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row, WEIGHTS=code,
+            WRITE_KEEP=keep is not None, BLOCK=BLOCK, num_warps=APPLY_WARPS, maxnreg=APPLY_MAXNREG)
+
+
+def finalize(config: M2POConfig, ws: Workspace, want_loss: bool, num_tokens=None,
+             count: Optional[Tensor] = None) -> Tensor:
+    """Loss, metrics and the backward scale into ws.out (float32 [8])."""
+    weights = _weight_code(config, want_loss)
+    denom, bits = (count if count is not None else ws.n_valid), 0
+    if weights == K.W_COUNT and num_tokens is not None:
+        if isinstance(num_tokens, Tensor):
+            weights, denom = K.W_TENSOR_DENOM, num_tokens
+        else:
+            weights, bits = K.W_SCALAR, f64_bits(num_tokens)
+    _launch(K.finalize_kernel, (math.ceil(ws.nblocks / FINAL_CHUNK),), ws.stats_part, ws.apply_part, ws.final_chunks,
+            ws.counters[3:4], denom, bits, ws.out, ws.nblocks, OFFICIAL=config.variant == "official",
+            WEIGHTS=weights, STATS_COLS=K.STATS_COLS, CHUNK=FINAL_CHUNK)
+    return ws.out
 
 
 def metrics_from(out: Tensor, cut: Cut, variant: str, zero: Tensor) -> dict:
@@ -338,27 +408,45 @@ def check_device(tok: Tokens) -> None:
         raise RuntimeError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU testing)")
 
 
-def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_loss: bool, num_tokens=None,
-                   solver=None, poison: Optional[Tensor] = None):
-    """Run the passes. ``solver(key, ws) -> (cut, valid count)`` replaces the local solve
-    (distributed use; the count is then the group's). ``poison`` (float32 0-d: 0 or NaN) is
-    added to every token's weight.
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The stored derivative's dtype: the input's (backward then moves as few bytes as the
+    gradient itself). Under the interpreter half types stay float32: its bf16/fp16 stores do
+    not round to nearest, the GPU's do (backward rounds into the input dtype either way)."""
+    if INTERPRET and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
 
-    Returns keep, metrics, loss (0-d) or None, grad (float32, (N,)) or None.
+
+def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_loss: bool, num_tokens=None,
+                   solver=None, poison: Optional[Tensor] = None, want_keep: bool = True):
+    """Run the passes. ``solver(key, ws) -> (cut, valid count)`` replaces the local solve
+    (distributed use; the count is then the group's). ``poison`` (float32 0-d: 0 or NaN) makes
+    every valid token's term and derivative NaN.
+
+    Returns keep (None unless want_keep), metrics, loss (0-d) or None, the stored derivative
+    (logprobs' dtype, (N,)) or None, and the backward scale (float32 0-d: d loss / d logprobs =
+    scale * stored derivative).
     """
     check_device(tok)
     tok = _contiguous(tok)
     ws = Workspace.allocate(tok.numel, tok.device)
-    key = stats_pass(tok, config, ws)
+    grad = torch.empty(tok.numel, dtype=_grad_dtype(tok.logprobs.dtype), device=tok.device) if want_loss else None
+    keep = torch.empty(tok.numel, dtype=torch.bool, device=tok.device) if want_keep else None
+    weights = None
+    if want_loss and config.loss_agg_mode != "token-mean":
+        weights = token_weights(tok, config, None, torch.float32)
+    stats_pass(tok, config, ws, grad=grad, keep=keep, weights=weights, poison=poison, write_keys=solver is not None)
     count = ws.n_valid
     if cut is None:
         if solver is not None:
-            cut, count = solver(key, ws)
+            cut, count = solver(ws.key, ws)
         else:
             select1(ws, config)
-            level2(key, ws, config)
+            level2(ws, config)
             cut = select2(ws, config, ws.n_valid)
-    ties_pass(key, cut, ws)
-    keep, grad, out = apply_pass(tok, config, key, cut, ws, want_loss, num_tokens, count, poison)
-    metrics = metrics_from(out, cut, config.variant, ws.f32[13].view(()))
-    return keep, metrics, (out[0] if want_loss else None), grad
+    if config.variant == "paper":
+        ties_pass(cut, ws)
+    fix_pass(tok, config, cut, ws, grad, keep, weights, poison)
+    out = finalize(config, ws, want_loss, num_tokens, count)
+    metrics = metrics_from(out, cut, config.variant, ws.zero)
+    return keep, metrics, (out[0] if want_loss else None), grad, (out[7] if want_loss else None)

@@ -20,8 +20,12 @@ pytest.importorskip("triton")
 ARCHS = (80, 90)
 # Distinct variants per kernel over sizes 1 .. 2**20 for one configuration (variant, mask dtype,
 # layout): exactly one. Over the whole sweep (2 variants x 2 mask dtypes x 3 layouts) at most:
-SWEEP_BOUND = {"first_valid_kernel": 4, "stats_kernel": 12, "apply_kernel": 12, "select1_kernel": 2, "select2_kernel": 2,
-               "level2_kernel": 1, "ties_kernel": 1, "tie_scan_kernel": 1, "finalize_kernel": 1}
+SWEEP_BOUND = {"first_valid_kernel": 4, "stats_kernel": 12, "apply_official_kernel": 6, "fix_paper_kernel": 1,
+               "select1_kernel": 2, "select2_kernel": 2, "level2_kernel": 2, "ties_kernel": 1, "tie_scan_kernel": 1,
+               "finalize_kernel": 2}
+# every configuration launches these (the paper rule adds the tie and fix-up passes, the
+# official one apply_official and, with per-token advantages, first_valid)
+ALWAYS = {"stats_kernel", "select1_kernel", "level2_kernel", "select2_kernel", "finalize_kernel"}
 
 
 def _aot(cache, *args):
@@ -59,8 +63,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90(aot_report):
     archs = {r["arch"] for r in aot_report}
     assert archs == {"sm_80", "sm_90"}
     kernels = {r["kernel"].split("[")[0] for r in aot_report}
-    assert kernels == {"first_valid", "stats", "apply", "level2", "ties", "tie_scan", "select1", "select2",
-                       "finalize"}
+    assert kernels == {"first_valid", "stats", "apply_official", "fix_paper", "level2", "ties", "tie_scan", "select1",
+                       "select2", "finalize"}
     errors = [f"{r['arch']} {r['kernel']}: {r['error']}" for r in aot_report if "error" in r]
     assert not errors, "\n".join(errors)
 
@@ -89,7 +93,7 @@ def test_full_blocks_load_vectors(aot_report):
     """Token counts are not specialised, so a bounds mask `offs < n` would make every access a
     single-element one; full blocks run without it. Every token kernel reading float32 inputs
     has 128-bit (or 64-bit) vector loads."""
-    token = [r for r in aot_report if r["kernel"].startswith(("stats[", "apply[")) and "lp:*fp32" in r["kernel"]]
+    token = [r for r in aot_report if r["kernel"].startswith(("stats[", "apply_official[")) and "lp:*fp32" in r["kernel"]]
     assert token
     scalar_only = [f"{r['arch']} {r['kernel']}" for r in token if r["vector_loads"] == 0]
     assert not scalar_only, "\n".join(scalar_only)
@@ -117,9 +121,8 @@ def test_sizes_never_add_a_variant(sweep):
     kernel per configuration, so one warm-up call at any size compiles what a CUDA graph
     captured later at another size needs."""
     assert sweep["sizes"][0] == 1 and sweep["sizes"][1] >= 2**20
-    always = set(SWEEP_BOUND) - {"first_valid_kernel"}  # (official, per-token advantages only)
     for config, counts in sweep["per_config"].items():
-        assert always <= set(counts) <= set(SWEEP_BOUND), config
+        assert ALWAYS <= set(counts) <= set(SWEEP_BOUND), config
         assert all(c == 1 for c in counts.values()), (config, counts)
     over = {k: c for k, c in sweep["per_kernel"].items() if c > SWEEP_BOUND[k]}
     assert not over, over

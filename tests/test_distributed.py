@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
+from m2po_ops.split import MAX_LIMBS  # noqa: E402
 from test_microbatch import concat, flat, loss_and_grad, make_pieces, mask_of, prepass, run_micro, split_piece  # noqa: E402
 
 VARIANTS = ("paper", "official")
@@ -110,9 +111,12 @@ def _check_bytes(group):
             small, large = (sent[(backend, variant, n)] for n in sizes)
             assert small == large, (backend, variant, small, large)
             assert small[0] == small[1] and 0 < small[0] < 4 << 20
-    # paper: hist1 + count + slot-0 hist2 + one int64 per rank for ties
-    assert sent[("torch", "paper", 1000)][0] == 8 * (2 * 32768 + 1 + 2 * 65536 + 1)
-    assert sent[("torch", "official", 1000)][0] == 8 * (2 * 32768 + 1 + 4 * 65536)
+    # paper: the sums (tail hist1, below count and limbs, tail count, infinities and limbs) +
+    # valid count + slot-0 hist2 + one int64 per rank for ties; official: + the below maximum,
+    # both hist2 slots, no ties
+    sums = 2 * 32768 + 1 + MAX_LIMBS + 2 + MAX_LIMBS
+    assert sent[("torch", "paper", 1000)][0] == 8 * (sums + 1 + 2 * 65536 + 1)
+    assert sent[("torch", "official", 1000)][0] == 8 * (sums + 1 + 1 + 4 * 65536)
 
 
 def _run_checks(group, stats):

@@ -30,10 +30,12 @@ from m2po_ops.kernels.common import reciprocal_f32  # noqa: E402
 from cases import case_grid, make_case  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FORWARD_KERNELS = [
-    "stats_kernel", "select1_kernel", "level2_kernel", "select2_kernel",
-    "ties_kernel", "tie_scan_kernel", "apply_kernel", "finalize_kernel",
-]
+FORWARD_KERNELS = {
+    "paper": ["stats_kernel", "select1_kernel", "level2_kernel", "select2_kernel", "ties_kernel", "tie_scan_kernel",
+              "fix_paper_kernel", "finalize_kernel"],
+    "official": ["stats_kernel", "select1_kernel", "level2_kernel", "select2_kernel", "apply_official_kernel",
+                 "finalize_kernel"],
+}
 
 
 def run(backend, case_or_args, device, variant="paper", **kw):
@@ -224,46 +226,62 @@ def test_launch_count_is_fixed(variant, device):
         seen.append((regime, float(metrics["masked_fraction"]), [launch.name for launch in log]))
     # the official rule with per-token advantages and a mask first finds each row's first valid
     # token (one program per row): one launch more
-    expected = (["first_valid_kernel"] if variant == "official" else []) + FORWARD_KERNELS
+    expected = (["first_valid_kernel"] if variant == "official" else []) + FORWARD_KERNELS[variant]
     for regime, masked, log in seen:
         assert log == expected, (regime, log)
     # the regimes really differ (nothing masked vs masked), yet the launches are the same
     assert seen[0][1] == 0.0 and seen[2][1] > 0.0
 
 
-def test_histograms_merge_and_match_the_torch_description(device):
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_histograms_merge_and_match_the_torch_description(variant, device):
+    """The stats kernel's mergeable sums (tail histogram, below count and limbs, tail count and
+    limbs) equal the PyTorch description's bit for bit, and add up across parts of a batch."""
     lp, olp, adv, mask = _inputs("some", n=5000, device=device)
-    config = M2POConfig(tau=0.04)
+    config = M2POConfig(tau=0.04, variant=variant)
 
     def stats(sl):
-        tok = prepare(lp[sl], olp[sl], adv[sl], mask[sl], config)
+        n = lp[sl].numel()  # (one sequence: the official rule reads its first advantage)
+        tok = prepare(lp[sl], olp[sl], adv[sl], mask[sl], config, [0, n] if variant == "official" else None)
         ws = tb.Workspace.allocate(tok.numel, tok.device)
-        key = tb.stats_pass(tok, config, ws)
-        return key, ws
+        tb.stats_pass(tok, config, ws, write_keys=True)
+        return ws.key.clone(), ws
 
     key_all, ws_all = stats(slice(None))
     key_a, ws_a = stats(slice(0, 1234))
     key_b, ws_b = stats(slice(1234, None))
-    assert torch.equal(ws_a.hist1 + ws_b.hist1, ws_all.hist1)
+    assert torch.equal(ws_a.sums + ws_b.sums, ws_all.sums)
     assert torch.equal(torch.cat([key_a, key_b]), key_all)
-    assert torch.equal(histogram.level1(key_all), ws_all.hist1)
+    assert torch.equal(histogram.summarize(key_all, config), ws_all.sums)
+    assert int(ws_all.sums[histogram.TAIL_COUNT]) > 0 and int(ws_all.sums[histogram.BELOW_COUNT]) > 0
+    # the float64 total select1 derives from the exact limbs has the description's bits
+    tb.select1(ws_all, config)
+    n, total, _, _ = histogram.totals(ws_all.sums, config)
+    assert int(ws_all.state1[histogram.N_TR]) == int(n)
+    assert int(ws_all.state1[histogram.TOTAL]) == int(total.double().reshape(1).view(torch.int64))
+    if variant == "official":
+        assert torch.equal(histogram.below_max(key_all, config), ws_all.below_max)
+        assert torch.equal(torch.maximum(ws_a.below_max, ws_b.below_max), ws_all.below_max)
     assert int(ws_a.n_valid + ws_b.n_valid) == int(mask.sum())
 
 
 def test_nothing_to_mask_skips_the_refinement_passes(device):
+    """Mean m2 under tau: select1 decides from the exact totals that nothing is refined, the
+    cut keeps everything, and the tie passes write nothing (bench/kernel_trace.py counts the
+    early exits of every pass: tests/test_kernel_properties.py)."""
     lp, olp, adv, mask = _inputs("none", device=device)
     config = M2POConfig(tau=0.04)
     tok = prepare(lp, olp, adv, mask, config)
-    keep, metrics, loss, grad = tb.triton_forward(tok, config, None, want_loss=True)
+    keep, metrics, loss, grad, scale = tb.triton_forward(tok, config, None, want_loss=True)
     assert float(metrics["m2"]) <= 0.04 and float(metrics["masked_fraction"]) == 0.0
     ws = tb.Workspace.allocate(tok.numel, tok.device)
-    key = tb.stats_pass(tok, config, ws)
+    tb.stats_pass(tok, config, ws)
     tb.select1(ws, config)
-    tb.level2(key, ws)
-    assert int(ws.state1[0]) == 0
-    assert not ws.hist2.any()  # level2 returned at once
+    tb.level2(ws, config)
+    assert int(ws.state1[histogram.REFINE]) == 0
     cut = tb.select2(ws, config, ws.n_valid)
-    tb.ties_pass(key, cut, ws)
+    assert int(cut.value) == tb.KEEP_ALL_BITS
+    tb.ties_pass(cut, ws)
     assert not ws.ties.any()  # ties and tie_scan returned at once
 
 
@@ -626,35 +644,26 @@ def test_no_pytorch_compute_ops_beside_the_kernels(device):
 # The GPU's select chunking, and edge values (regressions found in review)
 
 
-@pytest.fixture
-def gpu_select_chunk(monkeypatch):
-    """Run the select kernels with the GPU's chunk size (several chunks, carried prefix sums)
-    instead of the interpreter's single chunk."""
-    monkeypatch.setattr(tb, "SELECT_CHUNK", 2048)
-
-
-def test_random_suite_with_the_gpu_select_chunk(gpu_select_chunk, device):
-    for spec in case_grid("2d", 0, count=8) + case_grid("packed_cu", 1, count=8):
-        case = make_case(**spec)
-        for variant in ("paper", "official"):
-            assert_backends_agree(case, variant, f"{case.desc} variant={variant} chunk=2048", device, tau=spec["tau"])
-
-
-def test_a_last_ulp_disagreement_between_levels_keeps_the_bucket(gpu_select_chunk, device):
+def test_a_last_ulp_disagreement_between_levels_keeps_the_bucket(device):
     """Level 1's chunked prefix sum fails the test at the end of a bucket while level 2's exact
     sums pass every value in it: the cut must then sit at the bucket's end (not at its start,
     which would mask the whole bucket)."""
     import random
 
-    def chunked_ends(hist1, chunk=2048):
+    def chunked_ends(key, chunk=histogram.SELECT_CHUNK):
+        # level 1 as select1 walks it: the below part's sum, then chunk by chunk (0.032 splits
+        # these values as the tau found below does: 0.02..0.03 below, those near 0.049 and 0.05 above)
+        sums_all = histogram.summarize(key, M2POConfig(tau=0.032))
+        _, _, n_below, s_below = histogram.totals(sums_all, M2POConfig(tau=0.032))
+        hist1 = sums_all[:2 * histogram.L1_BUCKETS].view(2, -1)
         cnt = hist1[0].numpy()
         sums = hist1[1].double().numpy() * torch.where(hist1[0] > 0, histogram.bucket_scale(
             torch.arange(histogram.L1_BUCKETS)), torch.zeros(())).numpy()
-        out, carry = sums.copy(), 0.0
+        out, carry = sums.copy(), float(s_below)
         for c in range(0, len(sums), chunk):
             out[c:c + chunk] = carry + np.cumsum(sums[c:c + chunk])
             carry = out[c + chunk - 1]
-        return out, sums, np.cumsum(cnt)
+        return hist1, out, sums, int(n_below) + np.cumsum(cnt)
 
     def cond(s, k, tau):
         hi, lo = M2POConfig(tau=tau).tau_split
@@ -667,13 +676,13 @@ def test_a_last_ulp_disagreement_between_levels_keeps_the_bucket(gpu_select_chun
     for _ in range(3000):
         d = [10 ** rng.uniform(-12.5, -6) for _ in range(rng.randint(1, 5))]
         d += [math.sqrt(rng.uniform(0.02, 0.03)) for _ in range(rng.randint(1, 30))]
+        d += [math.sqrt(rng.uniform(0.0485, 0.049)) for _ in range(rng.randint(1, 5))]  # a tail bucket before b1
         d += [math.sqrt(lo_b + rng.uniform(1e-6, 2.4e-4)) for _ in range(200)]
         delta = torch.tensor(d, dtype=torch.float32)
         key = (delta * delta).view(torch.int32)
         if len(set((key.long() >> 16)[-200:].tolist())) != 1:
             continue
-        hist1 = histogram.level1(key)
-        s_end, sums, k_end = chunked_ends(hist1)
+        hist1, s_end, sums, k_end = chunked_ends(key)
         nz = np.nonzero(hist1[0].numpy())[0]
         b1, bprev = nz[-1], nz[-2]
         a, b = float(s_end[b1]), float(np.float64(s_end[bprev]) + sums[b1])
