@@ -209,9 +209,12 @@ def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: 
 
 INT64_MAX = tl.constexpr(0x7FFFFFFFFFFFFFFF)
 # up to this many entries in a block are added one bucket at a time (a min-reduction each);
-# beyond, the block sorts its entries and adds one run per bucket. (The interpreter runs
-# tl.sort's bitonic network op by op, about a second per block: it loops further.)
-FEW_BUCKETS = tl.constexpr(128 if INTERPRET else 16)
+# beyond, the block sorts its entries and adds one run per bucket
+FEW_BUCKETS = tl.constexpr(16)
+# Under the interpreter tl.sort's bitonic network runs op by op (about a second per block), so
+# there the block is aggregated with one [N, N] comparison instead (numpy does it at once; a GPU
+# could not hold it). tests/test_kernel_properties.py switches this off to run the GPU's paths.
+INTERP_AGGREGATE = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -228,7 +231,16 @@ def add_aggregated(count_ptr, sig_ptr, bucket, sig, sel, N: tl.constexpr):
     block first, so equal values (quantised data, every token the same m2) do not serialise
     atomics on one address."""
     cnt = tl.sum(sel.to(tl.int64))
-    if cnt > 0:
+    if INTERP_AGGREGATE:
+        b = tl.where(sel, bucket.to(tl.int64), -1)
+        same = (b[:, None] == b[None, :]) & sel[None, :]
+        earlier = tl.arange(0, N)[None, :] < tl.arange(0, N)[:, None]
+        head = sel & (tl.sum((same & earlier).to(tl.int32), axis=1) == 0)
+        run_cnt = tl.sum(same.to(tl.int64), axis=1)
+        run_sig = tl.sum(tl.where(same, sig.to(tl.int64)[None, :], 0), axis=1)
+        tl.atomic_add(count_ptr + b, run_cnt, mask=head, sem="relaxed")
+        tl.atomic_add(sig_ptr + b, run_sig, mask=head, sem="relaxed")
+    elif cnt > 0:
         sel_bucket = tl.where(sel, bucket.to(tl.int64), INT64_MAX)
         lo = tl.min(sel_bucket)
         hi = tl.max(tl.where(sel, bucket.to(tl.int64), -1))

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,7 +38,7 @@ import torch
 from torch import Tensor
 
 from . import kernels as K
-from .config import OFFICIAL_EPS, M2POConfig
+from .config import OFFICIAL_EPS, OFFICIAL_NO_CONSTRAINT_HIGH, M2POConfig
 from .cut import Cut
 from .inputs import Tokens, token_weights
 from .histogram import BELOW_COUNT, LEVEL2_CHUNK, SELECT_CHUNK, STATE_LEN, SUMS_LEN
@@ -232,14 +233,16 @@ def _tau_args(config: M2POConfig):
 
 @functools.lru_cache(maxsize=None)
 def unconstrained_bounds(miniclip_low, miniclip_high) -> tuple:
-    """The official rule's clip bounds when nothing is constrained, as float32 bit patterns
-    (the authors' 0 / 100000 through their floors): what stats applies before the cut is known."""
-    from .reference import official_bounds
-
-    config = M2POConfig(variant="official", miniclip_low=miniclip_low, miniclip_high=miniclip_high)
-    no = torch.zeros((), dtype=torch.bool)
-    lower, upper = official_bounds(torch.zeros((), dtype=torch.float64), no, config)
-    return int(lower.view(torch.int32)), int(upper.view(torch.int32))
+    """The official rule's clip bounds when nothing is constrained, as float32 bit patterns:
+    reference.official_bounds' chain for the authors' clip_low = 0, clip_high = 100000, in
+    Python floats (float64), through the floors, rounded to float32. What stats applies before
+    the cut is known (and select2 stores when nothing is refined)."""
+    eps_lo, eps_hi = 1.0 - 0.0, OFFICIAL_NO_CONSTRAINT_HIGH - 1.0
+    if miniclip_low is not None:
+        eps_lo = max(eps_lo, miniclip_low)
+    if miniclip_high is not None:
+        eps_hi = max(eps_hi, miniclip_high)
+    return tuple(struct.unpack("<i", struct.pack("<f", x))[0] for x in (1.0 - eps_lo, 1.0 + eps_hi))
 
 
 def first_valid_pass(tok: Tokens):

@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import triton
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is a folder of the source tree, not an installed package
@@ -42,8 +44,11 @@ def _gpu_chunks(monkeypatch):
     from m2po_ops import histogram
     from m2po_ops import triton_backend as tb
 
+    from m2po_ops.kernels import common
+
     monkeypatch.setattr(tb, "SELECT1_CHUNK", histogram.SELECT_CHUNK)
     monkeypatch.setattr(tb, "SELECT2_CHUNK", histogram.LEVEL2_CHUNK)
+    monkeypatch.setattr(common, "INTERP_AGGREGATE", triton.language.constexpr(False))  # the GPU's paths
 
 
 def _trace(variant, regime, n=N, **kw):
@@ -135,3 +140,37 @@ def test_bytes_per_token_of_a_forward_and_backward(variant, regime, device):
     # cache serves it)
     assert fit["stats_kernel"]["read_per_token"] == pytest.approx(17.0 if variant == "official" else 13.0, abs=0.1)
     assert fit["stats_kernel"]["write_per_token"] <= 4.5  # the float32 derivative, partials, tail
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+@pytest.mark.parametrize("regime", ["all-equal", "typical", "stressed", "wide"])
+def test_the_gpu_aggregation_paths_give_exact_sums(variant, regime, device):
+    """The block pre-aggregation as the GPU runs it (one bucket; a few buckets one at a time;
+    many, sorted and segment-scanned: "wide" puts ~half of each block in distinct tail buckets)
+    gives the PyTorch description's sums and level-2 histograms bit for bit."""
+    from m2po_ops import histogram
+    from m2po_ops import triton_backend as tb
+    from m2po_ops.config import M2POConfig
+    from m2po_ops.inputs import prepare
+
+    if regime == "wide":
+        g = torch.Generator().manual_seed(3)
+        n = 2 * tb.BLOCK
+        old = -torch.rand(n, generator=g) * 3
+        adv = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        args = (old + adv.sign() * (0.25 + torch.rand(n, generator=g)), old, adv, torch.rand(n, generator=g) < 0.9)
+    else:
+        batch = make_trace_batch(N // 2, regime)
+        args = tuple(t.detach() for t in batch.args())
+    config = M2POConfig(tau=0.04, variant=variant, validate=False)
+    tok = prepare(*args, config, [0, args[0].numel()] if args[0].dim() == 1 and variant == "official" else None)
+    ws = tb.Workspace.allocate(tok.numel, tok.device)
+    tb.stats_pass(tok, config, ws, write_keys=True)
+    assert torch.equal(ws.sums, histogram.summarize(ws.key, config)), regime
+    tb.select1(ws, config)
+    tb.level2(ws, config)
+    state = ws.state1.clone()
+    if int(state[histogram.REFINE]):
+        want = histogram.level2(ws.key, state, config).reshape(ws.hist2.shape)
+        slots = 4 if variant == "official" else 2
+        assert torch.equal(ws.hist2[:slots], want[:slots]), regime
