@@ -222,8 +222,9 @@ def step_histogram(ctx: Ctx) -> dict:
             tb.level2(ws, config)
             state1 = ws.state1.clone()
             refined_now = bool(state1[H.REFINE] != 0)  # (select1 zeroes hist2 only when it refines)
-            hist2_equal = (not refined_now) or torch.equal(ws.hist2, H.level2(key, state1, config).reshape(
-                ws.hist2.shape))
+            slots = 4 if variant == "official" else 2  # (the paper rule's select2 reads slot 0 only)
+            hist2_equal = (not refined_now) or torch.equal(
+                ws.hist2[:slots], H.level2(key, state1, config).reshape(ws.hist2.shape)[:slots])
             refined = bool(state1[H.REFINE] != 0)
             first, second = _full_call(batch, variant), _full_call(batch, variant)
             differ = [k for k in first if not bit_equal(first[k], second[k])]
@@ -231,7 +232,8 @@ def step_histogram(ctx: Ctx) -> dict:
                 regime=regime, variant=variant, n_tokens=batch.n_tokens, num_valid=batch.num_valid,
                 trust_region_tokens=int(expected[0].sum()), nonempty_buckets=int((expected[0] > 0).sum()),
                 hist_equal=hist_equal, mismatching_buckets=bad_buckets, level2_refined=refined,
-                level2_tokens=int(ws.hist2[0].sum() + ws.hist2[2].sum()) if refined else 0, hist2_equal=hist2_equal,
+                level2_tokens=int(ws.hist2[0].sum() + (ws.hist2[2].sum() if variant == "official" else 0)) if refined
+                else 0, hist2_equal=hist2_equal,
                 masked_fraction=float(first["loss_metrics.masked_fraction"]),
                 run_to_run_identical=not differ, differing_outputs=differ,
                 compared_outputs=sorted(first), seconds=round(time.perf_counter() - t0, 3),

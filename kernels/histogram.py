@@ -87,17 +87,19 @@ def stats_kernel(
     # every block but the last is full: its accesses need no bounds mask (see common.in_bounds)
     pid = tl.program_id(0)
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr, poison_ptr,
-                     grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr, sums_ptr,
-                     below_max_ptr, thr, lower_u_bits, upper_u_bits, part_ptr, n_valid_ptr, n, pid, OFFICIAL,
-                     HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, WEIGHTS, WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP,
-                     True)
+        bits, tail = _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr,
+                                  poison_ptr, grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr,
+                                  tail_cnt_ptr, sums_ptr, below_max_ptr, thr, lower_u_bits, upper_u_bits, part_ptr,
+                                  n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, WEIGHTS,
+                                  WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP, True)
     else:
-        _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr, poison_ptr,
-                     grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr, sums_ptr,
-                     below_max_ptr, thr, lower_u_bits, upper_u_bits, part_ptr, n_valid_ptr, n, pid, OFFICIAL,
-                     HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, WEIGHTS, WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP,
-                     False)
+        bits, tail = _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr,
+                                  poison_ptr, grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr,
+                                  tail_cnt_ptr, sums_ptr, below_max_ptr, thr, lower_u_bits, upper_u_bits, part_ptr,
+                                  n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, WEIGHTS,
+                                  WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP, False)
+    # the tail's level-1 histogram, once for both block kinds (the in-block sort is large code)
+    add_aggregated(sums_ptr, sums_ptr + NB1, bits >> L1_SHIFT, significand(bits), tail, BLOCK)
 
 
 @triton.jit
@@ -166,7 +168,6 @@ def _stats_block(
         tl.store(tail_pos_ptr + at, tl.arange(0, BLOCK), mask=tail)
         if not OFFICIAL:
             tl.store(tail_term_ptr + at, term, mask=tail)
-        add_aggregated(sums_ptr, sums_ptr + NB1, bits >> L1_SHIFT, significand(bits), tail, BLOCK)
         finite = tail & (bits < 0x7F800000)
         tl.atomic_add(sums_ptr + TAIL_COUNT, n_tail.to(tl.int64), sem="relaxed")
         n_inf = tl.sum((tail & ~finite).to(tl.int64))
@@ -195,6 +196,7 @@ def _stats_block(
     # the loss has the same bits whatever the order (README, "Float details")
     tl.store(row + 6, tl.sum(term.to(tl.float64)))
     tl.store(row + 7, tl.sum((valid & ~keep).to(tl.int64)).to(tl.float64))
+    return bits, tail
 
 
 @triton.jit
