@@ -1,10 +1,12 @@
 """Fused Triton kernels of m2po-ops, installed as ``m2po_ops.kernels``.
 
-Token passes (grid over blocks of tokens): stats_kernel, level2_kernel, ties_kernel,
-apply_kernel. Bucket passes (one program per chunk of buckets, the last to arrive finishing):
-select1_kernel, select2_kernel (histograms to cut). Single-program passes:
-tie_scan_kernel (per-block tie offsets), finalize_kernel (partials to loss and metrics). The launch order and buffers are in m2po_ops/triton_backend.py; the
-algorithm, in PyTorch, is m2po_ops/histogram.py.
+Token passes (grid over blocks of tokens): stats_kernel (the one full read), level2_kernel,
+ties_kernel, fix_paper_kernel (these three read only each block's compacted tail),
+apply_official_kernel. Chunked passes (one program per chunk, the last to arrive finishing):
+select1_kernel, select2_kernel (histograms to cut), tie_scan_kernel (per-block tie offsets),
+finalize_kernel (partials to loss and metrics). first_valid_kernel: one program per sequence.
+The launch order and buffers are in m2po_ops/triton_backend.py; the algorithm, in PyTorch, is
+m2po_ops/histogram.py.
 """
 
 from .apply import (APPLY_COLS, FINAL_COLS, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR, W_TENSOR_DENOM, apply_official_kernel,

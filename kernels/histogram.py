@@ -1,7 +1,7 @@
 """Token passes that build the mergeable statistics (see m2po_ops/histogram.py for the format).
 
-stats_kernel: one read of the inputs. Per token: delta, m2, trust-region membership and the
-key (m2 bits or -1). The threshold split (m2po_ops/split.py): trust-region tokens at or below
+stats_kernel: the one full read of the inputs. Per token: delta, m2, trust-region membership,
+the derivative as if nothing were masked (stored), keep and the key when asked. The threshold split (m2po_ops/split.py): trust-region tokens at or below
 the threshold add to the below part (count, exact limb sum, and for the official rule the
 maximum key), the tail above it to the level-1 histogram. Every histogram and sum update is an
 int64 atomic (any order gives the same bits), pre-aggregated in the block so that an address
@@ -9,10 +9,11 @@ gets at most one atomic per block. Per-block metric partials are written, not at
 added, so their sum is deterministic.
 level2_kernel: level-2 histograms of the one or two level-1 buckets select1 chose, from the
 tail keys; exits at once when select1 found nothing to refine (the common case).
-ties_kernel: per-block counts of keys equal to the paper cut's value, for the tie rule;
+ties_kernel: per-block counts of tail keys equal to the paper cut's value, for the tie rule;
 exits at once when nothing is masked.
-tie_scan_kernel: one program turning those counts into exclusive per-block offsets (in place),
-so the apply pass knows how many tied tokens precede each block; exits at once likewise.
+tie_scan_kernel: one program per chunk of blocks turns those counts into exclusive offsets (the
+last to arrive scans the chunk totals), so the fix-up knows how many tied tokens precede each
+block; exits at once likewise.
 """
 
 import triton

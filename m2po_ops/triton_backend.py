@@ -2,15 +2,17 @@
 order with no host synchronisation.
 
 Forward (local solve), one launch each, whatever the data:
-  workspace memset (torch.zeros), stats, select1, level2, select2, ties, tie_scan, apply,
-  finalize
-= 1 memset + 8 Triton kernels. Backward: one elementwise multiply (grad_output * stored grad).
-The official rule with per-token advantages and a mask (or validate=False) first runs
-first_valid (each sequence's first valid token): one launch more.
-level2, ties and tie_scan return at once when nothing is masked (mean m2 <= tau, the common
-case); the official variant never needs the tie passes, and they return at once there too.
-With a given cut (micro-batch pre-pass) select1/level2/select2 are skipped; with a process
-group the histograms are all-reduced between the passes (see m2po_ops/distributed.py).
+  paper:    workspace memset (torch.zeros), stats, select1, level2, select2, ties, tie_scan,
+            fix_paper, finalize (1 memset + 8 Triton kernels)
+  official: workspace memset, stats, select1, level2, select2, apply_official, finalize
+            (1 + 6), after first_valid (each sequence's first valid token) with per-token
+            advantages and a mask or validate=False.
+Backward: grad_output times the 1 / denominator scale, times the stored derivative.
+stats is the one full read (the derivative as if nothing were masked, the compacted tail, the
+split's sums); every pass after it but finalize returns at once when nothing is cut (mean m2
+<= tau, the common case), and the paper passes after select2 read only the tail. With a given
+cut (micro-batch pre-pass) select1/level2/select2 are skipped; with a process group the sums
+are all-reduced between the passes (see m2po_ops/distributed.py).
 
 Every kernel launch goes through ``_launch`` so tests can count them and the AOT tool can see
 the arguments the JIT specialises on (``launch_log``).
@@ -48,11 +50,14 @@ from .split import MAX_LIMBS, limb_count, threshold_bits
 # Token kernels: BLOCK tokens per program. Select kernels: one program scanning CHUNK buckets
 # at a time (large under the interpreter, where each step is a numpy call).
 BLOCK = 1024
-# Warps of the token kernels: 1024 tokens over 128 (stats, level2, ties) or 256 threads (apply).
-# Chosen by the AOT spill check (python -m m2po_ops.kernels.aot): with 8 warps ptxas spills 8
-# bytes in the official stats kernel on sm_90; with 4 it spills 16 bytes in the float64 official
-# apply kernel on sm_80.
+# Warps of the token kernels: 1024 tokens over 128 (level2, ties, fix_paper), 256 (stats,
+# apply_official) threads. Chosen by the AOT spill check (python -m m2po_ops.kernels.aot): at 4
+# warps ptxas spilled 8 to 16 bytes in stats variants on sm_80 and sm_90 (~180 registers: the
+# in-block sort of the tail aggregation); at 8 warps it needs ~95, and with a register budget
+# (without one ptxas settled on 80 for one sm_90 variant and spilled) it spills nothing.
 TOKEN_WARPS = 4
+STATS_WARPS = 8
+STATS_MAXNREG = 128
 APPLY_WARPS = 8
 # A register budget for ptxas (.maxnreg) in apply. Without one, ptxas on sm_90 settled on 48
 # registers and spilled 16 bytes in an official apply variant; with this bound it uses 64 and
@@ -288,7 +293,8 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional
         threshold_bits(config.variant, config.tau), lower_u, upper_u, ws.stats_part, ws.n_valid, n,
         OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
         FIRST_PER_ROW=tok.first_per_row, WEIGHTS=code, WRITE_KEEP=keep is not None, WRITE_KEYS=write_keys,
-        NB1=L1_BUCKETS, NLIMB=_nlimb(config), BLOCK=BLOCK, INTERP=INTERPRET, num_warps=TOKEN_WARPS,
+        NB1=L1_BUCKETS, NLIMB=_nlimb(config), BLOCK=BLOCK, INTERP=INTERPRET, num_warps=STATS_WARPS,
+        maxnreg=STATS_MAXNREG,
     )
 
 
