@@ -28,6 +28,7 @@ fixed sequence of operations, the same in PyTorch and in the kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 
@@ -64,6 +65,7 @@ def _f32_down(x: float) -> int:
     return min(bits, FLT_MAX_BITS)
 
 
+@functools.lru_cache(maxsize=None)  # (every call of both backends asks; a pure function of two values)
 def threshold_bits(variant: str, tau: float) -> int:
     """The largest key that is never cut under this rule and budget; -1 when none is safe.
 

@@ -45,7 +45,7 @@ from .cut import Cut
 from .inputs import Tokens, token_weights
 from .histogram import BELOW_COUNT, LEVEL2_CHUNK, SELECT_CHUNK, STATE_LEN, SUMS_LEN
 from .kernels.common import INTERPRET, KEEP_ALL_BITS, L1_BUCKETS, L2_BUCKETS, f64_bits
-from .split import MAX_LIMBS, limb_count, threshold_bits
+from .split import limb_count, threshold_bits
 
 # Token kernels: BLOCK tokens per program. Select kernels: one program scanning CHUNK buckets
 # at a time (large under the interpreter, where each step is a numpy call).

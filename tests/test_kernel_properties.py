@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # bench/ is a folder of the source tree, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench.kernel_trace import linear_fit, make_trace_batch, summary, trace_call  # noqa: E402
+from bench.kernel_trace import linear_fit, make_trace_batch, trace_call  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                                 reason="Triton kernels are compiled here (CUDA): nothing to trace")
