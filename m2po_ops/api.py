@@ -33,9 +33,8 @@ class AttachGrad(torch.autograd.Function):
         grad, scale = ctx.saved_tensors
         if scale is not None:
             grad_output = grad_output * scale
-        out = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad.device)
-        torch.mul(grad.reshape(ctx.shape), grad_output, out=out)
-        return out, None, None, None
+        # one rounding into logprobs' dtype (the product is formed in float32 or wider)
+        return grad.mul(grad_output).to(ctx.dtype).view(ctx.shape), None, None, None
 
 
 def metrics_to_host(metrics: dict) -> dict:

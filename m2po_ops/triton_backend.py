@@ -2,10 +2,10 @@
 order with no host synchronisation.
 
 Forward (local solve), one launch each, whatever the data:
-  paper:    workspace memset (torch.zeros), stats, select1, level2, select2, ties, tie_scan,
-            fix_paper, finalize (1 memset + 8 Triton kernels)
-  official: workspace memset, stats, select1, level2, select2, apply_official, finalize
-            (1 + 6), after first_valid (each sequence's first valid token) with per-token
+  paper:    scratch and results memsets, stats, select1, level2, select2, ties, tie_scan,
+            fix_paper, finalize (2 memsets + 8 Triton kernels)
+  official: the memsets, stats, select1, level2, select2, apply_official, finalize
+            (2 + 6), after first_valid (each sequence's first valid token) with per-token
             advantages and a mask or validate=False.
 Backward: grad_output times the 1 / denominator scale, times the stored derivative.
 stats is the one full read (the derivative as if nothing were masked, the compacted tail, the
@@ -33,8 +33,8 @@ import dataclasses
 import functools
 import math
 import struct
-from dataclasses import dataclass
-from typing import Optional
+import threading
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -42,7 +42,7 @@ from torch import Tensor
 from . import kernels as K
 from .config import OFFICIAL_EPS, OFFICIAL_NO_CONSTRAINT_HIGH, M2POConfig
 from .cut import Cut
-from .inputs import Tokens, token_weights
+from .inputs import Tokens, graph_capturing, token_weights
 from .histogram import BELOW_COUNT, LEVEL2_CHUNK, SELECT_CHUNK, STATE_LEN, SUMS_LEN
 from .kernels.common import INTERPRET, KEEP_ALL_BITS, L1_BUCKETS, L2_BUCKETS, f64_bits
 from .split import limb_count, threshold_bits
@@ -80,8 +80,7 @@ FIRST_CHUNK = 256  # tokens per step of first_valid_kernel (one step for a right
 FIRST_WARPS = 2
 
 
-@dataclass(frozen=True)
-class Launch:
+class Launch(NamedTuple):
     """One recorded kernel launch: the kernel, its grid and the arguments as the JIT sees them."""
 
     kernel: object
@@ -123,106 +122,171 @@ def _launch(kernel, grid, *args, **meta):
         kernel[grid](*args, **meta)
 
 
-@dataclass
-class Workspace:
-    """Two buffers per call: one zeroed int64 buffer (a single memset) for everything that is
-    accumulated or read before it is written, and one uninitialised buffer for what is always
-    written first (the level-2 histograms, zeroed by select1 only when a cut is refined; the
-    compacted tail; the keys)."""
+# Results' allocation (int64 words) and its float32 slots.
+RESULTS_LEN = 12
+F32_VALUE_BITS = 13
+F32_ZERO = 14
 
-    sums: Tensor  # int64 [SUMS_LEN]: the mergeable sums (m2po_ops/histogram.py), viewed as:
-    hist1: Tensor  # int64 [2, L1]: the tail's level-1 histogram
-    below_max: Tensor  # int64 0-d: the largest below key (official)
-    state1: Tensor  # int64 [STATE_LEN]: the select state
-    part1: Tensor  # int64 [L1 / SELECT1_CHUNK, PART_COLS]: select1's chunk totals
-    part2: Tensor  # int64 [L2 / SELECT2_CHUNK, PART_COLS]: select2's chunk totals
-    counters: Tensor  # int64 [4]: finished programs of select1, select2, tie_scan, finalize
-    n_valid: Tensor  # int64 0-d: this call's valid tokens
-    cut_i64: Tensor  # int64 [3]: ties_kept, num_trust_region, num_valid
-    stats_part: Tensor  # float64 [nblocks, STATS_COLS]
-    apply_part: Tensor  # float64 [nblocks, APPLY_COLS]
-    ties: Tensor  # int64 [nblocks]
-    tie_chunks: Tensor  # int64 [ceil(nblocks / TIE_CHUNK)]
-    final_chunks: Tensor  # float64 [ceil(nblocks / FINAL_CHUNK), FINAL_COLS]
-    f32: Tensor  # float32 [16]: cut (lower, upper, m2, m2_after, threshold), 8 outputs, value bits, a zero
-    hist2: Tensor  # int64 [4, L2]: slot 0 (count, sig), slot 1 (count, sig) (not zeroed here)
-    tail_key: Tensor  # int32 [nblocks * BLOCK]: each block's tail keys at the block's offset
-    tail_pos: Tensor  # int32 [nblocks * BLOCK]: their positions in the block
-    tail_term: Tensor  # float32 [nblocks * BLOCK]: their loss terms (paper)
-    tail_cnt: Tensor  # int32 [nblocks]
-    key: Tensor  # int32 [n]: every token's key, written only when asked (M2POStats, groups)
+
+class _Layout(NamedTuple):
     nblocks: int
+    total: int  # int64 words
+    regions: tuple  # (zeroed, raw) in int64 words
+    zeroed: tuple  # int64 part sizes, each followed by its padding to 16 bytes
+    raw: tuple  # int32 part sizes, each followed by its padding to 16 bytes
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(n: int) -> _Layout:
+    nblocks = max(1, math.ceil(n / BLOCK))
+    p1, p2 = L1_BUCKETS // SELECT1_CHUNK * K.PART_COLS, L2_BUCKETS // SELECT2_CHUNK * K.PART_COLS
+    # sums, below_max, state1, part1, part2, counters, n_valid, stats_part, apply_part, ties,
+    # tie_chunks, final_chunks
+    zeroed = [SUMS_LEN, 1, STATE_LEN, p1, p2, 4, 1, nblocks * K.STATS_COLS, nblocks * K.APPLY_COLS, nblocks,
+              math.ceil(nblocks / TIE_CHUNK), math.ceil(nblocks / FINAL_CHUNK) * K.FINAL_COLS]
+    n_pad = nblocks * BLOCK
+    # hist2 (int64 [4, L2]), tail keys / positions / terms, tail counts, keys
+    raw = [8 * L2_BUCKETS, n_pad, n_pad, n_pad, nblocks, n]
+    zeroed = tuple(x for s in zeroed for x in (s, s % 2))
+    raw = tuple(x for s in raw for x in (s, -s % 4))
+    regions = (sum(zeroed), sum(raw) // 2)
+    return _Layout(nblocks, sum(regions), regions, zeroed, raw)
+
+
+def _memset(t: Tensor) -> None:
+    """Zero a workspace buffer: a device memset, stubbed like the kernels when the launch log
+    only records (nothing reads the buffers then)."""
+    if _execute:
+        t.zero_()
+
+
+class Results:
+    """The results of one call, in their own zeroed 96-byte allocation so that the loss, cut and
+    metrics a caller holds (until backward, or longer) keep no scratch alive: cut_i64 [4]
+    (ties_kept, num_trust_region, num_valid, -), then float32 [16]: the cut (lower, upper, m2,
+    m2_after, threshold), finalize's 8 outputs, the cut's value bits, a zero."""
+
+    __slots__ = ("cut_i64", "f32", "f", "i", "value_bits", "value", "zero")
+
+    def __init__(self, device):
+        buf = torch.empty(RESULTS_LEN, dtype=torch.int64, device=device)
+        _memset(buf)
+        self.cut_i64, f32 = buf.split((4, RESULTS_LEN - 4))
+        self.f32 = f32.view(torch.float32)
+        # the 0-d views every call hands out (the cut's fields, loss, metrics), one op per group
+        self.f, self.i = self.f32.unbind(), self.cut_i64.unbind()
+        self.value_bits = f32.view(torch.int32)[F32_VALUE_BITS:F32_VALUE_BITS + 1]  # int32 [1], select2 writes it
+        self.value, self.zero = self.value_bits.view(()), self.f[F32_ZERO]
+
+
+class Workspace:
+    """One call's buffers: one scratch allocation and the call's ``Results``.
+
+    The scratch is an int64 prefix that is zeroed (one memset: everything accumulated, or read
+    before it is written) followed by int32 words that are always written first (the level-2
+    histograms, zeroed by select1 only when a cut is refined; the compacted tail; the keys).
+    Every part starts on a 16-byte boundary whatever the size (the JIT specialises pointers on
+    16-byte alignment; a size-dependent offset would be another variant). The split sizes are
+    computed once per token count (``_layout``); ``for_call`` reuses the scratch of small calls.
+    """
+
+    __slots__ = ("n", "zeroed", "sums", "below_max", "state1", "part1", "part2", "counters", "n_valid", "stats_part",
+                 "apply_part", "ties", "tie_chunks", "final_chunks", "hist2", "tail_key", "tail_pos", "tail_term",
+                 "tail_cnt", "key", "nblocks", "counter", "res")
 
     @staticmethod
     def allocate(n: int, device) -> "Workspace":
-        nblocks = max(1, math.ceil(n / BLOCK))
-        p1, p2 = L1_BUCKETS // SELECT1_CHUNK * K.PART_COLS, L2_BUCKETS // SELECT2_CHUNK * K.PART_COLS
-        sizes = [SUMS_LEN, 1, STATE_LEN, p1, p2, 4, 1, 3, nblocks * K.STATS_COLS, nblocks * K.APPLY_COLS, nblocks,
-                 math.ceil(nblocks / TIE_CHUNK), math.ceil(nblocks / FINAL_CHUNK) * K.FINAL_COLS, 8]
-        # every part starts on a 16-byte boundary (2 int64), whatever nblocks: the JIT specialises
-        # pointers on 16-byte alignment, and a parity-dependent offset would be another variant
-        padded = [s + s % 2 for s in sizes]
-        buf = torch.zeros(sum(padded), dtype=torch.int64, device=device)
-        parts = [p[:s] for p, s in zip(torch.split(buf, padded), sizes)]
-        # the uninitialised part, in int32 units: hist2, tail keys / positions / terms, counts, keys
-        n_pad = nblocks * BLOCK
-        words = [8 * L2_BUCKETS, n_pad, n_pad, n_pad, nblocks, n]
-        words = [w + (-w) % 4 for w in words]
-        raw = torch.empty(sum(words), dtype=torch.int32, device=device)
-        r = torch.split(raw, words)
-        sums = parts[0]
-        return Workspace(
-            sums=sums,
-            hist1=sums[:BELOW_COUNT].view(2, L1_BUCKETS),
-            below_max=parts[1].view(()),
-            state1=parts[2],
-            part1=parts[3].view(-1, K.PART_COLS),
-            part2=parts[4].view(-1, K.PART_COLS),
-            counters=parts[5],
-            n_valid=parts[6].view(()),
-            cut_i64=parts[7],
-            stats_part=parts[8].view(torch.float64).view(nblocks, K.STATS_COLS),
-            apply_part=parts[9].view(torch.float64).view(nblocks, K.APPLY_COLS),
-            ties=parts[10],
-            tie_chunks=parts[11],
-            final_chunks=parts[12].view(torch.float64),
-            f32=parts[13].view(torch.float32),
-            hist2=r[0].view(torch.int64).view(4, L2_BUCKETS),
-            tail_key=r[1],
-            tail_pos=r[2],
-            tail_term=r[3].view(torch.float32),
-            tail_cnt=r[4][:nblocks],
-            key=r[5][:n],
-            nblocks=nblocks,
-        )
+        lay = _layout(n)
+        ws = Workspace()
+        buf = torch.empty(lay.total, dtype=torch.int64, device=device)
+        ws.zeroed, raw = buf.split(lay.regions)
+        _memset(ws.zeroed)
+        z = ws.zeroed.split(lay.zeroed)  # with a padding part after every part
+        (ws.sums, ws.below_max, ws.state1, ws.part1, ws.part2, ws.counters, ws.n_valid, stats_part,
+         apply_part, ws.ties, ws.tie_chunks, final_chunks) = z[0::2]
+        r = raw.view(torch.int32).split(lay.raw)
+        hist2, ws.tail_key, ws.tail_pos, tail_term, ws.tail_cnt, ws.key = r[0::2]
+        # views the kernels index as such (a reshape of a contiguous part: no copy)
+        ws.hist2 = hist2.view(torch.int64).view(4, L2_BUCKETS)
+        ws.tail_term = tail_term.view(torch.float32)
+        ws.stats_part = stats_part.view(torch.float64)
+        ws.apply_part = apply_part.view(torch.float64)
+        ws.final_chunks = final_chunks.view(torch.float64)
+        ws.below_max, ws.n_valid = ws.below_max.view(()), ws.n_valid.view(())
+        ws.counter = ws.counters.split(1)  # select1, select2, tie_scan, finalize
+        ws.n, ws.nblocks, ws.res = n, lay.nblocks, Results(device)
+        return ws
+
+    @staticmethod
+    def for_call(n: int, device) -> "Workspace":
+        """The workspace of one fused call. Calls of at most ``SCRATCH_CACHE_TOKENS`` tokens (where
+        the host path is the cost) reuse the scratch of the previous call of the same size on
+        the same device, thread and stream: one memset instead of an allocation and its ~20
+        views. The results are always new. Never during CUDA-graph capture: a graph must own
+        the memory it replays on (allocated in capture, it lives in the graph's pool)."""
+        if n > SCRATCH_CACHE_TOKENS or graph_capturing(device):
+            return Workspace.allocate(n, device)
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        key = (device, threading.get_ident(), stream)
+        ws = _scratch.get(key)
+        if ws is None or ws.n != n:
+            ws = _scratch[key] = Workspace.allocate(n, device)
+            return ws
+        _memset(ws.zeroed)
+        ws.res = Results(device)
+        return ws
+
+    @property
+    def hist1(self) -> Tensor:
+        """int64 [2, L1]: the tail's level-1 histogram (count row, significand row)."""
+        return self.sums[:BELOW_COUNT].view(2, L1_BUCKETS)
+
+    @property
+    def f32(self) -> Tensor:
+        return self.res.f32
+
+    @property
+    def cut_i64(self) -> Tensor:
+        return self.res.cut_i64
 
     def cut(self, config: M2POConfig) -> Cut:
-        f = self.f32
-        return Cut(
-            variant=config.variant,
-            tau=config.tau,
-            value=f[13:14].view(torch.int32).view(()),
-            ties_kept=self.cut_i64[0].view(()),
-            lower=f[0].view(()),
-            upper=f[1].view(()),
-            num_valid=self.cut_i64[2].view(()),
-            num_trust_region=self.cut_i64[1].view(()),
-            m2=f[2].view(()),
-            m2_after=f[3].view(()),
-            threshold=f[4].view(()),
-        )
+        r = self.res
+        f, i = r.f, r.i
+        return Cut(variant=config.variant, tau=config.tau, value=r.value, ties_kept=i[0], lower=f[0], upper=f[1],
+                   num_valid=i[2], num_trust_region=i[1], m2=f[2], m2_after=f[3], threshold=f[4])
 
     @property
     def out(self) -> Tensor:
         """finalize's outputs (float32 [8], see kernels/apply.py)."""
-        return self.f32[5:13]
+        return self.res.f32[5:13]
+
+    @property
+    def outputs(self) -> tuple:
+        """finalize's outputs as 0-d tensors (see kernels/apply.py)."""
+        return self.res.f[5:13]
+
+    @property
+    def cut_value_bits(self) -> Tensor:
+        """int32 [1]: where select2 stores the cut's value bits."""
+        return self.res.value_bits
 
     @property
     def zero(self) -> Tensor:
-        return self.f32[14].view(())
+        """A float32 0-d zero (a dummy pointer for arguments a variant does not read, and the
+        input_error metric when nothing was checked)."""
+        return self.res.zero
 
 
-def _tau_args(config: M2POConfig):
+# Calls up to this many tokens reuse their scratch (Workspace.for_call): ~1.3 MB at most, kept
+# per device, thread and stream.
+SCRATCH_CACHE_TOKENS = 1 << 16
+_scratch: dict = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _tau_args(config: M2POConfig) -> dict:
+    """The select kernels' budget arguments (computed once per configuration; not to be
+    modified)."""
     hi, lo = config.tau_split
     tau_inf = math.isinf(config.tau)
     return dict(
@@ -298,12 +362,13 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional
     )
 
 
+@functools.lru_cache(maxsize=64)
 def _nlimb(config: M2POConfig) -> int:
     return limb_count(threshold_bits(config.variant, config.tau))
 
 
 def select1(ws: Workspace, config: M2POConfig) -> None:
-    _launch(K.select1_kernel, (L1_BUCKETS // SELECT1_CHUNK,), ws.sums, ws.hist2, ws.part1, ws.counters[0:1],
+    _launch(K.select1_kernel, (L1_BUCKETS // SELECT1_CHUNK,), ws.sums, ws.hist2, ws.part1, ws.counter[0],
             ws.state1, **_tau_args(config), NB1=L1_BUCKETS, NB2=L2_BUCKETS, NLIMB=_nlimb(config),
             CHUNK=SELECT1_CHUNK, num_warps=SELECT_WARPS, maxnreg=SELECT_MAXNREG, enable_fp_fusion=False)
 
@@ -323,7 +388,7 @@ def select2(ws: Workspace, config: M2POConfig, num_valid: Tensor) -> Cut:
     args = _tau_args(config)
     _launch(
         K.select2_kernel, (L2_BUCKETS // SELECT2_CHUNK,),
-        ws.hist2, ws.state1, ws.below_max, ws.part2, ws.counters[1:2], num_valid, ws.f32[13:14].view(torch.int32),
+        ws.hist2, ws.state1, ws.below_max, ws.part2, ws.counter[1], num_valid, ws.cut_value_bits,
         ws.cut_i64, ws.f32,
         args["tau_hi_bits"], args["tau_lo_bits"], args["tau_bits"], args["tau_eps_bits"], args["eps_bits"],
         f64_bits(config.miniclip_low or 0.0), f64_bits(config.miniclip_high or 0.0),
@@ -339,7 +404,7 @@ def ties_pass(cut: Cut, ws: Workspace) -> None:
     _launch(K.ties_kernel, (ws.nblocks,), ws.tail_key, ws.tail_cnt, cut.value, ws.ties, KEEP_ALL=KEEP_ALL_BITS,
             BLOCK=BLOCK, num_warps=TOKEN_WARPS)
     _launch(K.tie_scan_kernel, (math.ceil(ws.nblocks / TIE_CHUNK),), cut.value, ws.ties, ws.tie_chunks,
-            ws.counters[2:3], ws.nblocks, KEEP_ALL=KEEP_ALL_BITS, CHUNK=TIE_CHUNK, num_warps=4)
+            ws.counter[2], ws.nblocks, KEEP_ALL=KEEP_ALL_BITS, CHUNK=TIE_CHUNK, num_warps=4)
 
 
 def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Optional[Tensor],
@@ -367,7 +432,7 @@ def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Opt
 
 def finalize(config: M2POConfig, ws: Workspace, want_loss: bool, num_tokens=None,
              count: Optional[Tensor] = None) -> Tensor:
-    """Loss, metrics and the backward scale into ws.out (float32 [8])."""
+    """Loss, metrics and the backward scale into ws.out (float32 [8], read as ws.outputs)."""
     weights = _weight_code(config, want_loss)
     denom, bits = (count if count is not None else ws.n_valid), 0
     if weights == K.W_COUNT and num_tokens is not None:
@@ -376,12 +441,12 @@ def finalize(config: M2POConfig, ws: Workspace, want_loss: bool, num_tokens=None
         else:
             weights, bits = K.W_SCALAR, f64_bits(num_tokens)
     _launch(K.finalize_kernel, (math.ceil(ws.nblocks / FINAL_CHUNK),), ws.stats_part, ws.apply_part, ws.final_chunks,
-            ws.counters[3:4], denom, bits, ws.out, ws.nblocks, OFFICIAL=config.variant == "official",
+            ws.counter[3], denom, bits, ws.out, ws.nblocks, OFFICIAL=config.variant == "official",
             WEIGHTS=weights, STATS_COLS=K.STATS_COLS, CHUNK=FINAL_CHUNK)
-    return ws.out
 
 
-def metrics_from(out: Tensor, cut: Cut, variant: str, zero: Tensor) -> dict:
+def metrics_from(out, cut: Cut, variant: str, zero: Tensor) -> dict:
+    """The metrics dict from finalize's outputs (8 0-d float32 tensors) and the cut."""
     m = {
         "m2": cut.m2,
         "m2_after": cut.m2_after,
@@ -438,7 +503,7 @@ def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_los
     """
     check_device(tok)
     tok = _contiguous(tok)
-    ws = Workspace.allocate(tok.numel, tok.device)
+    ws = Workspace.for_call(tok.numel, tok.device)
     grad = torch.empty(tok.numel, dtype=_grad_dtype(tok.logprobs.dtype), device=tok.device) if want_loss else None
     keep = torch.empty(tok.numel, dtype=torch.bool, device=tok.device) if want_keep else None
     weights = None
@@ -456,6 +521,7 @@ def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_los
     if config.variant == "paper":
         ties_pass(cut, ws)
     fix_pass(tok, config, cut, ws, grad, keep, weights, poison)
-    out = finalize(config, ws, want_loss, num_tokens, count)
+    finalize(config, ws, want_loss, num_tokens, count)
+    out = ws.outputs
     metrics = metrics_from(out, cut, config.variant, ws.zero)
     return keep, metrics, (out[0] if want_loss else None), grad, (out[7] if want_loss else None)

@@ -599,9 +599,10 @@ def test_garbage_padding_and_nonfinite_valid_tokens(variant, mask_dtype, device)
 
 
 def test_no_pytorch_compute_ops_beside_the_kernels(device):
-    """Besides the Triton kernels, forward+backward with validate=False runs exactly three PyTorch
-    ops of its own that launch work on a GPU: the workspace memset and backward's two multiplies
-    (paper: 11 launches in all). Views and allocations of uninitialised memory launch nothing."""
+    """Besides the Triton kernels, forward+backward with validate=False runs exactly four PyTorch
+    ops of its own that launch work on a GPU: the scratch and results memsets and backward's two
+    multiplies (paper: 12 launches in all). Views and allocations of uninitialised memory launch
+    nothing."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     launch = tb._launch
@@ -616,7 +617,7 @@ def test_no_pytorch_compute_ops_beside_the_kernels(device):
 
     free = {"view", "_unsafe_view", "reshape", "alias", "split", "split_with_sizes", "slice", "select",
             "empty", "empty_like", "empty_strided", "detach", "as_strided", "expand", "t", "unsqueeze",
-            "squeeze", "lift_fresh", "_to_copy_noop"}
+            "squeeze", "lift_fresh", "_to_copy_noop", "unbind"}
 
     class Record(TorchDispatchMode):
         def __init__(self):
@@ -639,10 +640,10 @@ def test_no_pytorch_compute_ops_beside_the_kernels(device):
             with Record() as rec:
                 loss, _ = m2po_loss(leaf, olp, adv, mask, variant=variant, backend="triton", validate=False)
                 loss.backward()
-            # zeros: the workspace memset; ones_like: autograd's seed of loss.backward() (any loss
-            # has it); mul, mul: AttachGrad's backward (grad_output x the 1 / denominator scale,
-            # then x the stored derivative)
-            assert sorted(rec.ops) == ["mul", "mul", "ones_like", "zeros"], rec.ops
+            # zero_, zero_: the scratch and results memsets (Workspace); ones_like: autograd's
+            # seed of loss.backward() (any loss has it); mul, mul: AttachGrad's backward
+            # (grad_output x the 1 / denominator scale, then x the stored derivative)
+            assert sorted(rec.ops) == ["mul", "mul", "ones_like", "zero_", "zero_"], rec.ops
     finally:
         tb._launch = launch
 
@@ -764,3 +765,37 @@ def test_the_kernels_reciprocal_is_torchs_float32_division(device):
     expected = 1.0 / x
     same = (y.view(torch.int32) == expected.view(torch.int32)) | (torch.isnan(y) & torch.isnan(expected))
     assert bool(same.all()), x[~same][:8].tolist()
+
+
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_calls_of_one_size_share_scratch_but_each_keeps_its_results(variant, device):
+    """Small calls reuse the previous call's scratch (Workspace.for_call), never its results:
+    the loss, metrics and gradient of a first call are unchanged by a second call of the same
+    size on other data, and both equal the PyTorch backend's."""
+    shape = (30, 100)
+    first = [x.reshape(shape) for x in _inputs("some", seed=1, device=device)]
+    second = [x.reshape(shape) for x in _inputs("ties", seed=2, device=device)]
+    ws = tb.Workspace.for_call(first[0].numel(), first[0].device)
+    assert tb.Workspace.for_call(first[0].numel(), first[0].device) is ws  # the scratch is reused
+    big = tb.SCRATCH_CACHE_TOKENS + 1
+    assert tb.Workspace.for_call(big, first[0].device) is not tb.Workspace.for_call(big, first[0].device)
+
+    def call(lp, olp, adv, mask, backend):
+        leaf = lp.detach().clone().requires_grad_(True)
+        loss, metrics = m2po_loss(leaf, olp, adv, mask, variant=variant, backend=backend, validate=False)
+        return leaf, loss, metrics
+
+    leaf1, loss1, metrics1 = call(*first, "triton")
+    held = loss1.detach().clone(), {k: v.clone() for k, v in metrics1.items()}
+    leaf2, loss2, metrics2 = call(*second, "triton")
+    (loss1 + loss2).backward()
+    assert torch.equal(loss1.detach(), held[0])
+    for name, value in metrics1.items():
+        assert torch.equal(value, held[1][name]) or (value.isnan() & held[1][name].isnan()).all(), name
+    for (leaf, loss, metrics), args in (((leaf1, loss1, metrics1), first), ((leaf2, loss2, metrics2), second)):
+        ref_leaf, ref_loss, ref_metrics = call(*args, "torch")
+        ref_loss.backward()
+        torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-6, atol=1e-7)
+        assert float(metrics["masked_fraction"]) == float(ref_metrics["masked_fraction"])
+    assert float(metrics1["masked_fraction"]) != float(metrics2["masked_fraction"])  # the data differ
