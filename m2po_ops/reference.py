@@ -31,7 +31,7 @@ from torch import Tensor
 from . import split
 from .config import DELTA_CLAMP, OFFICIAL_EPS, OFFICIAL_NO_CONSTRAINT_HIGH, M2POConfig
 from .cut import KEEP_ALL_BITS, Cut, make_cut
-from .inputs import Tokens, host_reads_free
+from .inputs import Tokens, count_true, host_reads_free
 
 try:
     import numpy as np
@@ -63,9 +63,14 @@ def trust_region(tok: Tokens, delta: Tensor, config: M2POConfig, ratio: Optional
     r > 1 or < 1 all fail at delta = 0), so no separate validity test is needed.
     ratio: ratio_f32(delta) when the caller has it (official), so it is computed once."""
     if config.variant == "paper":
-        # (A > 0 and delta > 0) or (A < 0 and delta < 0): sign(A) * delta > 0 in one product that
-        # cannot underflow (|sign(A) * delta| = |delta|; a NaN or zero A gives False)
-        return torch.sign(tok.advantages.float()).mul_(delta) > 0
+        # (A > 0 and delta > 0) or (A < 0 and delta < 0) (a NaN or zero A gives False; A * delta
+        # > 0 would not do: the product can underflow to 0)
+        adv = tok.advantages_compute if delta.dtype == tok.advantages_compute.dtype else tok.advantages.float()
+        if np is not None and host_reads_free(delta.device):
+            # numpy's comparisons are several times faster than torch's on CPU (no copy either way)
+            a, d = adv.numpy(), delta.numpy()
+            return torch.from_numpy(((a > 0) & (d > 0)) | ((a < 0) & (d < 0)))
+        return torch.sign(adv).mul_(delta) > 0  # one product that cannot underflow (|sign(A) delta| = |delta|)
     # The authors compare float32 tensors with Python floats, which torch casts to float32:
     # A > 1e-12 keeps its meaning, r > 1 + 1e-12 becomes r > 1.
     eps = torch.full((), OFFICIAL_EPS, dtype=torch.float32, device=delta.device)  # fills, not host copies
@@ -434,7 +439,7 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
         keep, masked = _keep_paper(m2, tr, valid, cut, host)
         # -A r on kept tokens, r = exp(clamp(delta)): the metrics' ratio, or float64 for float64 input
         r = ratio if cd == torch.float32 else clamped_ratio(tok.logprobs.double() - tok.old_logprobs.double())
-        loss = torch.addcmul(zero, tok.advantages.to(cd), r, value=-1)  # -A r in one pass
+        loss = torch.mul(tok.advantages_compute, r).neg_()  # -A r
         if masked is not None and cd == torch.float32 and tok.all_finite:
             loss[masked] = 0  # r is 0 on padding, where A is finite: only the masked tokens are left
         else:
@@ -493,9 +498,9 @@ def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Tensor, vari
     nv = count.clamp_min(1).float()
     zero = torch.zeros((), dtype=torch.float32, device=tok.device)
     ratio_v = valid_ratio(tok, delta, variant) if ratio_v is None else ratio_v
-    n_tr = torch.count_nonzero(tr) if num_trust_region is None else num_trust_region
+    n_tr = count_true(tr) if num_trust_region is None else num_trust_region
     # keep is a subset of valid: the masked count is their difference (0 when keep is valid itself)
-    masked = torch.zeros_like(count) if keep is tok.valid else count - torch.count_nonzero(keep)
+    masked = torch.zeros_like(count) if keep is tok.valid else count - count_true(keep)
     out = {
         "m2": cut.m2,
         "m2_after": cut.m2_after,
