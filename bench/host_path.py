@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from .timing import gc_paused
+
 N_TOKENS = 4096
 CALLS = 1000
 
@@ -54,7 +56,7 @@ def measure(n_tokens: int = N_TOKENS, calls: int = CALLS, dtype: torch.dtype = t
         lp.grad = None
         _eager_grpo(lp, olp, adv, mask).backward()
 
-    with triton_backend.launch_log(execute=False) as launches:
+    with triton_backend.launch_log(execute=False) as launches, gc_paused():
         fused()  # warm-up (imports, caches)
         launches_per_call = len(launches)
         eager()

@@ -30,6 +30,7 @@ import torch
 import m2po_ops
 
 from . import baselines, competitors, host_path, report, syncs
+from .timing import gc_paused
 from .inputs import BASE_SIGMA, DTYPES, OUTLIER_RANGE, REGIME_RANGES, REGIMES, ROW_LEN, make_batch, tail_fraction
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -312,15 +313,16 @@ def time_round_robin(timed: dict, rows: dict, device, opts) -> None:
     budget = opts.rep_budget * max(len(timed), 1)
     start = time.perf_counter()
     rounds = 0
-    while timed and rounds < opts.max_reps and (rounds < opts.min_reps or time.perf_counter() - start < budget):
-        for name, (runner, _) in list(timed.items()):
-            try:
-                times[name].append(_time_one(runner.step, device))
-            except baselines.BudgetExceeded as exc:
-                rows[name].update(status="timeout", lower_bound_ms=exc.seconds * 1e3,
-                                  note="threshold loop passed the per-call budget during the timed calls")
-                del timed[name]
-        rounds += 1
+    with gc_paused():
+        while timed and rounds < opts.max_reps and (rounds < opts.min_reps or time.perf_counter() - start < budget):
+            for name, (runner, _) in list(timed.items()):
+                try:
+                    times[name].append(_time_one(runner.step, device))
+                except baselines.BudgetExceeded as exc:
+                    rows[name].update(status="timeout", lower_bound_ms=exc.seconds * 1e3,
+                                      note="threshold loop passed the per-call budget during the timed calls")
+                    del timed[name]
+            rounds += 1
     for name in timed:
         ts, row = times[name], rows[name]
         med = statistics.median(ts)
@@ -477,7 +479,9 @@ def run(opts) -> dict:
                     "each; the checked call is the warm-up in --quick and for calls over 0.25 s); "
                     "CPU figures are wall times on a machine that may be shared (see machine.loadavg_* and each "
                     "input's loadavg_before / loadavg_after); CPU: perf_counter; CUDA: CUDA events after a "
-                    "synchronize (host stalls inside a call count)",
+                    "synchronize (host stalls inside a call count); Python's cyclic garbage collector off "
+                    "while timing, after one collection (as timeit does: a collection's pause depends on the "
+                    "whole process's heap, not on the call that triggers it)",
             "syncs": syncs.METHOD + " The library's PyTorch backend on CPU reads values on the host, which is "
                      "free there; its row counts the device path (the code a CUDA tensor runs, forced with "
                      "m2po_ops.inputs.device_path()) and gives the CPU path's reads as cpu_host_reads.",
