@@ -61,6 +61,9 @@ def device_path():
         _device_path_on_cpu = previous
 
 
+_EXPONENT_MASK = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
 def count_true(flags: Tensor) -> Tensor:
     """The number of True entries of a bool tensor (int64 0-d). On the host numpy counts bytes
     several times faster than torch.count_nonzero on CPU; elsewhere it stays on the device."""
@@ -76,6 +79,11 @@ def _all_finite(x: Tensor) -> bool:
     is settled by min and max, which propagate NaN and cannot overflow."""
     if x.numel() == 0:
         return True
+    if _np is not None and x.dtype in _EXPONENT_MASK and x.is_contiguous():
+        # a half type is non-finite exactly when its exponent field is all ones (numpy has no
+        # bfloat16, but it has the bits)
+        bits = x.view(torch.int16).numpy()
+        return int(_np.bitwise_and(bits, 0x7FFF).max()) < _EXPONENT_MASK[x.dtype]
     if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
         return True
     lo, hi = torch.aminmax(x)
