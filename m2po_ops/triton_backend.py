@@ -136,14 +136,20 @@ class _Layout(NamedTuple):
     raw: tuple  # int32 part sizes, each followed by its padding to 16 bytes
 
 
-@functools.lru_cache(maxsize=256)
 def _layout(n: int) -> _Layout:
+    # keyed on the chunk sizes too: they set the partial rows' sizes, and tests change them (the
+    # GPU's select chunks under the interpreter, small chunks to get many programs)
+    return _layout_for(n, SELECT1_CHUNK, SELECT2_CHUNK, TIE_CHUNK, FINAL_CHUNK)
+
+
+@functools.lru_cache(maxsize=256)
+def _layout_for(n: int, select1_chunk: int, select2_chunk: int, tie_chunk: int, final_chunk: int) -> _Layout:
     nblocks = max(1, math.ceil(n / BLOCK))
-    p1, p2 = L1_BUCKETS // SELECT1_CHUNK * K.PART_COLS, L2_BUCKETS // SELECT2_CHUNK * K.PART_COLS
+    p1, p2 = L1_BUCKETS // select1_chunk * K.PART_COLS, L2_BUCKETS // select2_chunk * K.PART_COLS
     # sums, below_max, state1, part1, part2, counters, n_valid, stats_part, apply_part, ties,
     # tie_chunks, final_chunks
     zeroed = [SUMS_LEN, 1, STATE_LEN, p1, p2, 4, 1, nblocks * K.STATS_COLS, nblocks * K.APPLY_COLS, nblocks,
-              math.ceil(nblocks / TIE_CHUNK), math.ceil(nblocks / FINAL_CHUNK) * K.FINAL_COLS]
+              math.ceil(nblocks / tie_chunk), math.ceil(nblocks / final_chunk) * K.FINAL_COLS]
     n_pad = nblocks * BLOCK
     # hist2 (int64 [4, L2]), tail keys / positions / terms, tail counts, keys
     raw = [8 * L2_BUCKETS, n_pad, n_pad, n_pad, nblocks, n]
@@ -192,12 +198,13 @@ class Workspace:
 
     __slots__ = ("n", "zeroed", "sums", "below_max", "state1", "part1", "part2", "counters", "n_valid", "stats_part",
                  "apply_part", "ties", "tie_chunks", "final_chunks", "hist2", "tail_key", "tail_pos", "tail_term",
-                 "tail_cnt", "key", "nblocks", "counter", "res")
+                 "tail_cnt", "key", "nblocks", "counter", "res", "layout")
 
     @staticmethod
     def allocate(n: int, device) -> "Workspace":
         lay = _layout(n)
         ws = Workspace()
+        ws.layout = lay
         buf = torch.empty(lay.total, dtype=torch.int64, device=device)
         ws.zeroed, raw = buf.split(lay.regions)
         _memset(ws.zeroed)
@@ -229,7 +236,7 @@ class Workspace:
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         key = (device, threading.get_ident(), stream)
         ws = _scratch.get(key)
-        if ws is None or ws.n != n:
+        if ws is None or ws.layout is not _layout(n):
             ws = _scratch[key] = Workspace.allocate(n, device)
             return ws
         _memset(ws.zeroed)

@@ -779,6 +779,10 @@ def test_calls_of_one_size_share_scratch_but_each_keeps_its_results(variant, dev
     assert tb.Workspace.for_call(first[0].numel(), first[0].device) is ws  # the scratch is reused
     big = tb.SCRATCH_CACHE_TOKENS + 1
     assert tb.Workspace.for_call(big, first[0].device) is not tb.Workspace.for_call(big, first[0].device)
+    with pytest.MonkeyPatch.context() as m:  # other chunk sizes: other partial rows, not the cached scratch
+        m.setattr(tb, "SELECT2_CHUNK", tb.SELECT2_CHUNK // 2)
+        other = tb.Workspace.for_call(first[0].numel(), first[0].device)
+        assert other is not ws and other.part2.shape[0] == 2 * ws.part2.shape[0]
 
     def call(lp, olp, adv, mask, backend):
         leaf = lp.detach().clone().requires_grad_(True)
