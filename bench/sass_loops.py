@@ -158,28 +158,25 @@ def _rule_search(ctx):
                 how=f"range(SEARCH_STEPS) = {steps} (module constexpr)")
 
 
-def _rule_tie_scan(ctx):
+def _chunk_rows(ctx, programs_key: str, chunk_name: str, unit: str) -> dict:
+    """A last program's read of the chunk rows: range(0, programs, CHUNK), programs = the grid."""
     lim = ctx.limits()
     chunk = ctx.meta["CHUNK"]
     programs = ctx.grid[0]
     trips = math.ceil(programs / chunk)
-    worst = math.ceil(lim["tie_programs"] / chunk)
-    return dict(trips=trips, worst=worst, items=chunk, unit="lanes (chunk totals, <= programs of them loaded)",
-                how=f"range(0, programs, CHUNK): programs = grid = ceil(nblocks / TIE_CHUNK) = {programs} here, "
+    worst = math.ceil(lim[programs_key] / chunk)
+    return dict(trips=trips, worst=worst, items=chunk, unit=unit,
+                how=f"range(0, programs, CHUNK): programs = grid = ceil(nblocks / {chunk_name}) = {programs} here, "
                     f"ceil({programs} / {chunk}) = {trips}; worst: {lim['max_tokens']} tokens -> {lim['nblocks']} "
-                    f"blocks -> {lim['tie_programs']} programs -> {worst} trip(s)")
+                    f"blocks -> {lim[programs_key]} programs -> {worst} trip(s)")
+
+
+def _rule_tie_scan(ctx):
+    return _chunk_rows(ctx, "tie_programs", "TIE_CHUNK", "lanes (chunk totals, <= programs of them loaded)")
 
 
 def _rule_finish(ctx):
-    lim = ctx.limits()
-    chunk = ctx.meta["CHUNK"]
-    programs = ctx.grid[0]
-    trips = math.ceil(programs / chunk)
-    worst = math.ceil(lim["final_programs"] / chunk)
-    return dict(trips=trips, worst=worst, items=chunk, unit="lanes (chunk rows of 8 loads, <= programs loaded)",
-                how=f"range(0, programs, CHUNK): programs = grid = ceil(nblocks / FINAL_CHUNK) = {programs} here, "
-                    f"ceil({programs} / {chunk}) = {trips}; worst: {lim['max_tokens']} tokens -> {lim['nblocks']} "
-                    f"blocks -> {lim['final_programs']} programs -> {worst} trips")
+    return _chunk_rows(ctx, "final_programs", "FINAL_CHUNK", "lanes (chunk rows of 8 loads, <= programs loaded)")
 
 
 def _rule_first_valid(ctx):
