@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test bench bench-quick bench-pytest gpu-check clean
+.PHONY: venv venv-int test test-integrations bench bench-quick bench-pytest gpu-check clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,25 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The trainer integrations against the real packages (verl 0.9.1), in a venv of their own so that
+# the core one never holds them. The constraints file holds the core pins (torch 2.13.0: the CPU
+# wheel; numpy<2.4) against what verl and its dependencies would otherwise pull.
+VENV_INT ?= .venv-int
+PY_INT := $(VENV_INT)/bin/python
+STAMP_INT := $(VENV_INT)/.installed
+
+venv-int: $(STAMP_INT)
+
+$(STAMP_INT): requirements-integrations.txt constraints-integrations.txt setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV_INT)
+	$(PY_INT) -m pip install -q --upgrade pip
+	$(PY_INT) -m pip install -q -c constraints-integrations.txt -r requirements-integrations.txt
+	$(PY_INT) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP_INT)
+
+test-integrations: $(STAMP_INT)
+	$(PY_INT) -m pytest -q tests/integrations
 
 bench: $(STAMP)
 	$(PY) -m bench.run
@@ -31,4 +50,4 @@ gpu-check:  # on a GPU machine: everything only a GPU shows (without CUDA: a dry
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_INT) build *.egg-info
