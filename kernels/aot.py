@@ -240,6 +240,7 @@ def compile_all(archs=(80, 90)):
                 forbidden = [op for op in FORBIDDEN_PTX if op in ptx]
                 row.update(registers=reg, spill_stack=stack, shared=shared, shared_limit=SHARED_LIMIT[arch],
                            forbidden_ptx=forbidden, sqrt_rn_f64="sqrt.rn.f64" in ptx,
+                           fma_f64=len(re.findall(r"\bfma\.rn\.f64", ptx)),
                            vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
                            ok=stack == 0 and shared <= SHARED_LIMIT[arch] and not forbidden)
             except Exception as exc:  # report every failure, not only the first

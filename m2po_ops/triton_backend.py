@@ -66,8 +66,12 @@ APPLY_MAXNREG = 128
 SELECT_WARPS = 8
 # ptxas settled on 64 registers for the select kernels at 8 warps and spilled a register in the
 # last program's walk (sm_90); with this budget it spills nothing (the AOT spill check)
-SELECT_MAXNREG = 128  # select kernels also run without FMA contraction: their float64 tests are
-# written as separate multiplies and adds (as the PyTorch description and the authors' code)
+SELECT_MAXNREG = 128
+# Every kernel with float arithmetic runs without FMA contraction (enable_fp_fusion=False): the
+# select kernels' float64 tests are written as separate multiplies and adds (as the PyTorch
+# description and the authors' code); stats / apply_official's float64 exp polynomial and
+# finalize's reciprocal Newton steps were verified (against torch, on every count up to 2**17)
+# as the interpreter runs them, unfused; and the token terms then round as torch's CPU ops do.
 # Buckets per program of select1 / select2 on the GPU (m2po_ops/histogram.py): each program reads
 # its chunk and the last one one more, so no program scans more than ~4096 values. Under the
 # interpreter every program and every scalar step is a Python call: one program there
@@ -365,7 +369,7 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional
         OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
         FIRST_PER_ROW=tok.first_per_row, WEIGHTS=code, WRITE_KEEP=keep is not None, WRITE_KEYS=write_keys,
         NB1=L1_BUCKETS, NLIMB=_nlimb(config), BLOCK=BLOCK, INTERP=INTERPRET, num_warps=STATS_WARPS,
-        maxnreg=STATS_MAXNREG,
+        maxnreg=STATS_MAXNREG, enable_fp_fusion=False,
     )
 
 
@@ -425,7 +429,7 @@ def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Opt
                 cut.ties_kept, ws.ties, ws.tie_chunks, poison, grad if grad is not None else ws.zero,
                 keep if keep is not None else ws.zero, ws.apply_part, KEEP_ALL=KEEP_ALL_BITS,
                 WRITE_GRAD=grad is not None, WRITE_KEEP=keep is not None, TIE_CHUNK=TIE_CHUNK, BLOCK=BLOCK,
-                num_warps=TOKEN_WARPS)
+                num_warps=TOKEN_WARPS, enable_fp_fusion=False)
         return
     lower_u, upper_u = unconstrained_bounds(config.miniclip_low, config.miniclip_high)
     mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
@@ -434,7 +438,8 @@ def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Opt
             mask, weights if weights is not None else ws.zero, poison, cut.lower, cut.upper, lower_u, upper_u,
             grad if grad is not None else ws.zero, keep if keep is not None else ws.zero, ws.apply_part, tok.numel,
             HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row, WEIGHTS=code,
-            WRITE_KEEP=keep is not None, BLOCK=BLOCK, num_warps=APPLY_WARPS, maxnreg=APPLY_MAXNREG)
+            WRITE_KEEP=keep is not None, BLOCK=BLOCK, num_warps=APPLY_WARPS, maxnreg=APPLY_MAXNREG,
+            enable_fp_fusion=False)
 
 
 def finalize(config: M2POConfig, ws: Workspace, want_loss: bool, num_tokens=None,
@@ -449,7 +454,7 @@ def finalize(config: M2POConfig, ws: Workspace, want_loss: bool, num_tokens=None
             weights, bits = K.W_SCALAR, f64_bits(num_tokens)
     _launch(K.finalize_kernel, (math.ceil(ws.nblocks / FINAL_CHUNK),), ws.stats_part, ws.apply_part, ws.final_chunks,
             ws.counter[3], denom, bits, ws.out, ws.nblocks, OFFICIAL=config.variant == "official",
-            WEIGHTS=weights, STATS_COLS=K.STATS_COLS, CHUNK=FINAL_CHUNK)
+            WEIGHTS=weights, STATS_COLS=K.STATS_COLS, CHUNK=FINAL_CHUNK, enable_fp_fusion=False)
 
 
 def metrics_from(out, cut: Cut, variant: str, zero: Tensor) -> dict:

@@ -89,6 +89,17 @@ def test_no_approximate_divide_or_square_root(aot_report):
     assert official_select2 and all(r["sqrt_rn_f64"] for r in official_select2)
 
 
+def test_no_contracted_float64_multiply_add(aot_report):
+    """The float64 arithmetic (the official ratio's exp polynomial, the reciprocal's Newton steps,
+    the select kernels' budget tests) is the sequence of separately rounded operations the
+    interpreter runs and the tests verify; ptxas would otherwise contract a * b + c into one fma
+    (128 of them in stats and apply_official, 5 in finalize), another rounding than the tested
+    one."""
+    fused = [f"{r['arch']} {r['kernel']}: {r['fma_f64']}" for r in aot_report if r.get("fma_f64")]
+    assert not fused, "\n".join(fused)
+    assert all("fma_f64" in r for r in aot_report if r.get("ok"))
+
+
 def test_full_blocks_load_vectors(aot_report):
     """Token counts are not specialised, so a bounds mask `offs < n` would make every access a
     single-element one; full blocks run without it. Every token kernel reading float32 inputs
