@@ -3,8 +3,8 @@
 The interpreter runs a launch's programs one after another in index order; a GPU runs them
 concurrently in no fixed order, so the program that finishes a chunked pass (the last to
 arrive: select1, select2, tie_scan, finalize) can be any of them. Here the interpreter's grid
-order is reversed or shuffled, with the GPU's select chunks and small tie_scan / finalize chunks
-so that every chunked pass has several programs, and the results must equal those of index order
+order is reversed or shuffled, with chunk sizes that give every chunked pass several programs
+(4 per select kernel, 3 for tie_scan and finalize), and the results must equal those of index order
 bit for bit (loss, gradient, metrics) and agree with the PyTorch backend (masked count, which
 tokens get a zero gradient, loss and gradient values).
 """
@@ -29,8 +29,10 @@ SHAPE = (6, 1000)  # 6 blocks of 1,024 tokens: 3 tie_scan and 3 finalize program
 
 @pytest.fixture(autouse=True)
 def _many_programs(monkeypatch):
-    monkeypatch.setattr(tb, "SELECT1_CHUNK", histogram.SELECT_CHUNK)
-    monkeypatch.setattr(tb, "SELECT2_CHUNK", histogram.LEVEL2_CHUNK)
+    # 4 programs per select kernel (the GPU runs 32 and 128; the hand-off is the same, and the
+    # interpreter pays per program)
+    monkeypatch.setattr(tb, "SELECT1_CHUNK", histogram.L1_BUCKETS // 4)
+    monkeypatch.setattr(tb, "SELECT2_CHUNK", histogram.L2_BUCKETS // 4)
     monkeypatch.setattr(tb, "TIE_CHUNK", 2)
     monkeypatch.setattr(tb, "FINAL_CHUNK", 2)
     monkeypatch.setattr(common, "INTERP_AGGREGATE", triton.language.constexpr(False))  # the GPU's paths
