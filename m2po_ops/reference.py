@@ -431,7 +431,8 @@ def _keep_paper_host(bits: Optional[Tensor], tr: Tensor, valid: Tensor, cut: Cut
     if value == KEEP_ALL_BITS:
         return valid, torch.zeros(0, dtype=torch.int64)
     if host is not None:
-        at = _flatnonzero(torch.from_numpy(host.keys.numpy() >= value) if np is not None else host.keys >= value)
+        at = torch.from_numpy(np.flatnonzero(host.keys.numpy() >= value)) if np is not None else \
+            _flatnonzero(host.keys >= value)
         cand, cand_bits = host.index[at], host.keys[at]
     else:
         cand = _flatnonzero(bits >= value)

@@ -200,7 +200,7 @@ class Workspace:
     computed once per token count (``_layout``); ``for_call`` reuses the scratch of small calls.
     """
 
-    __slots__ = ("n", "zeroed", "sums", "below_max", "state1", "part1", "part2", "counters", "n_valid", "stats_part",
+    __slots__ = ("zeroed", "sums", "below_max", "state1", "part1", "part2", "counters", "n_valid", "stats_part",
                  "apply_part", "ties", "tie_chunks", "final_chunks", "hist2", "tail_key", "tail_pos", "tail_term",
                  "tail_cnt", "key", "nblocks", "counter", "res", "layout")
 
@@ -225,7 +225,7 @@ class Workspace:
         ws.final_chunks = final_chunks.view(torch.float64)
         ws.below_max, ws.n_valid = ws.below_max.view(()), ws.n_valid.view(())
         ws.counter = ws.counters.split(1)  # select1, select2, tie_scan, finalize
-        ws.n, ws.nblocks, ws.res = n, lay.nblocks, Results(device)
+        ws.nblocks, ws.res = lay.nblocks, Results(device)
         return ws
 
     @staticmethod
