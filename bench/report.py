@@ -200,7 +200,9 @@ def host_path_line(data: dict) -> str:
         return f"host path of the fused backend: not measured ({h['error'][:200]})"
     return (f"host path of the fused backend ({h['n_tokens']} tokens, {h['dtype']}, kernels stubbed, forward+backward, "
             f"median of {h['calls']} calls): {h['fused_us']:.0f} us, plain eager GRPO loss {h['eager_us']:.0f} us: "
-            f"{h['ratio']:.2f}x (goal <= 0.6x)")
+            f"{h['ratio']:.2f}x (goal <= 0.6x)"
+            + (f"; an empty autograd.Function alone: {h['function_floor_us']:.0f} us ({h['function_floor_ratio']:.2f}x)"
+               if "function_floor_us" in h else ""))
 
 
 def _summary(data: dict, names: list) -> str:

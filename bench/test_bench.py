@@ -112,6 +112,7 @@ def test_host_path_measure_runs():
     assert set(h) >= {"n_tokens", "calls", "fused_us", "eager_us", "ratio", "launches_per_call"}
     assert h["n_tokens"] == 4096 and h["calls"] == 3 and h["fused_us"] > 0 and h["eager_us"] > 0
     assert h["launches_per_call"] > 0 and h["ratio"] == h["fused_us"] / h["eager_us"]
+    assert 0 < h["function_floor_us"] and h["function_floor_ratio"] == h["function_floor_us"] / h["eager_us"]
 
 
 def test_round_robin_timing_and_load_are_recorded(tmp_path):
