@@ -1,5 +1,6 @@
 """The README's code blocks marked runnable run as written: the quickstart alone, the drop-in
-training loop with a tiny policy, loader, optimizer and log standing in for the trainer's."""
+training loop (its memory-light log-probs included) with a tiny policy, loader, optimizer and
+log standing in for the trainer's."""
 
 from __future__ import annotations
 
@@ -31,15 +32,19 @@ def test_the_quickstart_runs_as_written(capsys):
 
 
 class _TinyPolicy(torch.nn.Module):
-    """A causal LM stand-in: embeddings straight to logits."""
+    """A causal LM stand-in laid out as Hugging Face's: ``.model`` (the backbone, returning
+    ``last_hidden_state``: here embeddings) and ``.lm_head`` (no bias), logits from both."""
 
     def __init__(self, vocab=11, dim=8):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, dim)
-        self.head = torch.nn.Linear(dim, vocab)
+        self.lm_head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def model(self, input_ids):
+        return SimpleNamespace(last_hidden_state=self.embed(input_ids))
 
     def forward(self, input_ids):
-        return SimpleNamespace(logits=self.head(self.embed(input_ids)))
+        return SimpleNamespace(logits=self.lm_head(self.model(input_ids).last_hidden_state))
 
 
 def test_the_drop_in_loop_runs_with_a_trainers_objects():
@@ -64,3 +69,24 @@ def test_the_drop_in_loop_runs_with_a_trainers_objects():
     assert len(logged) == 3 and all(isinstance(v, float) for v in logged[0].values())
     assert "m2" in logged[0] and "masked_fraction" in logged[0]
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))  # it trained
+
+
+def test_the_drop_in_log_probs_are_the_dense_log_softmax():
+    """The loop's chunked ``token_logprobs`` (several slices here) gives the dense
+    log_softmax(logits).gather values and the same gradients on the hidden states and the head."""
+    loop = _runnable_blocks()[1]
+    namespace = {}
+    exec(compile(loop.split("for batch in loader")[0], "README drop-in helpers", "exec"), namespace)
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 100, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    actions = torch.randint(0, 50, (3, 100), generator=g)
+    upstream = torch.randn(3, 100, generator=g, dtype=torch.float64)
+    chunked = namespace["token_logprobs"](hidden, weight, actions)  # 300 tokens: 3 slices of 128
+    (gh, gw) = torch.autograd.grad((chunked * upstream).sum(), (hidden, weight))
+    dense = torch.log_softmax(hidden @ weight.T, -1).gather(-1, actions[..., None])[..., 0]
+    (dh, dw) = torch.autograd.grad((dense * upstream).sum(), (hidden, weight))
+    # the helper computes in float32 (.float()), so float32 agreement
+    torch.testing.assert_close(chunked, dense.float(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(gh, dh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, dw, rtol=1e-4, atol=1e-5)
