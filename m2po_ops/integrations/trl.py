@@ -9,8 +9,8 @@ TRL has no loss registry: the trainer overrides ``GRPOTrainer._compute_loss``. F
 docs/trl.md. What shapes the design (TRL 1.16.0):
 
 - **The behaviour policy.** ``_compute_loss`` gets ``old_per_token_logps`` when TRL computed
-  them at generation time (with the generating parameters: when the data is reused, or with
-  vLLM's importance-sampling correction), ``sampling_per_token_logps`` when vLLM or a
+  them at generation time (with the generating parameters: when the data outlives an optimizer
+  step, or with vLLM's importance-sampling correction), ``sampling_per_token_logps`` when vLLM or a
   ``rollout_func`` returned the engine's own log-probs, and neither otherwise. Without either,
   the data is fresh: TRL takes the current log-probs (detached) as the old ones, the ratio is
   exactly 1, and M2PO masks nothing. ``m2po_behavior`` picks the source (``_behavior``).

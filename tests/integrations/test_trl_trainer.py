@@ -214,8 +214,9 @@ def test_per_micro_batch_option_masks_each_micro_batch(ex, tmp_path, monkeypatch
     ("tau", -0.1, ValueError), ("tau", float("nan"), ValueError), ("tau", "0.04", TypeError),
     ("variant", "ppo", ValueError), ("miniclip_low", 0.3, ValueError),  # the paper rule has no clip
     ("m2po_behavior", "vllm", ValueError), ("m2po_backend", "cuda", ValueError), ("m2po_exact", 1, TypeError),
-    ("loss_type", "grpo", ValueError), ("beta", 0.04, ValueError), ("importance_sampling_level", "sequence", ValueError),
-    ("top_entropy_quantile", 0.2, ValueError), ("off_policy_mask_threshold", 0.5, ValueError),
+    ("loss_type", "grpo", ValueError), ("beta", 0.04, ValueError),
+    ("importance_sampling_level", "sequence", ValueError), ("top_entropy_quantile", 0.2, ValueError),
+    ("off_policy_mask_threshold", 0.5, ValueError), ("entropy_coef", 0.1, ValueError),
 ])
 def test_config_errors_name_the_argument(tmp_path, field, value, exc):
     """M2POGRPOConfig raises naming the argument for a bad M2PO value or a GRPO setting the M2PO
