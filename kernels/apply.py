@@ -7,8 +7,12 @@ the tokens above the cut value, and the tied ones past ties_kept in token order,
 derivative and keep = False; their terms and count go to per-block partials. Exits at once
 when nothing is masked (the common case), and reads only the tail's bytes otherwise.
 apply_official_kernel: when the solved clip bounds differ from the unconstrained ones stats
-used, one more read of the inputs recomputes every token with the solved bounds; otherwise it
-exits at once.
+used (otherwise it exits at once), a token's outputs change only if its ratio lies outside the
+solved bounds. Those are normally all in stats' compacted wide tail (the valid tokens with m2
+above the threshold, trust region or not), and stats' ratio extremes of the other tokens say
+whether they are: then only the wide tail is gathered and recomputed, its changes to the loss
+terms and clipped count added to stats' partials; else one more read of the inputs recomputes
+every token.
 finalize_kernel: per-block partials to the loss, the backward scale and the metrics, in a fixed
 order (deterministic, no float atomics): one program per FINAL_CHUNK blocks, the last to arrive
 adding the chunk rows.
@@ -17,7 +21,8 @@ adding the chunk rows.
 import triton
 import triton.language as tl
 
-from .common import as_f64, in_bounds, last_to_arrive, load_tokens, official_terms, ratio_f32, reciprocal_f32
+from .common import (as_f64, gather_tokens, in_bounds, last_to_arrive, load_tokens, official_terms, ratio_f32,
+                     reciprocal_f32)
 
 # weights
 W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = 0, 1, 2, 3, 4
@@ -63,25 +68,112 @@ def fix_paper_kernel(
 
 
 @triton.jit(do_not_specialize=["adv_div", "lower_u_bits", "upper_u_bits", "n"],
-            do_not_specialize_on_alignment=["poison_ptr", "lower_ptr", "upper_ptr"])
+            do_not_specialize_on_alignment=["poison_ptr", "lower_ptr", "upper_ptr", "ratio_range_ptr"])
 def apply_official_kernel(
     lp_ptr, olp_ptr, adv_ptr, adv_div: tl.int64, mask_ptr, w_ptr, poison_ptr, lower_ptr, upper_ptr,
-    lower_u_bits: tl.int64, upper_u_bits: tl.int64, grad_ptr, keep_ptr, part_ptr, n: tl.int64,
+    lower_u_bits: tl.int64, upper_u_bits: tl.int64, ratio_range_ptr, tail_pos_ptr, tail_cnt_ptr, grad_ptr, keep_ptr,
+    part_ptr, n: tl.int64,
     HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """stats wrote every token's outputs under the unconstrained bounds [lower_u, upper_u]; make
+    them those of the solved bounds [lower, upper]. A token whose ratio lies inside both
+    intervals gets the same outputs from either (the clamp is the identity: not clipped, the
+    derivative -A r), and stats recorded the extreme ratios of the tokens outside its compacted
+    wide tail. So:
+    - the bounds are the unconstrained ones: nothing to do (every program returns at once);
+    - those extremes lie inside both intervals (the common case: the solved tau_c is at least
+      about sqrt(thr), the wide tail holds every |delta| above that): only the block's wide tail
+      is recomputed, its outputs written in place and its loss terms' and clipped count's
+      change stored as corrections to stats' partials (the flag column stays 0);
+    - else (a first hit at the tail's first token, a tau_c of 0, a process group's or a given
+      cut's narrower bounds): every token of the block, its partials replacing stats' (flag 1).
+    """
     lower = tl.load(lower_ptr)
     upper = tl.load(upper_ptr)
     same = (lower.to(tl.int32, bitcast=True) == lower_u_bits.to(tl.int32)) & (
         upper.to(tl.int32, bitcast=True) == upper_u_bits.to(tl.int32))
-    if not same:  # the solved bounds differ from those stats used: recompute every token
+    if not same:  # the solved bounds differ from those stats used
+        lower_u = lower_u_bits.to(tl.int32).to(tl.float32, bitcast=True)
+        upper_u = upper_u_bits.to(tl.int32).to(tl.float32, bitcast=True)
+        # (no token: the minimum decodes to inf, the maximum to 0)
+        r_min = (0x7F800000 - tl.load(ratio_range_ptr)).to(tl.int32).to(tl.float32, bitcast=True)
+        r_max = tl.load(ratio_range_ptr + 1).to(tl.int32).to(tl.float32, bitcast=True)
+        # inside both intervals: the solved bounds lie inside the unconstrained ones except
+        # for a tau_c above ln(1e5) (then upper > upper_u), where this still holds exactly
+        tail_only = (r_min >= lower) & (r_min >= lower_u) & (r_max <= upper) & (r_max <= upper_u)
         pid = tl.program_id(0)
-        if (pid.to(tl.int64) + 1) * BLOCK <= n:
-            _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper, grad_ptr,
-                            keep_ptr, part_ptr, n, pid, HAS_MASK, ADV_PER_ROW, WEIGHTS, WRITE_KEEP, BLOCK, True)
-        else:
-            _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper, grad_ptr,
-                            keep_ptr, part_ptr, n, pid, HAS_MASK, ADV_PER_ROW, WEIGHTS, WRITE_KEEP, BLOCK, False)
+        whole = ~tail_only
+        if tail_only:
+            whole = _official_tail(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper,
+                                   lower_u, upper_u, tail_pos_ptr, tail_cnt_ptr, grad_ptr, keep_ptr, part_ptr, pid,
+                                   HAS_MASK, ADV_PER_ROW, WEIGHTS, WRITE_KEEP, BLOCK)
+        if whole:
+            if (pid.to(tl.int64) + 1) * BLOCK <= n:
+                _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper,
+                                grad_ptr, keep_ptr, part_ptr, n, pid, HAS_MASK, ADV_PER_ROW, WEIGHTS, WRITE_KEEP,
+                                BLOCK, True)
+            else:
+                _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper,
+                                grad_ptr, keep_ptr, part_ptr, n, pid, HAS_MASK, ADV_PER_ROW, WEIGHTS, WRITE_KEEP,
+                                BLOCK, False)
+
+
+@triton.jit
+def _weighted(loss, grad, valid, w_ptr, offs, inb, poison, WEIGHTS: tl.constexpr):
+    """(term, derivative) of tokens as stats_kernel weights them: per-token weights plus the
+    poison, or (token-mean) times 1 + poison, which is exactly 1, or NaN."""
+    if WEIGHTS == 4:
+        w = tl.where(valid, tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32) + poison, 0.0)
+        term = w * loss
+        grad = w * grad
+    else:
+        term = tl.where(valid, loss * (1.0 + poison), 0.0)
+        grad = tl.where(valid, grad * (1.0 + poison), 0.0)
+    return term, grad
+
+
+@triton.jit
+def _official_tail(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper, lower_u, upper_u,
+                   tail_pos_ptr, tail_cnt_ptr, grad_ptr, keep_ptr, part_ptr, pid, HAS_MASK: tl.constexpr,
+                   ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """The block's wide tail (stats' compacted list: valid tokens with m2 above the threshold)
+    under both bounds: the solved outputs written at their positions, the corrections (new
+    minus old terms, float64; new minus old clipped count) to the partial row. Returns True,
+    having written nothing, when one of these tokens had a non-finite term in stats (a ratio
+    past float32's range, an infinite weight) and the inputs are not poisoned: inf - inf
+    would make the correction NaN, so the block is recomputed whole instead. (Poisoned, every
+    term is NaN and so is the right loss.)"""
+    whole = tl.zeros((), tl.int1)
+    cnt = tl.load(tail_cnt_ptr + pid)
+    if cnt > 0:
+        j = tl.arange(0, BLOCK)
+        at = pid.to(tl.int64) * BLOCK + j
+        inside = j < cnt
+        offs = pid.to(tl.int64) * BLOCK + tl.load(tail_pos_ptr + at, mask=inside, other=0)
+        lp, olp, adv, valid, _ = gather_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, inside, HAS_MASK,
+                                               ADV_PER_ROW)
+        delta = tl.where(valid, lp - olp, 0.0)
+        adv = tl.where(valid, adv, 0.0)
+        ratio = ratio_f32(delta)
+        loss_u, _, clipped_u = official_terms(adv, ratio, valid, lower_u, upper_u)  # what stats computed
+        loss, grad, clipped = official_terms(adv, ratio, valid, lower, upper)
+        if WEIGHTS != 0:
+            poison = tl.load(poison_ptr)
+            term_u, _ = _weighted(loss_u, loss_u, valid, w_ptr, offs, inside, poison, WEIGHTS)
+            term, grad = _weighted(loss, grad, valid, w_ptr, offs, inside, poison, WEIGHTS)
+            whole = (tl.sum(((term_u - term_u) != 0).to(tl.int32)) > 0) & (poison == poison)
+        if not whole:
+            if WRITE_KEEP:
+                tl.store(keep_ptr + offs, valid & ~clipped, mask=inside)
+            row = part_ptr + pid.to(tl.int64) * _APPLY_COLS
+            if WEIGHTS != 0:
+                tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
+                tl.store(row, tl.sum(term.to(tl.float64)) - tl.sum(term_u.to(tl.float64)))
+            tl.store(row + 1, (tl.sum((valid & clipped).to(tl.int64)) - tl.sum((valid & clipped_u).to(tl.int64)))
+                     .to(tl.float64))
+    return whole
 
 
 @triton.jit
@@ -99,14 +191,7 @@ def _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_p
         tl.store(keep_ptr + offs, valid & ~clipped, mask=inb)
     row = part_ptr + pid.to(tl.int64) * _APPLY_COLS
     if WEIGHTS != 0:  # (the same weighting as stats_kernel)
-        poison = tl.load(poison_ptr)
-        if WEIGHTS == 4:
-            w = tl.where(valid, tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32) + poison, 0.0)
-            term = w * loss
-            grad = w * grad
-        else:
-            term = tl.where(valid, loss * (1.0 + poison), 0.0)
-            grad = tl.where(valid, grad * (1.0 + poison), 0.0)
+        term, grad = _weighted(loss, grad, valid, w_ptr, offs, inb, tl.load(poison_ptr), WEIGHTS)
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inb)
         tl.store(row, tl.sum(term.to(tl.float64)))
     tl.store(row + 1, tl.sum((valid & clipped).to(tl.int64)).to(tl.float64))
@@ -128,9 +213,11 @@ def finalize_kernel(stats_ptr, apply_ptr, chunk_ptr, counter_ptr, denom_ptr, den
     row = stats_ptr + b * STATS_COLS
     arow = apply_ptr + b * _APPLY_COLS
     fixed = tl.load(arow + 2, mask=inb, other=0.0) != 0.0  # official: the block was recomputed
-    if OFFICIAL:  # the recomputed blocks' terms replace stats'
-        loss = tl.where(fixed, tl.load(arow + 0, mask=inb, other=0.0), tl.load(row + 6, mask=inb, other=0.0))
-        masked = tl.where(fixed, tl.load(arow + 1, mask=inb, other=0.0), tl.load(row + 7, mask=inb, other=0.0))
+    if OFFICIAL:  # a wholly recomputed block's terms replace stats', a wide tail's corrections add
+        a_loss = tl.load(arow + 0, mask=inb, other=0.0)
+        a_masked = tl.load(arow + 1, mask=inb, other=0.0)
+        loss = tl.where(fixed, a_loss, tl.load(row + 6, mask=inb, other=0.0) + a_loss)
+        masked = tl.where(fixed, a_masked, tl.load(row + 7, mask=inb, other=0.0) + a_masked)
     else:  # the masked tail's terms are taken back out
         loss = tl.load(row + 6, mask=inb, other=0.0) - tl.load(arow + 0, mask=inb, other=0.0)
         masked = tl.load(arow + 1, mask=inb, other=0.0)

@@ -188,7 +188,15 @@ def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: 
     nonzero (any dtype) and log-probs and advantage are finite. Returns
     (lp, olp, adv, valid, nonfinite) where nonfinite marks masked-in tokens with inf/NaN.
     ADV_PER_ROW: advantages hold one value per row of adv_div tokens (else one per token)."""
-    inb = in_bounds(offs, n, FULL)
+    return gather_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, in_bounds(offs, n, FULL), HAS_MASK,
+                         ADV_PER_ROW)
+
+
+@triton.jit
+def gather_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, inb, HAS_MASK: tl.constexpr,
+                  ADV_PER_ROW: tl.constexpr):
+    """load_tokens at any token positions ``offs`` (lanes where ``inb`` is false load nothing
+    and are not valid): apply_official's gather of the compacted tail."""
     lp = tl.load(lp_ptr + offs, mask=inb, other=0.0)
     olp = tl.load(olp_ptr + offs, mask=inb, other=0.0)
     if ADV_PER_ROW:

@@ -6,7 +6,10 @@ the threshold add to the below part (count, exact limb sum, and for the official
 maximum key), the tail above it to the level-1 histogram. Every histogram and sum update is an
 int64 atomic (any order gives the same bits), pre-aggregated in the block so that an address
 gets at most one atomic per block. Per-block metric partials are written, not atomically
-added, so their sum is deterministic.
+added, so their sum is deterministic. The official rule compacts a wider list than the tail
+it orders (every valid token above the threshold, its key -1 outside the trust region) and
+the extreme ratios of the valid tokens outside it: with those, apply_official_kernel redoes
+only that list under the solved clip bounds.
 level2_kernel: level-2 histograms of the one or two level-1 buckets select1 chose, from the
 tail keys; exits at once when select1 found nothing to refine (the common case).
 ties_kernel: per-block counts of tail keys equal to the paper cut's value, for the tie rule;
@@ -65,12 +68,12 @@ def first_valid_kernel(
 
 
 @triton.jit(do_not_specialize=["adv_div", "first_div", "first_mul", "thr", "lower_u_bits", "upper_u_bits", "n"],
-            do_not_specialize_on_alignment=["poison_ptr", "n_valid_ptr", "below_max_ptr"])
+            do_not_specialize_on_alignment=["poison_ptr", "n_valid_ptr", "below_max_ptr", "ratio_range_ptr"])
 def stats_kernel(
     lp_ptr, olp_ptr, adv_ptr, adv_div: tl.int64, first_ptr, first_div: tl.int64, first_mul: tl.int64, mask_ptr,
     w_ptr, poison_ptr, grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr,
-    sums_ptr, below_max_ptr, thr: tl.int64, lower_u_bits: tl.int64, upper_u_bits: tl.int64, part_ptr, n_valid_ptr,
-    n: tl.int64,
+    sums_ptr, below_max_ptr, ratio_range_ptr, thr: tl.int64, lower_u_bits: tl.int64, upper_u_bits: tl.int64,
+    part_ptr, n_valid_ptr, n: tl.int64,
     OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
     WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr, WRITE_KEYS: tl.constexpr, NB1: tl.constexpr,
     NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
@@ -80,7 +83,10 @@ def stats_kernel(
     surrogate's under the unconstrained bounds lower_u / upper_u) and, when asked, keep and the
     keys; per block, the tail compacted in token order (tail_key / tail_pos / tail_term at the
     block's offset, tail_cnt) for the passes that only look at the tail, the split's sums
-    (sums_ptr: m2po_ops.histogram's SUMS layout) and the metric partials.
+    (sums_ptr: m2po_ops.histogram's SUMS layout) and the metric partials. Official: the
+    compacted list is the wide tail (tail_key -1 for its tokens outside the trust region, no
+    tail_term), and ratio_range_ptr[0:2] gets max(0x7F800000 - ratio bits) and max(ratio bits)
+    over the valid tokens outside it (0: none), for apply_official_kernel.
 
     WEIGHTS: 0 no loss (mask only); 1 token-mean (the 1 / denominator scale is applied by
     finalize and in backward); 4 per-token weights at w_ptr. poison_ptr: float32 0-d, 0 or NaN
@@ -90,15 +96,15 @@ def stats_kernel(
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
         bits, tail = _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr,
                                   poison_ptr, grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr,
-                                  tail_cnt_ptr, sums_ptr, below_max_ptr, thr, lower_u_bits, upper_u_bits, part_ptr,
-                                  n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, WEIGHTS,
-                                  WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP, True)
+                                  tail_cnt_ptr, sums_ptr, below_max_ptr, ratio_range_ptr, thr, lower_u_bits,
+                                  upper_u_bits, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW,
+                                  FIRST_PER_ROW, WEIGHTS, WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP, True)
     else:
         bits, tail = _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr,
                                   poison_ptr, grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr,
-                                  tail_cnt_ptr, sums_ptr, below_max_ptr, thr, lower_u_bits, upper_u_bits, part_ptr,
-                                  n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW, FIRST_PER_ROW, WEIGHTS,
-                                  WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP, False)
+                                  tail_cnt_ptr, sums_ptr, below_max_ptr, ratio_range_ptr, thr, lower_u_bits,
+                                  upper_u_bits, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW,
+                                  FIRST_PER_ROW, WEIGHTS, WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP, False)
     # the tail's level-1 histogram, once for both block kinds (the in-block sort is large code)
     add_aggregated(sums_ptr, sums_ptr + NB1, bits >> L1_SHIFT, significand(bits), tail, BLOCK)
 
@@ -107,7 +113,7 @@ def stats_kernel(
 def _stats_block(
     lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr, poison_ptr,
     grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr, sums_ptr,
-    below_max_ptr, thr, lower_u_bits, upper_u_bits, part_ptr, n_valid_ptr, n, pid,
+    below_max_ptr, ratio_range_ptr, thr, lower_u_bits, upper_u_bits, part_ptr, n_valid_ptr, n, pid,
     OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
     WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr, WRITE_KEYS: tl.constexpr, NB1: tl.constexpr,
     NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, FULL: tl.constexpr,
@@ -162,13 +168,36 @@ def _stats_block(
     # the threshold split: the tail, compacted in token order, and its histogram; the sums
     tail = trust & (bits > thr)
     n_tail = tl.sum(tail.to(tl.int32))
-    tl.store(tail_cnt_ptr + pid, n_tail)
-    if n_tail > 0:
-        at = pid.to(tl.int64) * BLOCK + tl.cumsum(tail.to(tl.int32), 0) - 1
-        tl.store(tail_key_ptr + at, bits, mask=tail)
-        tl.store(tail_pos_ptr + at, tl.arange(0, BLOCK), mask=tail)
-        if not OFFICIAL:
+    if OFFICIAL:
+        # The compacted list is the *wide* tail: every valid token above the threshold, in the
+        # trust region or not. A token outside it has m2 <= thr, so its ratio is near 1 and the
+        # solved clip bounds normally leave it inside [lower, upper], where its outputs are
+        # those written here; apply_official then redoes only this list (and checks the
+        # "normally" with the ratio extremes below). Keys -1 mark the wide tail's tokens
+        # outside the trust region, which level2 skips like any key <= thr.
+        wide = valid & (bits > thr)
+        n_wide = tl.sum(wide.to(tl.int32))
+        tl.store(tail_cnt_ptr + pid, n_wide)
+        if n_wide > 0:
+            at = pid.to(tl.int64) * BLOCK + tl.cumsum(wide.to(tl.int32), 0) - 1
+            tl.store(tail_key_ptr + at, tl.where(trust, bits, -1), mask=wide)
+            tl.store(tail_pos_ptr + at, tl.arange(0, BLOCK), mask=wide)
+        # the smallest and largest ratio outside the wide tail, as two int64 maxima that the
+        # scratch memset's 0 leaves at "no token" (ratios are >= 0: their bits order as ints)
+        narrow = valid & (bits <= thr)
+        if tl.sum(narrow.to(tl.int32)) > 0:
+            rbits = ratio.to(tl.int32, bitcast=True)
+            tl.atomic_max(ratio_range_ptr, tl.max(tl.where(narrow, 0x7F800000 - rbits, 0)).to(tl.int64),
+                          sem="relaxed")
+            tl.atomic_max(ratio_range_ptr + 1, tl.max(tl.where(narrow, rbits, 0)).to(tl.int64), sem="relaxed")
+    else:
+        tl.store(tail_cnt_ptr + pid, n_tail)
+        if n_tail > 0:
+            at = pid.to(tl.int64) * BLOCK + tl.cumsum(tail.to(tl.int32), 0) - 1
+            tl.store(tail_key_ptr + at, bits, mask=tail)
+            tl.store(tail_pos_ptr + at, tl.arange(0, BLOCK), mask=tail)
             tl.store(tail_term_ptr + at, term, mask=tail)
+    if n_tail > 0:
         finite = tail & (bits < 0x7F800000)
         tl.atomic_add(sums_ptr + TAIL_COUNT, n_tail.to(tl.int64), sem="relaxed")
         n_inf = tl.sum((tail & ~finite).to(tl.int64))
@@ -215,7 +244,8 @@ def level2_kernel(key_ptr, cnt_ptr, state_ptr, hist2_ptr, thr: tl.int64, n: tl.i
                   DENSE: tl.constexpr, NB2: tl.constexpr, BLOCK: tl.constexpr):
     """Level-2 histograms of the tail keys in buckets b1 (slot 0) and, official, b0 (slot 1).
     key_ptr: the compacted tail with its counts at cnt_ptr, or (DENSE) every token's key (the
-    micro-batch and process-group paths keep those), of which the tail is key > thr."""
+    micro-batch and process-group paths keep those), of which the tail is key > thr (so the
+    official wide tail's -1 keys, tokens outside the trust region, never count; thr >= -1)."""
     pid = tl.program_id(0)
     if tl.load(state_ptr + _REFINE) != 0:
         j = tl.arange(0, BLOCK)

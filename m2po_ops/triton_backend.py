@@ -150,9 +150,9 @@ def _layout(n: int) -> _Layout:
 def _layout_for(n: int, select1_chunk: int, select2_chunk: int, tie_chunk: int, final_chunk: int) -> _Layout:
     nblocks = max(1, math.ceil(n / BLOCK))
     p1, p2 = L1_BUCKETS // select1_chunk * K.PART_COLS, L2_BUCKETS // select2_chunk * K.PART_COLS
-    # sums, below_max, state1, part1, part2, counters, n_valid, stats_part, apply_part, ties,
-    # tie_chunks, final_chunks
-    zeroed = [SUMS_LEN, 1, STATE_LEN, p1, p2, 4, 1, nblocks * K.STATS_COLS, nblocks * K.APPLY_COLS, nblocks,
+    # sums, below_max, ratio_range (official: the extreme ratios outside the wide tail), state1,
+    # part1, part2, counters, n_valid, stats_part, apply_part, ties, tie_chunks, final_chunks
+    zeroed = [SUMS_LEN, 1, 2, STATE_LEN, p1, p2, 4, 1, nblocks * K.STATS_COLS, nblocks * K.APPLY_COLS, nblocks,
               math.ceil(nblocks / tie_chunk), math.ceil(nblocks / final_chunk) * K.FINAL_COLS]
     n_pad = nblocks * BLOCK
     # hist2 (int64 [4, L2]), tail keys / positions / terms, tail counts, keys
@@ -200,9 +200,9 @@ class Workspace:
     computed once per token count (``_layout``); ``for_call`` reuses the scratch of small calls.
     """
 
-    __slots__ = ("zeroed", "sums", "below_max", "state1", "part1", "part2", "counters", "n_valid", "stats_part",
-                 "apply_part", "ties", "tie_chunks", "final_chunks", "hist2", "tail_key", "tail_pos", "tail_term",
-                 "tail_cnt", "key", "nblocks", "counter", "res", "layout")
+    __slots__ = ("zeroed", "sums", "below_max", "ratio_range", "state1", "part1", "part2", "counters", "n_valid",
+                 "stats_part", "apply_part", "ties", "tie_chunks", "final_chunks", "hist2", "tail_key", "tail_pos",
+                 "tail_term", "tail_cnt", "key", "nblocks", "counter", "res", "layout")
 
     @staticmethod
     def allocate(n: int, device) -> "Workspace":
@@ -213,7 +213,7 @@ class Workspace:
         ws.zeroed, raw = buf.split(lay.regions)
         _memset(ws.zeroed)
         z = ws.zeroed.split(lay.zeroed)  # with a padding part after every part
-        (ws.sums, ws.below_max, ws.state1, ws.part1, ws.part2, ws.counters, ws.n_valid, stats_part,
+        (ws.sums, ws.below_max, ws.ratio_range, ws.state1, ws.part1, ws.part2, ws.counters, ws.n_valid, stats_part,
          apply_part, ws.ties, ws.tie_chunks, final_chunks) = z[0::2]
         r = raw.view(torch.int32).split(lay.raw)
         hist2, ws.tail_key, ws.tail_pos, tail_term, ws.tail_cnt, ws.key = r[0::2]
@@ -364,7 +364,7 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional
         tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), first, first_div, first_mul, mask,
         weights if weights is not None else ws.zero, poison if poison is not None else ws.zero,
         grad if grad is not None else ws.zero, keep if keep is not None else ws.zero, ws.key,
-        ws.tail_key, ws.tail_pos, ws.tail_term, ws.tail_cnt, ws.sums, ws.below_max,
+        ws.tail_key, ws.tail_pos, ws.tail_term, ws.tail_cnt, ws.sums, ws.below_max, ws.ratio_range,
         threshold_bits(config.variant, config.tau), lower_u, upper_u, ws.stats_part, ws.n_valid, n,
         OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
         FIRST_PER_ROW=tok.first_per_row, WEIGHTS=code, WRITE_KEEP=keep is not None, WRITE_KEYS=write_keys,
@@ -436,7 +436,8 @@ def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Opt
     code = (K.W_PER_TOKEN if weights is not None else K.W_COUNT) if grad is not None else K.W_NONE
     _launch(K.apply_official_kernel, (ws.nblocks,), tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1),
             mask, weights if weights is not None else ws.zero, poison, cut.lower, cut.upper, lower_u, upper_u,
-            grad if grad is not None else ws.zero, keep if keep is not None else ws.zero, ws.apply_part, tok.numel,
+            ws.ratio_range, ws.tail_pos, ws.tail_cnt, grad if grad is not None else ws.zero,
+            keep if keep is not None else ws.zero, ws.apply_part, tok.numel,
             HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row, WEIGHTS=code,
             WRITE_KEEP=keep is not None, BLOCK=BLOCK, num_warps=APPLY_WARPS, maxnreg=APPLY_MAXNREG,
             enable_fp_fusion=False)
