@@ -34,7 +34,8 @@ N = 4096
 SERIAL_LIMIT = 4096 + 64  # one chunk of buckets or blocks, plus a few scalars (limbs, state)
 # forward + backward bytes per token for float32 on the benchmark's layout (README, "How the
 # fused backend works"): stats reads 13 and writes the 4-byte derivative, backward reads it and
-# writes the gradient; the tail passes add a little per masked-regime token
+# writes the gradient; the tail passes add a little per masked-regime token (official: per
+# wide-tail token, also when the clip bounds are constrained)
 BYTES_PER_TOKEN = 38.0
 
 
@@ -124,17 +125,19 @@ def test_nothing_masked_every_pass_after_stats_returns_at_once(variant, device):
 def test_bytes_per_token_of_a_forward_and_backward(variant, regime, device):
     """Bytes per token that grow with the tokens (a fit over two sizes), summed over every
     kernel and torch op of m2po_loss + backward, stay within BYTES_PER_TOKEN; stats reads
-    each input once, and the passes after it read no per-token input (paper) or read them only
-    when the clip bounds are constrained (official)."""
+    each input once, and the passes after it read no per-token input: the official rule's
+    constrained bounds (the typical batch) re-read only the wide tail's tokens."""
     a, b = N, 2 * N
     fit = linear_fit(_trace(variant, regime, n=a), a, _trace(variant, regime, n=b), b)
     total = sum(f["read_per_token"] + f["write_per_token"] for f in fit.values())
-    # the official rule's constrained bounds (the typical batch) re-read the inputs: 17 B more
-    budget = BYTES_PER_TOKEN + (17.0 if variant == "official" and regime == "typical" else 0.0)
-    assert total <= budget, {k: (round(f["read_per_token"], 2), round(f["write_per_token"], 2))
-                             for k, f in fit.items()}
-    if variant == "official" and regime == "none":
-        assert fit["apply_official_kernel"]["read_per_token"] < 0.1  # unconstrained: no second read
+    assert total <= BYTES_PER_TOKEN, {k: (round(f["read_per_token"], 2), round(f["write_per_token"], 2))
+                                      for k, f in fit.items()}
+    if variant == "official":
+        # unconstrained: no read at all; constrained: the wide tail (a few % of the valid tokens,
+        # 17 B each: its position and the four inputs) instead of every token (13 B)
+        apply = fit["apply_official_kernel"]
+        assert apply["read_per_token"] < (0.1 if regime == "none" else 1.5), apply
+        assert apply["write_per_token"] < (0.1 if regime == "none" else 0.5), apply
     # 13 = logprobs, old_logprobs, advantages (4 each), mask (1); the official rule also reads
     # each row's first advantage, one address per row (the tracer counts it per lane; the GPU's
     # cache serves it)

@@ -145,6 +145,133 @@ def test_official_bounds_keep_and_loss_are_bit_identical(miniclip, device):
     assert constrained >= 20  # the cases really cut
 
 
+def _wide_tail_batch(seed, fallback, device, b=4, t=300):
+    """A (B, T) batch whose official bounds are constrained, right-padded with holes, with
+    per-token advantages on a 1/256 grid (exact float64 sums) whose sign differs from the
+    row's first token's on a quarter of the tokens (the trust region follows the first token:
+    those are outside it, and the wide tail holds such tokens too). ``fallback``: trust-side
+    |delta| <= 0.1, the other side 0.12 to 0.19 (m2 below the threshold, but outside the trust
+    region) and a few trust-side outliers near 1: the first hit is the tail's first token, the
+    solved tau_c is about 0.1, and ratios outside the wide tail fall outside the solved bounds.
+    Else |delta| ~ |N(0, 0.15)| with 6% outliers: tau_c comes from inside the tail."""
+    g = torch.Generator().manual_seed(seed)
+    olp = -torch.rand(b, t, generator=g) * 3
+    adv_row = torch.randint(1, 257, (b, 1), generator=g).float() / 64 * torch.where(
+        torch.rand(b, 1, generator=g) < 0.5, -1.0, 1.0)
+    scale = torch.randint(1, 5, (b, t), generator=g).float() / 4
+    adv = torch.where(torch.rand(b, t, generator=g) < 0.25, -adv_row, adv_row) * scale
+    adv[:, :1] = adv_row
+    mask = (torch.arange(t)[None, :] < torch.randint(t // 2, t + 1, (b, 1), generator=g)) & (
+        torch.rand(b, t, generator=g) < 0.9)
+    mask[:, 0] = True
+    trust_side = torch.rand(b, t, generator=g) < 0.5
+    outlier = torch.rand(b, t, generator=g) < (0.1 if fallback else 0.06)
+    if fallback:
+        mag = torch.where(trust_side, torch.rand(b, t, generator=g) * 0.1, 0.12 + torch.rand(b, t, generator=g) * 0.07)
+        mag = torch.where(outlier & trust_side, 0.8 + torch.rand(b, t, generator=g) * 0.4, mag)
+    else:
+        mag = (torch.randn(b, t, generator=g) * 0.15).abs()
+        mag = torch.where(outlier, 0.5 + torch.rand(b, t, generator=g), mag)
+    delta = torch.where(trust_side, 1.0, -1.0) * adv_row.sign() * mag
+    return tuple(x.to(device) for x in (olp + delta, olp, adv, mask))
+
+
+@contextlib.contextmanager
+def _apply_modes():
+    """Records, per official fix-up, how apply_official treated the blocks: "unconstrained"
+    (nothing to do), "tail" (only the wide tails recomputed: no block's partials replaced) or
+    "whole" (every block recomputed); anything else is recorded as a list of flags."""
+    modes = []
+    fix_pass = tb.fix_pass
+
+    def recording(tok, config, cut, ws, *args):
+        fix_pass(tok, config, cut, ws, *args)
+        if config.variant != "official":
+            return
+        flags = ws.apply_part.view(-1, tb.K.APPLY_COLS)[:ws.nblocks, 2].tolist()
+        lower_u, upper_u = tb.unconstrained_bounds(config.miniclip_low, config.miniclip_high)
+        if int(cut.lower.view(torch.int32)) == lower_u and int(cut.upper.view(torch.int32)) == upper_u:
+            modes.append("unconstrained")
+        elif not any(flags):
+            modes.append("tail")
+        elif all(flags):
+            modes.append("whole")
+        else:
+            modes.append(flags)
+
+    tb.fix_pass = recording
+    try:
+        yield modes
+    finally:
+        tb.fix_pass = fix_pass
+
+
+def _assert_identical(ref, tri, desc, exact_loss=True):
+    """keep, loss, gradient and metrics of the two backends, bit for bit (NaN where NaN)."""
+    (k_ref, l_ref, g_ref, m_ref), (k_tri, l_tri, g_tri, m_tri) = ref, tri
+    assert torch.equal(k_tri, k_ref), desc
+    torch.testing.assert_close(g_tri, g_ref, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"grad: {m} {desc}")
+    if exact_loss:
+        torch.testing.assert_close(l_tri, l_ref, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"loss: {m} {desc}")
+    else:
+        torch.testing.assert_close(l_tri, l_ref, rtol=1e-6, atol=1e-7, equal_nan=True, msg=lambda m: f"loss: {m} {desc}")
+    for name in ("masked_fraction", "clip_low", "clip_high"):
+        assert torch.equal(m_tri[name], m_ref[name]), (name, desc)
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["tail", "fallback"])
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_official_constrained_bounds_recompute_the_wide_tail_or_the_block(fallback, layout, device):
+    """With constrained bounds apply_official recomputes only each block's wide tail when every
+    other token's ratio lies inside the solved bounds (typical batches), and every token
+    otherwise; both give the torch backend's keep, gradient and loss bit for bit, with
+    per-token advantages whose sign differs from the first token's, padded and packed, token
+    and sequence weights, and inputs poisoned by validate=False."""
+    for seed in range(2):
+        lp, olp, adv, mask = _wide_tail_batch(seed, fallback, device)
+        kw = dict(variant="official", tau=0.04, validate=False)
+        if layout == "packed":  # the valid tokens of each row, back to back
+            lens = mask.sum(1)
+            cu = [0] + torch.cumsum(lens, 0).tolist()
+            lp, olp, adv = lp[mask], olp[mask], adv[mask]
+            mask = torch.rand(lp.shape, generator=torch.Generator().manual_seed(seed)).to(device) < 0.95
+            kw["cu_seqlens"] = cu
+        calls = [({}, True), (dict(loss_agg_mode="seq-mean-token-mean"), False),
+                 (dict(loss_agg_mode="seq-mean-token-sum-norm"), False),
+                 (dict(num_tokens=torch.tensor(-1.0, device=device)), True)]  # poisoned: NaN loss and gradient
+        if layout == "packed":
+            bad = dict(cu_seqlens=torch.tensor([0, 50] + cu[2:-1] + [cu[1]], device=device))  # decreasing
+            calls.append((bad, True))
+        for extra, exact_loss in calls:
+            args = dict(kw, **extra)
+            desc = f"seed={seed} {layout} {extra}"
+            ref = run("torch", (lp, olp, adv, mask), device, **args)
+            with _apply_modes() as modes:
+                tri = run("triton", (lp, olp, adv, mask), device, **args)
+            assert modes == ["whole" if fallback else "tail"] * 2, (modes, desc)
+            _assert_identical(ref, tri, desc, exact_loss)
+            if "num_tokens" in extra or "cu_seqlens" in extra:
+                assert torch.isnan(tri[1]) and torch.isnan(tri[2]).any(), desc
+
+
+def test_official_wide_tail_with_an_overflowing_ratio_recomputes_its_block(device):
+    """A token whose ratio overflows float32 has an infinite loss term under the unconstrained
+    bounds: its block is recomputed whole (a correction would be inf - inf), the others only
+    through their wide tails; the loss is the torch backend's (inf)."""
+    lp, olp, adv, mask = (x.reshape(1, -1) for x in _wide_tail_batch(0, False, device, b=1, t=3000))
+    lp = lp.clone()
+    adv = adv.clone()
+    lp[0, 2500], adv[0, 2500], mask[0, 2500] = olp[0, 2500] + 100.0, -0.5, True  # -A r = +inf, not clipped
+    for extra in ({}, dict(loss_agg_mode="seq-mean-token-mean")):
+        kw = dict(variant="official", tau=0.04, **extra)
+        ref = run("torch", (lp, olp, adv, mask), device, **kw)
+        with _apply_modes() as modes:
+            tri = run("triton", (lp, olp, adv, mask), device, **kw)
+        assert modes[1] == [0.0, 0.0, 1.0], modes
+        _assert_identical(ref, tri, str(extra), exact_loss=not extra)
+        assert tri[1] == float("inf")
+
+
 def _tied_batch(n, seed, outliers=0.2):
     """Inputs on a grid whose cut falls inside a tie class spread over many blocks."""
     g = torch.Generator().manual_seed(seed)
