@@ -420,8 +420,9 @@ def ties_pass(cut: Cut, ws: Workspace) -> None:
 
 def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Optional[Tensor],
              keep: Optional[Tensor], weights: Optional[Tensor], poison: Optional[Tensor]) -> None:
-    """What the cut changes in stats' output: the paper rule's masked tail tokens, or every
-    token under the official rule's solved bounds (each pass returns at once when nothing
+    """What the cut changes in stats' output: the paper rule's masked tail tokens, or the
+    official rule's solved bounds on the wide tail's tokens (on every token when a ratio
+    outside the wide tail lies outside the bounds; each pass returns at once when nothing
     changes)."""
     poison = poison if poison is not None else ws.zero
     if config.variant == "paper":
