@@ -15,8 +15,12 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Two pytest processes (pytest-xdist) for the interpreter tests; then the AOT tests, whose fixture
+# already compiles sm_80 and sm_90 in two processes at once (alongside xdist workers it would
+# oversubscribe 2 cores and hit its compile timeout).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests --ignore=tests/test_aot.py
+	$(PY) -m pytest -q tests/test_aot.py
 
 # The trainer integrations against the real packages (verl 0.9.1), in a venv of their own so that
 # the core one never holds them. The constraints file holds the core pins (torch 2.13.0: the CPU
