@@ -10,7 +10,8 @@ Forward (local solve), one launch each, whatever the data:
 Backward: grad_output times the 1 / denominator scale, times the stored derivative.
 stats is the one full read (the derivative as if nothing were masked, the compacted tail, the
 split's sums); every pass after it but finalize returns at once when nothing is cut (mean m2
-<= tau, the common case), and the paper passes after select2 read only the tail. With a given
+<= tau, the common case), and the passes after select2 read only the tail (the official rule:
+its wide tail, or every token when a ratio outside it leaves the solved bounds). With a given
 cut (micro-batch pre-pass) select1/level2/select2 are skipped; with a process group the sums
 are all-reduced between the passes (see m2po_ops/distributed.py).
 
@@ -60,8 +61,8 @@ STATS_WARPS = 8
 STATS_MAXNREG = 128
 APPLY_WARPS = 8
 # A register budget for ptxas (.maxnreg) in apply. Without one, ptxas on sm_90 settled on 48
-# registers and spilled 16 bytes in an official apply variant; with this bound it uses 64 and
-# spills nothing. (stats needs ~150 registers at 4 warps: a bound of 128 makes it spill.)
+# registers and spilled 16 bytes in an official apply variant; with this bound every variant
+# uses 48 to 61 on sm_80 and sm_90 and spills nothing. (stats needs ~150 registers at 4 warps: a bound of 128 makes it spill.)
 APPLY_MAXNREG = 128
 SELECT_WARPS = 8
 # ptxas settled on 64 registers for the select kernels at 8 warps and spilled a register in the
