@@ -4,7 +4,10 @@ TRITON_INTERPRET must be set before any module that defines a kernel is imported
 set here, at collection time, before the tests import m2po_ops.kernels.
 """
 
+import functools
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -14,6 +17,22 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def example():
+    """``example(name)``: examples/<name>.py imported as a module (the examples are scripts, not
+    a package), once per session."""
+    return _load_example
 
 
 @pytest.fixture

@@ -1,23 +1,16 @@
 """Fast CI check of examples/stale_rl.py: the staleness loop end to end at tiny sizes, and the
 M2PO path of the example masking tokens of stale data through the library's op."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def srl():
-    spec = importlib.util.spec_from_file_location("stale_rl", ROOT / "examples" / "stale_rl.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def srl(example):
+    return example("stale_rl")
 
 
 def test_task_encoding(srl):

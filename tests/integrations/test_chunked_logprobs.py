@@ -15,9 +15,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -26,15 +23,10 @@ pytest.importorskip("liger_kernel", reason="the chunked-head tests need liger-ke
 
 from m2po_ops import m2po_loss, m2po_mask  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def cl():
-    spec = importlib.util.spec_from_file_location("chunked_logprobs", ROOT / "examples" / "chunked_logprobs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def cl(example):
+    return example("chunked_logprobs")
 
 
 def _batch(vocab=48, hidden_size=32, rows=4, T=64, seed=1):

@@ -17,7 +17,6 @@ records; the real loss runs), with a hook on the log-probs' gradient. Per optimi
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -36,11 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def ex():
-    spec = importlib.util.spec_from_file_location("trl_grpo_m2po", ROOT / "examples" / "trl_grpo_m2po.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def ex(example):
+    return example("trl_grpo_m2po")
 
 
 def _train(trainer, monkeypatch):
