@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .common import (as_f64, gather_tokens, in_bounds, last_to_arrive, load_tokens, official_terms, ratio_f32,
-                     reciprocal_f32)
+                     reciprocal_f32, weighted_terms)
 
 # weights
 W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = 0, 1, 2, 3, 4
@@ -120,20 +120,6 @@ def apply_official_kernel(
 
 
 @triton.jit
-def _weighted(loss, grad, valid, w_ptr, offs, inb, poison, WEIGHTS: tl.constexpr):
-    """(term, derivative) of tokens as stats_kernel weights them: per-token weights plus the
-    poison, or (token-mean) times 1 + poison, which is exactly 1, or NaN."""
-    if WEIGHTS == 4:
-        w = tl.where(valid, tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32) + poison, 0.0)
-        term = w * loss
-        grad = w * grad
-    else:
-        term = tl.where(valid, loss * (1.0 + poison), 0.0)
-        grad = tl.where(valid, grad * (1.0 + poison), 0.0)
-    return term, grad
-
-
-@triton.jit
 def _official_tail(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper, lower_u, upper_u,
                    tail_pos_ptr, tail_cnt_ptr, grad_ptr, keep_ptr, part_ptr, pid, HAS_MASK: tl.constexpr,
                    ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr,
@@ -161,8 +147,8 @@ def _official_tail(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_pt
         loss, grad, clipped = official_terms(adv, ratio, valid, lower, upper)
         if WEIGHTS != 0:
             poison = tl.load(poison_ptr)
-            term_u, _ = _weighted(loss_u, loss_u, valid, w_ptr, offs, inside, poison, WEIGHTS)
-            term, grad = _weighted(loss, grad, valid, w_ptr, offs, inside, poison, WEIGHTS)
+            term_u, _ = weighted_terms(loss_u, loss_u, valid, w_ptr, offs, inside, poison, WEIGHTS)
+            term, grad = weighted_terms(loss, grad, valid, w_ptr, offs, inside, poison, WEIGHTS)
             whole = (tl.sum(((term_u - term_u) != 0).to(tl.int32)) > 0) & (poison == poison)
         if not whole:
             if WRITE_KEEP:
@@ -191,7 +177,7 @@ def _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_p
         tl.store(keep_ptr + offs, valid & ~clipped, mask=inb)
     row = part_ptr + pid.to(tl.int64) * _APPLY_COLS
     if WEIGHTS != 0:  # (the same weighting as stats_kernel)
-        term, grad = _weighted(loss, grad, valid, w_ptr, offs, inb, tl.load(poison_ptr), WEIGHTS)
+        term, grad = weighted_terms(loss, grad, valid, w_ptr, offs, inb, tl.load(poison_ptr), WEIGHTS)
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inb)
         tl.store(row, tl.sum(term.to(tl.float64)))
     tl.store(row + 1, tl.sum((valid & clipped).to(tl.int64)).to(tl.float64))

@@ -347,3 +347,18 @@ def official_terms(adv, ratio, valid, lower, upper):
     inside = (ratio >= lower) & (ratio <= upper)
     grad = tl.where(clipped, 0.0, tl.where(pg1 == pg2, pg1 * tl.where(inside, 1.0, 0.5), pg1))
     return loss, tl.where(valid, grad, 0.0), clipped
+
+
+@triton.jit
+def weighted_terms(loss, grad, valid, w_ptr, offs, inb, poison, WEIGHTS: tl.constexpr):
+    """(term, derivative) of tokens as every pass weights them: WEIGHTS 4, per-token weights
+    plus the poison; else (token-mean: the scale comes in finalize) times 1 + poison, which is
+    exactly 1, or NaN."""
+    if WEIGHTS == 4:
+        w = tl.where(valid, tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32) + poison, 0.0)
+        term = w * loss
+        grad = w * grad
+    else:
+        term = tl.where(valid, loss * (1.0 + poison), 0.0)
+        grad = tl.where(valid, grad * (1.0 + poison), 0.0)
+    return term, grad

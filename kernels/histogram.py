@@ -25,7 +25,7 @@ import triton.language as tl
 from ..histogram import B0, B1, BELOW_COUNT, BELOW_LIMBS, REFINE, TAIL_COUNT, TAIL_INF, TAIL_LIMBS
 from ..split import MAX_LIMBS
 from .common import (L1_SHIFT, add_aggregated, add_limbs, clamp, exp_f32, in_bounds, is_finite, last_to_arrive,
-                     load_tokens, official_terms, ratio_f32, row_of, significand)
+                     load_tokens, official_terms, ratio_f32, row_of, significand, weighted_terms)
 
 # per-block partials written by stats_kernel (float64 columns): valid tokens, trust-region
 # tokens, sum of -delta, sum of ratios, max ratio, masked-in tokens holding inf/NaN, sum of the
@@ -155,14 +155,7 @@ def _stats_block(
         tl.store(keep_ptr + offs, keep, mask=inb)
     term = loss
     if WEIGHTS != 0:
-        poison = tl.load(poison_ptr)
-        if WEIGHTS == 4:  # per-token weights (sequence-level modes)
-            w = tl.where(valid, tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32) + poison, 0.0)
-            term = w * loss
-            grad = w * grad
-        else:  # token-mean: the scale comes later; (1 + poison) is exactly 1, or NaN
-            term = tl.where(valid, loss * (1.0 + poison), 0.0)
-            grad = tl.where(valid, grad * (1.0 + poison), 0.0)
+        term, grad = weighted_terms(loss, grad, valid, w_ptr, offs, inb, tl.load(poison_ptr), WEIGHTS)
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inb)
 
     # the threshold split: the tail, compacted in token order, and its histogram; the sums
