@@ -62,7 +62,8 @@ STATS_MAXNREG = 128
 APPLY_WARPS = 8
 # A register budget for ptxas (.maxnreg) in apply. Without one, ptxas on sm_90 settled on 48
 # registers and spilled 16 bytes in an official apply variant; with this bound every variant
-# uses 48 to 61 on sm_80 and sm_90 and spills nothing. (stats needs ~150 registers at 4 warps: a bound of 128 makes it spill.)
+# uses 48 to 61 on sm_80 and sm_90 and spills nothing. (stats needs ~150 registers at 4 warps:
+# a bound of 128 makes it spill.)
 APPLY_MAXNREG = 128
 SELECT_WARPS = 8
 # ptxas settled on 64 registers for the select kernels at 8 warps and spilled a register in the
