@@ -9,7 +9,7 @@ The launch order and buffers are in m2po_ops/triton_backend.py; the algorithm, i
 m2po_ops/histogram.py.
 """
 
-from .apply import (APPLY_COLS, FINAL_COLS, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR, W_TENSOR_DENOM, apply_official_kernel,
+from .apply import (APPLY_COLS, APPLY_LIST, APPLY_WHOLE, FINAL_COLS, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR, W_TENSOR_DENOM, apply_official_kernel,
                     finalize_kernel, fix_paper_kernel)
 from .histogram import STATS_COLS, first_valid_kernel, level2_kernel, stats_kernel, tie_scan_kernel, ties_kernel
 from .select import PART_COLS, select1_kernel, select2_kernel
@@ -30,6 +30,8 @@ ALL_KERNELS = (
 __all__ = [
     "ALL_KERNELS",
     "APPLY_COLS",
+    "APPLY_LIST",
+    "APPLY_WHOLE",
     "FINAL_COLS",
     "PART_COLS",
     "STATS_COLS",

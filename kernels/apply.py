@@ -4,15 +4,17 @@ stats_kernel already wrote every token's derivative, loss term and keep as if no
 masked. So:
 fix_paper_kernel: per block, only the compacted tail (the only tokens a paper cut can mask):
 the tokens above the cut value, and the tied ones past ties_kept in token order, get a zero
-derivative and keep = False; their terms and count go to per-block partials. Exits at once
+derivative and keep = False; the sum of the other tail tokens' terms (replacing the tail's
+sum that stats kept apart) and the masked count go to per-block partials. Exits at once
 when nothing is masked (the common case), and reads only the tail's bytes otherwise.
 apply_official_kernel: when the solved clip bounds differ from the unconstrained ones stats
 used (otherwise it exits at once), a token's outputs change only if its ratio lies outside the
 solved bounds. Those are normally all in stats' compacted wide tail (the valid tokens with m2
 above the threshold, trust region or not), and stats' ratio extremes of the other tokens say
-whether they are: then only the wide tail is gathered and recomputed, its changes to the loss
-terms and clipped count added to stats' partials; else one more read of the inputs recomputes
-every token.
+whether they are: then only the wide tail is gathered and recomputed, the sum of its new loss
+terms replacing the one stats kept of the old (never subtracting them: a block's loss stays a
+sum of final terms, exact where their sum is) and its clipped count's change added to stats';
+else one more read of the inputs recomputes every token.
 finalize_kernel: per-block partials to the loss, the backward scale and the metrics, in a fixed
 order (deterministic, no float atomics): one program per FINAL_CHUNK blocks, the last to arrive
 adding the chunk rows.
@@ -26,8 +28,13 @@ from .common import (as_f64, gather_tokens, in_bounds, last_to_arrive, load_toke
 
 # weights
 W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = 0, 1, 2, 3, 4
-APPLY_COLS = 3  # per-block partials of the fix-up passes (float64): loss terms, masked tokens, recomputed flag
+APPLY_COLS = 3  # per-block partials of the fix-up passes (float64): loss terms, masked tokens, what was redone
 _APPLY_COLS = tl.constexpr(APPLY_COLS)
+# what a fix-up pass redid for a block (its third column; 0: nothing): the whole block (its
+# terms and clipped count replace stats'), or the compacted list (its final terms replace the
+# sum stats kept of them; its masked or clipped count adds to stats')
+APPLY_WHOLE, APPLY_LIST = 1.0, 2.0
+_APPLY_WHOLE, _APPLY_LIST = tl.constexpr(APPLY_WHOLE), tl.constexpr(APPLY_LIST)
 FINAL_COLS = 8  # per-chunk rows of finalize: valid, trust, -delta, ratio sum, ratio max, nonfinite, loss, masked
 _FINAL_COLS = tl.constexpr(FINAL_COLS)
 
@@ -55,16 +62,19 @@ def fix_paper_kernel(
             rank = prior + tl.cumsum(tie64, 0) - tie64
             masked = inside & ((key > value) | (tie & (rank >= tl.load(ties_kept_ptr))))
             where = pid.to(tl.int64) * BLOCK + tl.load(tail_pos_ptr + at, mask=masked, other=0)
+            row = part_ptr + pid.to(tl.int64) * _APPLY_COLS
             if WRITE_GRAD:
                 # a masked token's derivative is 0 (NaN when the inputs were found invalid, as every
                 # valid token's)
                 zero = 0.0 * (1.0 + tl.load(poison_ptr))
                 tl.store(grad_ptr + where, tl.full([BLOCK], 0.0, tl.float32) + zero, mask=masked)
-                term = tl.load(tail_term_ptr + at, mask=masked, other=0.0)
-                tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS, tl.sum(term.to(tl.float64)))
+                # the kept tail tokens' terms: their sum replaces the whole tail's
+                term = tl.load(tail_term_ptr + at, mask=inside & ~masked, other=0.0)
+                tl.store(row, tl.sum(term.to(tl.float64)))
             if WRITE_KEEP:
                 tl.store(keep_ptr + where, tl.zeros([BLOCK], tl.int1), mask=masked)
-            tl.store(part_ptr + pid.to(tl.int64) * _APPLY_COLS + 1, tl.sum(masked.to(tl.int64)).to(tl.float64))
+            tl.store(row + 1, tl.sum(masked.to(tl.int64)).to(tl.float64))
+            tl.store(row + 2, _APPLY_LIST)
 
 
 @triton.jit(do_not_specialize=["adv_div", "lower_u_bits", "upper_u_bits", "n"],
@@ -84,10 +94,11 @@ def apply_official_kernel(
     - the bounds are the unconstrained ones: nothing to do (every program returns at once);
     - those extremes lie inside both intervals (the common case: the solved tau_c is at least
       about sqrt(thr), the wide tail holds every |delta| above that): only the block's wide tail
-      is recomputed, its outputs written in place and its loss terms' and clipped count's
-      change stored as corrections to stats' partials (the flag column stays 0);
+      is recomputed, its outputs written in place, the sum of its new terms stored to replace
+      the sum stats kept of its old ones, and its clipped count's change (APPLY_LIST);
     - else (a first hit at the tail's first token, a tau_c of 0, a process group's or a given
-      cut's narrower bounds): every token of the block, its partials replacing stats' (flag 1).
+      cut's narrower bounds): every token of the block, its partials replacing stats'
+      (APPLY_WHOLE).
     """
     lower = tl.load(lower_ptr)
     upper = tl.load(upper_ptr)
@@ -103,12 +114,11 @@ def apply_official_kernel(
         # for a tau_c above ln(1e5) (then upper > upper_u), where this still holds exactly
         tail_only = (r_min >= lower) & (r_min >= lower_u) & (r_max <= upper) & (r_max <= upper_u)
         pid = tl.program_id(0)
-        whole = ~tail_only
         if tail_only:
-            whole = _official_tail(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper,
-                                   lower_u, upper_u, tail_pos_ptr, tail_cnt_ptr, grad_ptr, keep_ptr, part_ptr, pid,
-                                   HAS_MASK, ADV_PER_ROW, WEIGHTS, WRITE_KEEP, BLOCK)
-        if whole:
+            _official_tail(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper, lower_u,
+                           upper_u, tail_pos_ptr, tail_cnt_ptr, grad_ptr, keep_ptr, part_ptr, pid, HAS_MASK,
+                           ADV_PER_ROW, WEIGHTS, WRITE_KEEP, BLOCK)
+        else:
             if (pid.to(tl.int64) + 1) * BLOCK <= n:
                 _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_ptr, lower, upper,
                                 grad_ptr, keep_ptr, part_ptr, n, pid, HAS_MASK, ADV_PER_ROW, WEIGHTS, WRITE_KEEP,
@@ -125,13 +135,10 @@ def _official_tail(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_pt
                    ADV_PER_ROW: tl.constexpr, WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr,
                    BLOCK: tl.constexpr):
     """The block's wide tail (stats' compacted list: valid tokens with m2 above the threshold)
-    under both bounds: the solved outputs written at their positions, the corrections (new
-    minus old terms, float64; new minus old clipped count) to the partial row. Returns True,
-    having written nothing, when one of these tokens had a non-finite term in stats (a ratio
-    past float32's range, an infinite weight) and the inputs are not poisoned: inf - inf
-    would make the correction NaN, so the block is recomputed whole instead. (Poisoned, every
-    term is NaN and so is the right loss.)"""
-    whole = tl.zeros((), tl.int1)
+    under the solved bounds: the outputs written at their positions; to the partial row, the
+    float64 sum of the new terms (replacing the sum stats kept of the old ones: no old term is
+    subtracted, so an exact final sum stays exact and an infinite old term leaves no inf - inf)
+    and the change in the clipped count (under the unconstrained bounds, as stats counted)."""
     cnt = tl.load(tail_cnt_ptr + pid)
     if cnt > 0:
         j = tl.arange(0, BLOCK)
@@ -143,23 +150,18 @@ def _official_tail(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_pt
         delta = tl.where(valid, lp - olp, 0.0)
         adv = tl.where(valid, adv, 0.0)
         ratio = ratio_f32(delta)
-        loss_u, _, clipped_u = official_terms(adv, ratio, valid, lower_u, upper_u)  # what stats computed
+        _, _, clipped_u = official_terms(adv, ratio, valid, lower_u, upper_u)  # what stats counted
         loss, grad, clipped = official_terms(adv, ratio, valid, lower, upper)
+        if WRITE_KEEP:
+            tl.store(keep_ptr + offs, valid & ~clipped, mask=inside)
+        row = part_ptr + pid.to(tl.int64) * _APPLY_COLS
         if WEIGHTS != 0:
-            poison = tl.load(poison_ptr)
-            term_u, _ = weighted_terms(loss_u, loss_u, valid, w_ptr, offs, inside, poison, WEIGHTS)
-            term, grad = weighted_terms(loss, grad, valid, w_ptr, offs, inside, poison, WEIGHTS)
-            whole = (tl.sum(((term_u - term_u) != 0).to(tl.int32)) > 0) & (poison == poison)
-        if not whole:
-            if WRITE_KEEP:
-                tl.store(keep_ptr + offs, valid & ~clipped, mask=inside)
-            row = part_ptr + pid.to(tl.int64) * _APPLY_COLS
-            if WEIGHTS != 0:
-                tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
-                tl.store(row, tl.sum(term.to(tl.float64)) - tl.sum(term_u.to(tl.float64)))
-            tl.store(row + 1, (tl.sum((valid & clipped).to(tl.int64)) - tl.sum((valid & clipped_u).to(tl.int64)))
-                     .to(tl.float64))
-    return whole
+            term, grad = weighted_terms(loss, grad, valid, w_ptr, offs, inside, tl.load(poison_ptr), WEIGHTS)
+            tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
+            tl.store(row, tl.sum(term.to(tl.float64)))
+        tl.store(row + 1, (tl.sum((valid & clipped).to(tl.int64)) - tl.sum((valid & clipped_u).to(tl.int64)))
+                 .to(tl.float64))
+        tl.store(row + 2, _APPLY_LIST)
 
 
 @triton.jit
@@ -181,32 +183,33 @@ def _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_p
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inb)
         tl.store(row, tl.sum(term.to(tl.float64)))
     tl.store(row + 1, tl.sum((valid & clipped).to(tl.int64)).to(tl.float64))
-    tl.store(row + 2, 1.0)
+    tl.store(row + 2, _APPLY_WHOLE)
 
 
 @triton.jit(do_not_specialize=["denom_bits", "nblocks"],
             do_not_specialize_on_alignment=["denom_ptr", "out_ptr", "counter_ptr"])
 def finalize_kernel(stats_ptr, apply_ptr, chunk_ptr, counter_ptr, denom_ptr, denom_bits: tl.int64, out_ptr,
-                    nblocks: tl.int64, OFFICIAL: tl.constexpr, WEIGHTS: tl.constexpr, STATS_COLS: tl.constexpr,
-                    CHUNK: tl.constexpr):
+                    nblocks: tl.int64, WEIGHTS: tl.constexpr, STATS_COLS: tl.constexpr, CHUNK: tl.constexpr):
     """out (float32): loss, masked_fraction, trust_region_fraction, kl, ratio_mean, ratio_max,
     num_nonfinite, and the backward scale (token-mean: the float32 1 / denominator, as torch's
     division rounds it; else 1). The loss: token-mean, the float64 sum of the float32 terms times
-    that scale, rounded once; per-token weights, the float64 sum of the weighted terms."""
+    that scale, rounded once; per-token weights, the float64 sum of the weighted terms.
+
+    Per block, by what the fix-up redid (apply column 2): nothing, stats' two sums (outside and
+    inside the compacted list); the list, stats' outside sum plus the list's new sum; the whole
+    block, its new sum. So every block's loss is a sum of final terms only. The masked count:
+    stats' clipped count (0 for the paper rule) plus the fix-up's, or the fix-up's alone."""
     pid = tl.program_id(0)
     b = pid.to(tl.int64) * CHUNK + tl.arange(0, CHUNK)
     inb = b < nblocks
     row = stats_ptr + b * STATS_COLS
     arow = apply_ptr + b * _APPLY_COLS
-    fixed = tl.load(arow + 2, mask=inb, other=0.0) != 0.0  # official: the block was recomputed
-    if OFFICIAL:  # a wholly recomputed block's terms replace stats', a wide tail's corrections add
-        a_loss = tl.load(arow + 0, mask=inb, other=0.0)
-        a_masked = tl.load(arow + 1, mask=inb, other=0.0)
-        loss = tl.where(fixed, a_loss, tl.load(row + 6, mask=inb, other=0.0) + a_loss)
-        masked = tl.where(fixed, a_masked, tl.load(row + 7, mask=inb, other=0.0) + a_masked)
-    else:  # the masked tail's terms are taken back out
-        loss = tl.load(row + 6, mask=inb, other=0.0) - tl.load(arow + 0, mask=inb, other=0.0)
-        masked = tl.load(arow + 1, mask=inb, other=0.0)
+    redone = tl.load(arow + 2, mask=inb, other=0.0)
+    a_loss = tl.load(arow + 0, mask=inb, other=0.0)
+    a_masked = tl.load(arow + 1, mask=inb, other=0.0)
+    listed = tl.where(redone == _APPLY_LIST, a_loss, tl.load(row + 8, mask=inb, other=0.0))
+    loss = tl.where(redone == _APPLY_WHOLE, a_loss, tl.load(row + 6, mask=inb, other=0.0) + listed)
+    masked = tl.where(redone == _APPLY_WHOLE, a_masked, tl.load(row + 7, mask=inb, other=0.0) + a_masked)
     out = chunk_ptr + pid.to(tl.int64) * _FINAL_COLS
     tl.store(out + 0, tl.sum(tl.load(row + 0, mask=inb, other=0.0)))
     tl.store(out + 1, tl.sum(tl.load(row + 1, mask=inb, other=0.0)))

@@ -29,8 +29,11 @@ from .common import (L1_SHIFT, add_aggregated, add_limbs, clamp, exp_f32, in_bou
 
 # per-block partials written by stats_kernel (float64 columns): valid tokens, trust-region
 # tokens, sum of -delta, sum of ratios, max ratio, masked-in tokens holding inf/NaN, sum of the
-# loss terms as if nothing were masked, tokens clipped under those assumptions (official)
-STATS_COLS = 8
+# loss terms as if nothing were masked outside the compacted list, tokens clipped under those
+# assumptions (official), sum of the compacted list's terms. The list's terms are kept apart so
+# that a fix-up replaces their sum instead of subtracting from a sum that holds them: where the
+# float64 sum of the final terms is exact, so is every partial sum of them.
+STATS_COLS = 9
 _STATS_COLS = tl.constexpr(STATS_COLS)  # kernels may only read constexpr globals
 # offsets in the sums after the level-1 histogram (m2po_ops/histogram.py)
 _REFINE, _B1, _B0 = tl.constexpr(REFINE), tl.constexpr(B1), tl.constexpr(B0)
@@ -145,7 +148,7 @@ def _stats_block(
     else:
         trust = valid & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
         ratio = exp_f32(clamp(delta, -20.0, 20.0), INTERP)
-        loss = tl.where(valid, -adv * ratio, 0.0)  # a kept token's term (the tail fix-up undoes the masked)
+        loss = tl.where(valid, -adv * ratio, 0.0)  # a kept token's term (the tail fix-up drops the masked)
         grad = loss  # straight-through: d(-A r)/d logprobs = -A r
         keep = valid
     bits = m2.to(tl.int32, bitcast=True)
@@ -169,6 +172,7 @@ def _stats_block(
         # "normally" with the ratio extremes below). Keys -1 mark the wide tail's tokens
         # outside the trust region, which level2 skips like any key <= thr.
         wide = valid & (bits > thr)
+        listed = wide
         n_wide = tl.sum(wide.to(tl.int32))
         tl.store(tail_cnt_ptr + pid, n_wide)
         if n_wide > 0:
@@ -184,6 +188,7 @@ def _stats_block(
                           sem="relaxed")
             tl.atomic_max(ratio_range_ptr + 1, tl.max(tl.where(narrow, rbits, 0)).to(tl.int64), sem="relaxed")
     else:
+        listed = tail
         tl.store(tail_cnt_ptr + pid, n_tail)
         if n_tail > 0:
             at = pid.to(tl.int64) * BLOCK + tl.cumsum(tail.to(tl.int32), 0) - 1
@@ -216,9 +221,12 @@ def _stats_block(
     tl.store(row + 4, tl.max(ratio).to(tl.float64))
     tl.store(row + 5, tl.sum(nonfinite.to(tl.int64)).to(tl.float64))
     # float64 sums of the float32 terms, as the torch backend sums them: where that sum is exact
-    # the loss has the same bits whatever the order (README, "Float details")
-    tl.store(row + 6, tl.sum(term.to(tl.float64)))
+    # the loss has the same bits whatever the order (README, "Float details"); the compacted
+    # list's apart, for the fix-up passes to replace
+    term64 = term.to(tl.float64)
+    tl.store(row + 6, tl.sum(tl.where(listed, 0.0, term64)))
     tl.store(row + 7, tl.sum((valid & ~keep).to(tl.int64)).to(tl.float64))
+    tl.store(row + 8, tl.sum(tl.where(listed, term64, 0.0)))
     return bits, tail
 
 

@@ -457,7 +457,7 @@ def finalize(config: M2POConfig, ws: Workspace, want_loss: bool, num_tokens=None
         else:
             weights, bits = K.W_SCALAR, f64_bits(num_tokens)
     _launch(K.finalize_kernel, (math.ceil(ws.nblocks / FINAL_CHUNK),), ws.stats_part, ws.apply_part, ws.final_chunks,
-            ws.counter[3], denom, bits, ws.out, ws.nblocks, OFFICIAL=config.variant == "official",
+            ws.counter[3], denom, bits, ws.out, ws.nblocks,
             WEIGHTS=weights, STATS_COLS=K.STATS_COLS, CHUNK=FINAL_CHUNK, enable_fp_fusion=False)
 
 

@@ -22,7 +22,7 @@ ARCHS = (80, 90)
 # layout): exactly one. Over the whole sweep (2 variants x 2 mask dtypes x 3 layouts) at most:
 SWEEP_BOUND = {"first_valid_kernel": 4, "stats_kernel": 12, "apply_official_kernel": 6, "fix_paper_kernel": 1,
                "select1_kernel": 2, "select2_kernel": 2, "level2_kernel": 2, "ties_kernel": 1, "tie_scan_kernel": 1,
-               "finalize_kernel": 2}
+               "finalize_kernel": 1}
 # every configuration launches these (the paper rule adds the tie and fix-up passes, the
 # official one apply_official and, with per-token advantages, first_valid)
 ALWAYS = {"stats_kernel", "select1_kernel", "level2_kernel", "select2_kernel", "finalize_kernel"}

@@ -13,6 +13,7 @@ import contextlib
 import math
 import pathlib
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
@@ -179,7 +180,7 @@ def _wide_tail_batch(seed, fallback, device, b=4, t=300):
 @contextlib.contextmanager
 def _apply_modes():
     """Records, per official fix-up, how apply_official treated the blocks: "unconstrained"
-    (nothing to do), "tail" (only the wide tails recomputed: no block's partials replaced) or
+    (nothing to do), "tail" (only the wide tails recomputed: no block recomputed whole) or
     "whole" (every block recomputed); anything else is recorded as a list of flags."""
     modes = []
     fix_pass = tb.fix_pass
@@ -192,9 +193,9 @@ def _apply_modes():
         lower_u, upper_u = tb.unconstrained_bounds(config.miniclip_low, config.miniclip_high)
         if int(cut.lower.view(torch.int32)) == lower_u and int(cut.upper.view(torch.int32)) == upper_u:
             modes.append("unconstrained")
-        elif not any(flags):
+        elif all(f in (0.0, tb.K.APPLY_LIST) for f in flags):
             modes.append("tail")
-        elif all(flags):
+        elif all(f == tb.K.APPLY_WHOLE for f in flags):
             modes.append("whole")
         else:
             modes.append(flags)
@@ -254,10 +255,10 @@ def test_official_constrained_bounds_recompute_the_wide_tail_or_the_block(fallba
                 assert torch.isnan(tri[1]) and torch.isnan(tri[2]).any(), desc
 
 
-def test_official_wide_tail_with_an_overflowing_ratio_recomputes_its_block(device):
+def test_official_wide_tail_with_an_overflowing_ratio_gives_the_torch_loss(device):
     """A token whose ratio overflows float32 has an infinite loss term under the unconstrained
-    bounds: its block is recomputed whole (a correction would be inf - inf), the others only
-    through their wide tails; the loss is the torch backend's (inf)."""
+    bounds: the wide-tail pass replaces the tails' sums instead of correcting them (no inf - inf),
+    so every block is redone through its wide tail and the loss is the torch backend's (inf)."""
     lp, olp, adv, mask = (x.reshape(1, -1) for x in _wide_tail_batch(0, False, device, b=1, t=3000))
     lp = lp.clone()
     adv = adv.clone()
@@ -267,9 +268,34 @@ def test_official_wide_tail_with_an_overflowing_ratio_recomputes_its_block(devic
         ref = run("torch", (lp, olp, adv, mask), device, **kw)
         with _apply_modes() as modes:
             tri = run("triton", (lp, olp, adv, mask), device, **kw)
-        assert modes[1] == [0.0, 0.0, 1.0], modes
+        assert modes == ["tail"] * 2, modes
         _assert_identical(ref, tri, str(extra), exact_loss=not extra)
         assert tri[1] == float("inf")
+
+
+@pytest.mark.parametrize("tiny", [-1.5, 2.0**-24])
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_a_fixed_up_block_sums_only_final_terms(variant, tiny, device):
+    """A block whose compacted list a fix-up redoes holds a masked (paper: r = e**20) or clipped
+    (official: r = e**12, 1e5 under the unconstrained bounds) outlier with a huge old term, next
+    to kept terms whose float64 sum is exact: the loss is the exact value, as the torch backend
+    gives it, not the small terms rounded through the old term's magnitude. The final terms are
+    -1.5 (paper: token 7, A = 1.5 at r = 1; official: token 0 clipped at the solved 1.5), -tiny
+    and -2**-40 (tokens 5 and 6 at r = 1); the outlier's is 0 (paper, masked)."""
+    official = variant == "official"
+    delta = torch.tensor([12.0 if official else 20.0, 0.05, 0.04, 0.03, 0.02, 0.0, 0.0, 0.0])
+    adv = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, tiny, 2.0**-40, 0.0 if official else 1.5])
+    olp = torch.full((8,), -1.0)
+    args = ((olp + delta).reshape(1, -1), olp.reshape(1, -1), adv.reshape(1, -1), torch.ones(1, 8, dtype=torch.bool))
+    kw = dict(miniclip_low=0.3, miniclip_high=0.5) if official else {}
+    exact = (Fraction(-1.5) - Fraction(tiny) - Fraction(2.0**-40)) / 8  # token mean of the final terms
+    want = torch.tensor(float(exact), dtype=torch.float64).float()  # (exact / 8 fits a float64)
+    ref = run("torch", args, device, variant, **kw)
+    tri = run("triton", args, device, variant, **kw)
+    assert not ref[0][0, 0] and not tri[0][0, 0]  # the outlier is masked, or its gradient clipped
+    for name, (_, loss, _, _) in (("torch", ref), ("triton", tri)):
+        assert loss.cpu().view(torch.int32) == want.view(torch.int32), (name, float(loss), float(want))
+    assert torch.equal(tri[2].cpu(), ref[2].cpu())
 
 
 def _tied_batch(n, seed, outliers=0.2):
