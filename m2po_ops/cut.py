@@ -58,20 +58,24 @@ class Cut:
         return self.value.device
 
 
+# The neutral value of every field (nothing masked): (dtype, fill).
+_NEUTRAL = dict(
+    value=(torch.int32, KEEP_ALL_BITS),
+    ties_kept=(torch.int64, 0),
+    lower=(torch.float32, 0.0),
+    upper=(torch.float32, float("inf")),
+    num_valid=(torch.int64, 0),
+    num_trust_region=(torch.int64, 0),
+    m2=(torch.float32, 0.0),
+    m2_after=(torch.float32, 0.0),
+    threshold=(torch.float32, float("inf")),
+)
+
+
 def make_cut(config, device, **fields) -> Cut:
     """A Cut solved under ``config`` (an M2POConfig), every field not given set to its neutral
     value (nothing masked)."""
-    f32 = dict(dtype=torch.float32, device=device)
-    defaults = dict(
-        value=torch.full((), KEEP_ALL_BITS, dtype=torch.int32, device=device),  # a fill, not a host copy
-        ties_kept=torch.zeros((), dtype=torch.int64, device=device),
-        lower=torch.zeros((), **f32),
-        upper=torch.full((), float("inf"), **f32),
-        num_valid=torch.zeros((), dtype=torch.int64, device=device),
-        num_trust_region=torch.zeros((), dtype=torch.int64, device=device),
-        m2=torch.zeros((), **f32),
-        m2_after=torch.zeros((), **f32),
-        threshold=torch.full((), float("inf"), **f32),
-    )
-    defaults.update(fields)
-    return Cut(variant=config.variant, tau=config.tau, **defaults)
+    for name, (dtype, fill) in _NEUTRAL.items():
+        if name not in fields:  # (only the missing ones: a tensor each, on the host path too)
+            fields[name] = torch.full((), fill, dtype=dtype, device=device)  # a fill, not a host copy
+    return Cut(variant=config.variant, tau=config.tau, **fields)

@@ -198,11 +198,22 @@ class Tokens:
         every token, found on the host for CPU tensors, which skips three per-token passes)."""
         base = torch.ones(self.numel, dtype=torch.bool, device=self.device) if self.mask_src is None else (
             _mask_to_bool(self.mask_src))
-        if host_reads_free(self.device) and all(
-                _all_finite(x) for x in (self.logprobs, self.old_logprobs, self.adv_src)):
+        if host_reads_free(self.device) and self._logprobs_finite and _all_finite(self.adv_src):
             return base, None
         finite = torch.isfinite(self.logprobs) & torch.isfinite(self.old_logprobs) & torch.isfinite(self.advantages)
         return base, finite
+
+    @functools.cached_property
+    def _logprobs_finite(self) -> bool:
+        """Host check (CPU): every logprobs and old_logprobs value is finite (padding included)."""
+        return _all_finite(self.logprobs) and _all_finite(self.old_logprobs)
+
+    def record_finite_logprobs(self) -> None:
+        """Record that every logprobs and old_logprobs value is finite, as a caller that read a
+        finite sum of their difference knows (an infinite or NaN value in either makes that
+        difference, and so the sum, non-finite): the host check then does not read them again.
+        Only meaningful before ``valid`` is first read."""
+        self.__dict__["_logprobs_finite"] = True  # (what the cached_property would have stored)
 
     @property
     def all_finite(self) -> bool:

@@ -52,16 +52,27 @@ def log_ratio(tok: Tokens) -> Tensor:
     old = old.float() if old.dtype == torch.float64 else old  # (a half type is upcast exactly inside sub)
     # in place into logprobs' float32 copy when .float() made one: one buffer fewer
     delta = lp - old if lp.dtype == torch.float32 else lp.float().sub_(old)
-    return zero_invalid_(delta, tok)
+    finite = None
+    if host_reads_free(delta.device):
+        # one sum over every token (padding included) settles two things: delta is finite (no
+        # overflow), and so is every logprobs and old_logprobs value, which the validity check
+        # then need not read
+        finite = bool(torch.isfinite(delta.sum()))
+        if finite:
+            tok.record_finite_logprobs()
+    return zero_invalid_(delta, tok, finite)
 
 
-def zero_invalid_(x: Tensor, tok: Tokens) -> Tensor:
-    """x (flat, floating) with 0 on the tokens that are not valid, in place."""
+def zero_invalid_(x: Tensor, tok: Tokens, finite: Optional[bool] = None) -> Tensor:
+    """x (flat, floating) with 0 on the tokens that are not valid, in place. finite: whether
+    every value of x is known finite (None: find out, on the host)."""
     if np is not None and host_reads_free(x.device) and tok.all_finite:
-        xn = x.numpy()
-        if np.isfinite(xn.sum()):  # (x itself finite: a delta can overflow)
+        if finite is None:  # (a finite sum proves every value finite; torch sums faster than numpy)
+            finite = bool(torch.isfinite(x.sum()))
+        if finite:
             # x times the 0/1 mask is exact for finite x, and numpy's multiply is several times
             # faster than torch.where on CPU
+            xn = x.numpy()
             np.multiply(xn, tok.valid.numpy(), out=xn)
             return x
     return torch.where(tok.valid, x, torch.zeros((), dtype=x.dtype, device=x.device), out=x)
@@ -114,7 +125,11 @@ def m2_bits(m2: Tensor) -> Tensor:
 
 def _max_or_zero(x: Tensor) -> Tensor:
     """max(0, max(x)) (0 for an empty x); numel is a shape, so no host read."""
-    return x.max().clamp_min(0) if x.numel() else x.new_zeros(())
+    if not x.numel():
+        return x.new_zeros(())
+    if np is not None and host_reads_free(x.device) and x.is_contiguous():
+        return torch.from_numpy(np.max(x.numpy(), keepdims=True)).reshape(()).clamp_min(0)  # (numpy's max: ~3x)
+    return x.max().clamp_min(0)
 
 
 def _at(x: Tensor, i: Tensor) -> Tensor:
@@ -273,27 +288,49 @@ def _sorted(keys: Tensor) -> Tensor:
     return torch.sort(keys).values
 
 
-def _exact_sum(keys: Tensor) -> int:
-    """The exact sum of the finite float32 values with these keys, as an integer in units of
-    2**-149 (the smallest subnormal). Per exponent field: values sharing one are multiples of
-    one ulp, so their float64 sum is exact while it stays below 2**53 ulps (chunks of < 2**29
-    tokens: significands are < 2**24). Infinite keys (exponent field 255) are skipped."""
-    total = 0
+def _exponent_sums(keys: Tensor) -> dict:
+    """{exponent field: the exact sum of the finite float32 values with these keys and that field},
+    each an integer in units of 2**-149 (the smallest subnormal). Values sharing an exponent field
+    are multiples of one ulp, so their float64 sum is exact while it stays below 2**53 ulps
+    (chunks of < 2**29 tokens: significands are < 2**24). Infinite keys (field 255) are skipped;
+    only the fields present are converted (a handful: m2 values span a few binades)."""
+    sums: dict = {}
     chunk = 1 << 28
     for start in range(0, keys.numel(), chunk):
         k = keys[start:start + chunk]
-        sums = torch.bincount(k >> 23, weights=k.view(torch.float32).double(), minlength=256).tolist()
-        for v in sums[:255]:
-            if v:
-                total += int(v * 2.0**149)  # a power-of-two scaling of an integer multiple of 2**-149: exact
-    return total
+        if np is not None:  # (numpy's bincount reads the float32 weights as they are: no float64 copy)
+            kn = k.numpy()
+            per = np.bincount(kn >> 23, weights=kn.view(np.float32), minlength=256)
+            fields = np.flatnonzero(per[:255])
+            pairs = zip(fields.tolist(), per[fields].tolist())
+        else:
+            per = torch.bincount(k >> 23, weights=k.view(torch.float32).double(), minlength=256).tolist()
+            pairs = ((e, v) for e, v in enumerate(per[:255]) if v)
+        for e, v in pairs:
+            sums[e] = sums.get(e, 0) + int(v * 2.0**149)  # a power-of-two scaling of an integer multiple of 2**-149: exact
+    return sums
 
 
-def _below_sum(tr_keys, tail, thr: int) -> float:
+def _exact_sum(keys: Tensor) -> int:
+    """The exact sum of the finite float32 values with these keys, in units of 2**-149."""
+    return sum(_exponent_sums(keys).values())
+
+
+def _below_sum(tr_keys, tail_sorted, thr: int) -> float:
     """The sum of the trust-region keys at or below thr with the bits of
-    split.limbs_to_float(split.limb_sums(...)): the exact integer (all keys minus the tail's),
-    written as canonical limbs, which is the form limbs_to_float reduces any limbs to."""
-    exact = _exact_sum(tr_keys) - _exact_sum(tail)
+    split.limbs_to_float(split.limb_sums(...)): the exact integer, written as canonical limbs,
+    which is the form limbs_to_float reduces any limbs to. tail_sorted: the keys above thr,
+    ascending.
+
+    One pass over the trust region: the per-exponent sums of every field up to thr's. Of thr's
+    own field, the part above thr is the sorted tail's prefix below the next field: one float64
+    sum, exact (one field: multiples of one ulp)."""
+    exact = 0
+    if thr >= 0:
+        field = thr >> 23
+        exact = sum(v for e, v in _exponent_sums(tr_keys).items() if e <= field)
+        same_field = int(torch.searchsorted(tail_sorted, (field + 1) << 23))  # (all tail keys are above thr)
+        exact -= _exact_sum(tail_sorted[:same_field])
     nlimb = split.limb_count(thr)
     limbs = [(exact >> (split.LIMB_BITS * i)) & split.LIMB_MASK for i in range(nlimb - 1)]
     limbs.append(exact >> (split.LIMB_BITS * (nlimb - 1)))
@@ -313,15 +350,17 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
     n = tr_keys.numel()
     tail = _above(tr_keys, thr)
     n_below = n - tail.numel()
+    tail_sum = float(tail.view(torch.float32).double().sum())  # (flat order: the early exits and Cut.m2 read it)
+    tail = _sorted(tail)
     s_below = _below_sum(tr_keys, tail, thr)
-    total = s_below + float(tail.view(torch.float32).double().sum())  # (any order: the early exits and Cut.m2 read it)
+    total = s_below + tail_sum
     n_t = torch.tensor(n, dtype=torch.int64)
     total_t = torch.tensor(total, dtype=_F64)
     if config.variant == "paper":
         if tail.numel() == 0 or bool(within_budget(total_t, n_t, config)):  # nothing can be cut: early exit
             m2 = _f32(total / max(n, 1))
             return make_cut(config, device, num_valid=num_valid, num_trust_region=n_t, m2=m2, m2_after=m2)
-        return _paper_cut(_sorted(tail), n_below, s_below, n, total, num_valid, config)
+        return _paper_cut(tail, n_below, s_below, n, total, num_valid, config)
     e = OFFICIAL_EPS
     target = config.tau * n
     constrained = n > 0 and total / n > config.tau + e and target < total - e
@@ -329,16 +368,7 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
     if not constrained or tail.numel() == 0:  # early exit: unconstrained (no tail: no test can pass)
         return official_cut(zero, zero, n_t, n_t, total_t, torch.tensor(False), torch.tensor(target <= e),
                             num_valid, config)
-    return _official_cut(_sorted(tail), tr_keys, thr, n_below, s_below, n, total, num_valid, config)
-
-
-def _last_true(flags: Tensor) -> int:
-    """Index of the last True of a CPU bool vector, -1 if none."""
-    if np is not None:
-        rev = flags.numpy()[::-1]
-        return flags.numel() - 1 - int(rev.argmax()) if rev.size and rev.any() else -1
-    idx = flags.nonzero()
-    return int(idx[-1]) if idx.numel() else -1
+    return _official_cut(tail, tr_keys, thr, n_below, s_below, n, total, num_valid, config)
 
 
 def _tail_prefix(tail_sorted, s_below: float):
@@ -348,14 +378,34 @@ def _tail_prefix(tail_sorted, s_below: float):
     return values, s_below + torch.cumsum(values, 0)
 
 
+def _kept_in_tail(s, n_below: int, config: M2POConfig) -> int:
+    """How many sorted tail values the budget keeps: the largest j with S_{n_below+j} <=
+    tau (n_below + j), tested as within_budget tests it (the same float64 operations, on Python
+    floats). S_k - tau k grows along the tail (every tail value exceeds tau), so the test passes
+    on a prefix of the tail and a binary search finds its end in log2(tail) tests. (Exactly so in
+    exact arithmetic; where float64 rounding could make the computed test flip back, S_k lies in
+    the float zone, where a decision may differ anyway: split.ZONE_EPS.)"""
+    if config.tau == float("inf"):
+        return len(s)
+    s = s.numpy() if np is not None else s  # (reading one element: no tensor per probe)
+    hi, lo = config.tau_split
+    a, b = 0, len(s)  # prefixes of length <= a pass (0: the threshold lemma), those longer than b fail
+    while a < b:
+        m = (a + b + 1) // 2
+        k = n_below + m
+        if (float(s[m - 1]) - k * hi) <= k * lo:
+            a = m
+        else:
+            b = m - 1
+    return a
+
+
 def _paper_cut(tail_sorted, n_below: int, s_below: float, n: int, total: float, num_valid: Tensor,
                config: M2POConfig) -> Cut:
     """keep_count = max{k : S_k <= tau k}: at least n_below (the threshold lemma), so only the
     tail's prefixes are tested."""
     _, s = _tail_prefix(tail_sorted, s_below)
-    k = torch.arange(n_below + 1, n + 1, dtype=torch.int64)
-    ok = within_budget(s, k, config)
-    kept_tail = _last_true(ok) + 1
+    kept_tail = _kept_in_tail(s, n_below, config)
     keep_count = n_below + kept_tail
     kept_sum = float(s[kept_tail - 1]) if kept_tail > 0 else s_below
     m2 = _f32(total / max(n, 1))
@@ -430,9 +480,23 @@ def _keep_paper_host(bits: Optional[Tensor], tr: Tensor, valid: Tensor, cut: Cut
     value = int(cut.value)
     if value == KEEP_ALL_BITS:
         return valid, torch.zeros(0, dtype=torch.int64)
+    if np is not None:  # the same steps in numpy, whose gathers and scatters are several times faster
+        if host is not None:
+            keys = host.keys.numpy()
+            at = np.flatnonzero(keys >= value)
+            cand, cand_bits = host.index.numpy()[at], keys[at]
+        else:
+            b = bits.numpy()
+            cand = np.flatnonzero((b >= value) & tr.numpy())  # the trust region's, in flat order
+            cand_bits = b[cand]
+        tie = cand_bits == value
+        rank = np.cumsum(tie) - tie  # earlier tied tokens, in flat order
+        masked = cand[(cand_bits > value) | (rank >= int(cut.ties_kept))]
+        keep = valid.clone()
+        keep.numpy()[masked] = False
+        return keep, torch.from_numpy(masked)
     if host is not None:
-        at = torch.from_numpy(np.flatnonzero(host.keys.numpy() >= value)) if np is not None else \
-            _flatnonzero(host.keys >= value)
+        at = _flatnonzero(host.keys >= value)
         cand, cand_bits = host.index[at], host.keys[at]
     else:
         cand = _flatnonzero(bits >= value)
@@ -463,7 +527,11 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
         r = ratio if cd == torch.float32 else clamped_ratio(tok.logprobs.double() - tok.old_logprobs.double())
         loss = torch.mul(tok.advantages_compute, r).neg_()  # -A r
         if masked is not None and cd == torch.float32 and tok.all_finite:
-            loss[masked] = 0  # r is 0 on padding, where A is finite: only the masked tokens are left
+            # r is 0 on padding, where A is finite: only the masked tokens are left
+            if np is not None:
+                loss.numpy()[masked.numpy()] = 0
+            else:
+                loss[masked] = 0
         else:
             loss = torch.where(keep, loss, zero, out=loss)
         return keep, loss, loss  # straight-through: d(-a r)/d logprobs = -a r
@@ -507,7 +575,8 @@ def ratio_of(delta: Tensor, variant: str) -> Tensor:
 def valid_ratio(tok: Tokens, delta: Tensor, variant: str, ratio: Optional[Tensor] = None) -> Tensor:
     """ratio_of(delta) on valid tokens, 0 on padding; written into ``ratio`` when given."""
     ratio = ratio_of(delta, variant) if ratio is None else ratio
-    return zero_invalid_(ratio, tok)
+    # the paper's ratio is finite (delta clamped; NaN only where delta is, on no token)
+    return zero_invalid_(ratio, tok, True if variant == "paper" else None)
 
 
 def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Tensor, variant: str,
