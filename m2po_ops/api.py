@@ -154,7 +154,9 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
         cut, delta, m2, tr = solve_group_torch(tok, config, group)
         ratio = None
     ratio_v = reference.valid_ratio(tok, delta, config.variant, ratio)  # (in place: ratio is not read again)
-    keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr, ratio_v, host)
+    # token-mean paper loss: the terms' sign goes into the sum and the backward scale (a pass fewer)
+    negated = want_loss and config.variant == "paper" and config.loss_agg_mode == "token-mean"
+    keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr, ratio_v, host, negated=negated)
     metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant, ratio_v, n_tr)
     if not want_loss:
         return keep, metrics, None, None, None
@@ -169,9 +171,13 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
             loss = loss * factor
             grad = loss if grad is loss else grad * factor
         total = sum_f64(loss)
+        if negated:  # (the sum of the negated terms is the negated sum: exact)
+            total = -total
         value = torch.where(total == 0, total, total * w.double()).to(loss.dtype)
         # a zero or non-finite denominator scales no derivative (padding keeps its zero)
         scale = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
+        if negated:  # the stored derivative is A r: the scale carries the sign
+            scale = -scale
         return keep, metrics, value, grad.to(tok.logprobs.dtype), scale
     w = token_weights(tok, config, num_tokens, loss.dtype, num_valid)
     if poison is not None:  # NaN on every valid token (padding keeps a zero gradient), as the kernels

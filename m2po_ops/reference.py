@@ -316,21 +316,36 @@ def _exact_sum(keys: Tensor) -> int:
     return sum(_exponent_sums(keys).values())
 
 
-def _below_sum(tr_keys, tail_sorted, thr: int) -> float:
+def _below_exact(tr_keys: Tensor, thr: int) -> int:
+    """The exact sum of the trust-region keys at or below thr, in units of 2**-149.
+
+    Most of them lie in the few binades under thr. The values of the top ``width`` exponent
+    fields up to thr's (width = 29 - bit_length(n) for n keys) are multiples of the lowest such
+    field's ulp, and n of them sum to less than 2**53 of those ulps: their float64 sum is exact
+    in any order, so they take one plain sum. Only the keys under that window (usually a few
+    percent) go through the per-exponent sums."""
+    if thr < 0:
+        return 0
+    n = tr_keys.numel()
+    width = 29 - n.bit_length()
+    if np is None or width < 1 or n >= 1 << 28:
+        return _exact_sum(_compact(tr_keys, tr_keys <= thr))
+    k = tr_keys.numpy()
+    low = max((thr >> 23) - width, 0) << 23  # the window: keys in [low, thr]
+    off = k - np.int32(low)  # (no overflow: 0 <= k, low < 2**31)
+    window = off.view(np.uint32) <= np.uint32(thr - low)
+    total = np.add.reduce(np.where(window, k.view(np.float32), np.float32(0.0)), dtype=np.float64)
+    exact = int(total * 2.0**149)  # a power-of-two scaling of an integer multiple of 2**-149: exact
+    if low > 0:
+        exact += _exact_sum(torch.from_numpy(np.compress(off < 0, k)))
+    return exact
+
+
+def _below_sum(tr_keys, thr: int) -> float:
     """The sum of the trust-region keys at or below thr with the bits of
     split.limbs_to_float(split.limb_sums(...)): the exact integer, written as canonical limbs,
-    which is the form limbs_to_float reduces any limbs to. tail_sorted: the keys above thr,
-    ascending.
-
-    One pass over the trust region: the per-exponent sums of every field up to thr's. Of thr's
-    own field, the part above thr is the sorted tail's prefix below the next field: one float64
-    sum, exact (one field: multiples of one ulp)."""
-    exact = 0
-    if thr >= 0:
-        field = thr >> 23
-        exact = sum(v for e, v in _exponent_sums(tr_keys).items() if e <= field)
-        same_field = int(torch.searchsorted(tail_sorted, (field + 1) << 23))  # (all tail keys are above thr)
-        exact -= _exact_sum(tail_sorted[:same_field])
+    which is the form limbs_to_float reduces any limbs to."""
+    exact = _below_exact(tr_keys, thr)
     nlimb = split.limb_count(thr)
     limbs = [(exact >> (split.LIMB_BITS * i)) & split.LIMB_MASK for i in range(nlimb - 1)]
     limbs.append(exact >> (split.LIMB_BITS * (nlimb - 1)))
@@ -350,17 +365,15 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
     n = tr_keys.numel()
     tail = _above(tr_keys, thr)
     n_below = n - tail.numel()
-    tail_sum = float(tail.view(torch.float32).double().sum())  # (flat order: the early exits and Cut.m2 read it)
-    tail = _sorted(tail)
-    s_below = _below_sum(tr_keys, tail, thr)
-    total = s_below + tail_sum
+    s_below = _below_sum(tr_keys, thr)
+    total = s_below + float(tail.view(torch.float32).double().sum())  # (any order: the early exits and Cut.m2 read it)
     n_t = torch.tensor(n, dtype=torch.int64)
     total_t = torch.tensor(total, dtype=_F64)
     if config.variant == "paper":
         if tail.numel() == 0 or bool(within_budget(total_t, n_t, config)):  # nothing can be cut: early exit
             m2 = _f32(total / max(n, 1))
             return make_cut(config, device, num_valid=num_valid, num_trust_region=n_t, m2=m2, m2_after=m2)
-        return _paper_cut(tail, n_below, s_below, n, total, num_valid, config)
+        return _paper_cut(_sorted(tail), n_below, s_below, n, total, num_valid, config)
     e = OFFICIAL_EPS
     target = config.tau * n
     constrained = n > 0 and total / n > config.tau + e and target < total - e
@@ -368,7 +381,7 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
     if not constrained or tail.numel() == 0:  # early exit: unconstrained (no tail: no test can pass)
         return official_cut(zero, zero, n_t, n_t, total_t, torch.tensor(False), torch.tensor(target <= e),
                             num_valid, config)
-    return _official_cut(tail, tr_keys, thr, n_below, s_below, n, total, num_valid, config)
+    return _official_cut(_sorted(tail), tr_keys, thr, n_below, s_below, n, total, num_valid, config)
 
 
 def _tail_prefix(tail_sorted, s_below: float):
@@ -511,12 +524,14 @@ def _keep_paper_host(bits: Optional[Tensor], tr: Tensor, valid: Tensor, cut: Cut
 
 
 def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, ratio_v: Optional[Tensor] = None,
-              host: Optional[HostTrustRegion] = None):
+              host: Optional[HostTrustRegion] = None, negated: bool = False):
     """keep, per-token loss l_i and its derivative g_i = dl_i/dlogprobs_i (compute dtype); l_i and
     g_i are 0 on padding.
 
     ratio_v: ``valid_ratio(tok, delta, variant)`` when the caller has it (the metrics read it too).
-    host: compact_trust_region(delta, tr) when the caller has it (CPU; m2 may then be None)."""
+    host: compact_trust_region(delta, tr) when the caller has it (CPU; m2 may then be None).
+    negated: paper rule, return -l_i = -g_i = A r (a pass fewer than -A r) to a caller that
+    negates their sum and the backward scale instead (exact: rounding is symmetric in sign)."""
     cd = compute_dtype(tok)
     valid = tok.valid
     zero = torch.zeros((), dtype=cd, device=tok.device)
@@ -525,7 +540,9 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
         keep, masked = _keep_paper(m2, tr, valid, cut, host)
         # -A r on kept tokens, r = exp(clamp(delta)): the metrics' ratio, or float64 for float64 input
         r = ratio if cd == torch.float32 else clamped_ratio(tok.logprobs.double() - tok.old_logprobs.double())
-        loss = torch.mul(tok.advantages_compute, r).neg_()  # -A r
+        loss = torch.mul(tok.advantages_compute, r)  # A r
+        if not negated:
+            loss.neg_()  # -A r
         if masked is not None and cd == torch.float32 and tok.all_finite:
             # r is 0 on padding, where A is finite: only the masked tokens are left
             if np is not None:

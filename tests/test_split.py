@@ -66,9 +66,15 @@ def test_zone_helper_accepts_a_prefix_sum_within_1e_15_of_tau_k_and_rejects_one_
 # The exact below-part sum
 
 
+@pytest.mark.parametrize("with_numpy", [True, False], ids=["numpy", "torch"])
 @pytest.mark.parametrize("variant,tau", [("paper", 0.04), ("official", 0.04), ("paper", math.inf), ("paper", 0.0),
                                          ("official", 0.0), ("paper", 3e38)])
-def test_below_sum_has_the_bits_of_limbs_to_float_of_limb_sums(variant, tau):
+def test_below_sum_has_the_bits_of_limbs_to_float_of_limb_sums(variant, tau, with_numpy, monkeypatch):
+    """The host solver's below-part sum (a float64 window sum plus per-exponent sums under it,
+    or per-exponent sums alone without numpy) is the exact sum, with the bits the histogram
+    path's limbs give; keys of every kind: subnormals, any finite value, small m2, inf, 0."""
+    if not with_numpy:
+        monkeypatch.setattr(reference, "np", None)
     g = torch.Generator().manual_seed(7)
     n = 5000
     parts = [
@@ -80,13 +86,28 @@ def test_below_sum_has_the_bits_of_limbs_to_float_of_limb_sums(variant, tau):
     ]
     keys = torch.cat(parts)[torch.randperm(sum(p.numel() for p in parts), generator=g)]
     thr = split.threshold_bits(variant, tau)
-    tail = torch.sort(keys[keys > thr]).values
-    got = reference._below_sum(keys, tail, thr)
+    got = reference._below_sum(keys, thr)
     below = keys <= thr
     want = float(split.limbs_to_float(split.limb_sums(keys, below, split.limb_count(thr))))
     assert struct.pack("<d", got) == struct.pack("<d", want)
     exact = sum((Fraction(v) for v in keys[below].view(torch.float32).tolist()), Fraction(0))
     assert reference._exact_sum(keys[below]) == exact * 2**149
+    assert reference._below_exact(keys, thr) == exact * 2**149
+
+
+def test_below_sum_window_is_exact_at_its_limit():
+    """The float64 window sum at the edge of its exactness bound: 2**13 - 1 keys (a window of 16
+    fields), half at thr and half a few ulps into the window's lowest field, whose exact sum
+    needs 52 significant bits of that field's ulp; it must equal the exact sum, not a rounding."""
+    thr = split.threshold_bits("paper", 0.04)
+    n = 2**13 - 1
+    width = 29 - n.bit_length()
+    low = ((thr >> 23) - width) << 23
+    keys = torch.full((n,), thr, dtype=torch.int32)
+    keys[1::2] = low + 1 + torch.arange(n // 2, dtype=torch.int32) % 7  # the lowest field, odd ulps
+    keys[5] = low - 3  # one under the window
+    exact = sum((Fraction(v) for v in keys.view(torch.float32).tolist()), Fraction(0))
+    assert reference._below_exact(keys, thr) == exact * 2**149
 
 
 # --------------------------------------------------------------------------------------------
