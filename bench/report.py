@@ -137,7 +137,7 @@ def tables(data: dict) -> str:
         "of the same rule on the same input. masked p/o: the reference's masked fraction, paper / official "
         "rule (official: tokens whose gradient the clip cuts). tail: the fraction of the paper rule's trust region "
         "with m2 > tau (what the solver orders). The competitors of one input are timed in rounds (one call "
-        "of each per round), at least 7 rounds.",
+        "of each per round, the order rotating so each follows every other equally often), at least 7 rounds.",
         "",
         _table(head + [SHORT[n] for n in names], rows_t),
         "",

@@ -296,10 +296,13 @@ def _time_one(step, device) -> float:
 
 
 def time_round_robin(timed: dict, rows: dict, device, opts) -> None:
-    """Time the competitors of one input in rounds, one call of each per round (in a fixed
-    order), so that drifting machine load hits every competitor alike. At least opts.min_reps
-    rounds, then more while the cell's budget (opts.rep_budget per competitor) lasts, at most
-    opts.max_reps. Fills each row's median, p10/p90, min/max and reps."""
+    """Time the competitors of one input in rounds, one call of each per round, so that drifting
+    machine load hits every competitor alike. The order rotates by one each round, so every
+    competitor follows every other equally often: on a CPU the call before changes the next
+    one's time (its caches and predictors; measured up to ~40% after official-eager's Python
+    loop). At least opts.min_reps rounds, then more while the cell's budget (opts.rep_budget per
+    competitor) lasts, at most opts.max_reps. Fills each row's median, p10/p90, min/max and
+    reps."""
     times = {name: [] for name in timed}
     for name, (runner, t_check) in list(timed.items()):  # one untimed warm-up call each
         if not opts.quick and t_check < 0.25:
@@ -315,7 +318,9 @@ def time_round_robin(timed: dict, rows: dict, device, opts) -> None:
     rounds = 0
     with gc_paused():
         while timed and rounds < opts.max_reps and (rounds < opts.min_reps or time.perf_counter() - start < budget):
-            for name, (runner, _) in list(timed.items()):
+            order = list(timed.items())
+            shift = rounds % len(order)
+            for name, (runner, _) in order[shift:] + order[:shift]:
                 try:
                     times[name].append(_time_one(runner.step, device))
                 except baselines.BudgetExceeded as exc:
@@ -475,7 +480,8 @@ def run(opts) -> dict:
         "methods": {
             "time": "per forward+backward call (loss.backward(); autograd.grad inside the CUDA graph), median "
                     "and p10/p90 over at least min_reps calls; the competitors of one input are timed in rounds, "
-                    "one call of each per round, so load drift hits all alike (after one untimed warm-up call "
+                    "one call of each per round, so load drift hits all alike, the order rotating by one each "
+                    "round, so every competitor follows every other equally often (after one untimed warm-up call "
                     "each; the checked call is the warm-up in --quick and for calls over 0.25 s); "
                     "CPU figures are wall times on a machine that may be shared (see machine.loadavg_* and each "
                     "input's loadavg_before / loadavg_after); CPU: perf_counter; CUDA: CUDA events after a "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -171,8 +172,13 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
             loss = loss * factor
             grad = loss if grad is loss else grad * factor
         total = sum_f64(loss)
-        if negated:  # (the sum of the negated terms is the negated sum: exact)
-            total = -total
+        sign = -1.0 if negated else 1.0  # (the sum of the negated terms is the negated sum: exact)
+        if host_reads_free(tok.device):  # the same float64 operations on host numbers, one tensor each
+            t, wf = sign * float(total), float(w)
+            value = torch.tensor(t if t == 0 else t * wf, dtype=loss.dtype)
+            scale = torch.tensor(sign * (wf if math.isfinite(wf) else 0.0), dtype=w.dtype)
+            return keep, metrics, value, grad.to(tok.logprobs.dtype), scale
+        total = total * sign
         value = torch.where(total == 0, total, total * w.double()).to(loss.dtype)
         # a zero or non-finite denominator scales no derivative (padding keeps its zero)
         scale = torch.where(torch.isfinite(w), w, torch.zeros_like(w))

@@ -334,7 +334,8 @@ def _below_exact(tr_keys: Tensor, thr: int) -> int:
     low = max((thr >> 23) - width, 0) << 23  # the window: keys in [low, thr]
     off = k - np.int32(low)  # (no overflow: 0 <= k, low < 2**31)
     window = off.view(np.uint32) <= np.uint32(thr - low)
-    total = np.add.reduce(np.where(window, k.view(np.float32), np.float32(0.0)), dtype=np.float64)
+    inside = torch.from_numpy((k * window).view(np.float32))  # keys outside the window: 0 (+0.0), which adds nothing
+    total = float(inside.sum(dtype=torch.float64))  # (torch's float64 sum of float32: ~2x numpy's)
     exact = int(total * 2.0**149)  # a power-of-two scaling of an integer multiple of 2**-149: exact
     if low > 0:
         exact += _exact_sum(torch.from_numpy(np.compress(off < 0, k)))
@@ -349,12 +350,20 @@ def _below_sum(tr_keys, thr: int) -> float:
     nlimb = split.limb_count(thr)
     limbs = [(exact >> (split.LIMB_BITS * i)) & split.LIMB_MASK for i in range(nlimb - 1)]
     limbs.append(exact >> (split.LIMB_BITS * (nlimb - 1)))
-    return float(split.limbs_to_float(torch.tensor(limbs, dtype=torch.int64)))
+    return split.limbs_to_float_host(limbs)
 
 
 def _f32(x: float) -> Tensor:
     """A float64 value rounded once to a float32 0-d tensor."""
-    return torch.tensor(x, dtype=_F64).float()
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _within_budget_host(s: float, k: int, config: M2POConfig) -> bool:
+    """within_budget on Python numbers: the same float64 operations (k * hi is exact)."""
+    if config.tau == float("inf"):
+        return True
+    hi, lo = config.tau_split
+    return (s - k * hi) <= k * lo
 
 
 def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
@@ -367,13 +376,13 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
     n_below = n - tail.numel()
     s_below = _below_sum(tr_keys, thr)
     total = s_below + float(tail.view(torch.float32).double().sum())  # (any order: the early exits and Cut.m2 read it)
+    if config.variant == "paper":
+        if tail.numel() == 0 or _within_budget_host(total, n, config):  # nothing can be cut: early exit
+            m2 = _f32(total / max(n, 1))
+            return make_cut(config, device, num_valid=num_valid, num_trust_region=torch.tensor(n), m2=m2, m2_after=m2)
+        return _paper_cut(_sorted(tail), n_below, s_below, n, total, num_valid, config)
     n_t = torch.tensor(n, dtype=torch.int64)
     total_t = torch.tensor(total, dtype=_F64)
-    if config.variant == "paper":
-        if tail.numel() == 0 or bool(within_budget(total_t, n_t, config)):  # nothing can be cut: early exit
-            m2 = _f32(total / max(n, 1))
-            return make_cut(config, device, num_valid=num_valid, num_trust_region=n_t, m2=m2, m2_after=m2)
-        return _paper_cut(_sorted(tail), n_below, s_below, n, total, num_valid, config)
     e = OFFICIAL_EPS
     target = config.tau * n
     constrained = n > 0 and total / n > config.tau + e and target < total - e
@@ -398,15 +407,11 @@ def _kept_in_tail(s, n_below: int, config: M2POConfig) -> int:
     on a prefix of the tail and a binary search finds its end in log2(tail) tests. (Exactly so in
     exact arithmetic; where float64 rounding could make the computed test flip back, S_k lies in
     the float zone, where a decision may differ anyway: split.ZONE_EPS.)"""
-    if config.tau == float("inf"):
-        return len(s)
     s = s.numpy() if np is not None else s  # (reading one element: no tensor per probe)
-    hi, lo = config.tau_split
     a, b = 0, len(s)  # prefixes of length <= a pass (0: the threshold lemma), those longer than b fail
     while a < b:
         m = (a + b + 1) // 2
-        k = n_below + m
-        if (float(s[m - 1]) - k * hi) <= k * lo:
+        if _within_budget_host(float(s[m - 1]), n_below + m, config):
             a = m
         else:
             b = m - 1
@@ -420,14 +425,17 @@ def _paper_cut(tail_sorted, n_below: int, s_below: float, n: int, total: float, 
     _, s = _tail_prefix(tail_sorted, s_below)
     kept_tail = _kept_in_tail(s, n_below, config)
     keep_count = n_below + kept_tail
+    # (elements read through numpy when there: no tensor per read)
+    s, keys = (s.numpy(), tail_sorted.numpy()) if np is not None else (s, tail_sorted)
     kept_sum = float(s[kept_tail - 1]) if kept_tail > 0 else s_below
     m2 = _f32(total / max(n, 1))
     if kept_tail == tail_sorted.numel():  # the full prefix passed after all (it lies in the float zone)
         return make_cut(config, num_valid.device, num_valid=num_valid, num_trust_region=torch.tensor(n), m2=m2,
                         m2_after=m2)
-    value = int(tail_sorted[kept_tail])
+    value = int(keys[kept_tail])
     # tokens strictly below the cut value: the below part and the tail's smaller keys
-    first_tie = int(torch.searchsorted(tail_sorted, value, side="left"))
+    first_tie = int(np.searchsorted(keys, value, side="left") if np is not None else
+                    torch.searchsorted(keys, value, side="left"))
     as_i32 = torch.tensor(value, dtype=torch.int32)
     return make_cut(
         config,
@@ -603,22 +611,34 @@ def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Tensor, vari
     ratio_v: valid_ratio(...) when the caller has it; num_trust_region: the count of tr when the
     caller has it (a local cut's)."""
     count = tok.num_valid
-    nv = count.clamp_min(1).float()
-    zero = torch.zeros((), dtype=torch.float32, device=tok.device)
     ratio_v = valid_ratio(tok, delta, variant) if ratio_v is None else ratio_v
     n_tr = count_true(tr) if num_trust_region is None else num_trust_region
     # keep is a subset of valid: the masked count is their difference (0 when keep is valid itself)
     masked = torch.zeros_like(count) if keep is tok.valid else count - count_true(keep)
+    if np is not None and host_reads_free(tok.device):
+        # the same float32 values from host numbers, made in one tensor: each quotient of two
+        # float32 values is formed in float64 and rounded once to float32, which is the float32
+        # division's correctly rounded result (a float64 quotient never double-rounds wrongly)
+        f32 = np.float32
+        nv = float(f32(max(int(count), 1)))
+        values = [float(f32(int(masked))) / nv, float(f32(int(n_tr))) / nv, -float(delta.sum()) / nv,
+                  float(ratio_v.sum()) / nv, float(f32(int(tok.nonfinite))), 0.0]
+        masked_fraction, tr_fraction, kl, ratio_mean, nonfinite, zero = torch.tensor(values, dtype=torch.float32).unbind()
+    else:
+        nv = count.clamp_min(1).float()
+        zero = torch.zeros((), dtype=torch.float32, device=tok.device)
+        masked_fraction, tr_fraction = masked.float() / nv, n_tr.float() / nv
+        kl, ratio_mean, nonfinite = -delta.sum() / nv, ratio_v.sum() / nv, tok.nonfinite.float()
     out = {
         "m2": cut.m2,
         "m2_after": cut.m2_after,
-        "masked_fraction": masked.float() / nv,
-        "trust_region_fraction": n_tr.float() / nv,
-        "kl": -delta.sum() / nv,
-        "ratio_mean": ratio_v.sum() / nv,
+        "masked_fraction": masked_fraction,
+        "trust_region_fraction": tr_fraction,
+        "kl": kl,
+        "ratio_mean": ratio_mean,
         "ratio_max": _max_or_zero(ratio_v),
         "cut": cut.threshold,
-        "num_nonfinite": tok.nonfinite.float(),
+        "num_nonfinite": nonfinite,
         "input_error": zero,
     }
     if variant == "official":

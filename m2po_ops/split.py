@@ -108,6 +108,17 @@ def limb_sums(key: Tensor, below: Tensor, nlimb: int) -> Tensor:
     return out[:nlimb]
 
 
+def limbs_to_float_host(raw: list) -> float:
+    """limbs_to_float on Python ints (the host's form of the same sequence of operations)."""
+    s, carry = 0.0, 0
+    for i, v in enumerate(raw):
+        v += carry
+        if i < len(raw) - 1:
+            carry, v = v >> LIMB_BITS, v & LIMB_MASK
+        s = s + float(v) * 2.0 ** (LIMB_BITS * i - 149)
+    return s
+
+
 def limbs_to_float(limbs: Tensor) -> Tensor:
     """float64 0-d from limb sums, by a fixed sequence of operations (the kernels run the same
     one): from the lowest limb up, the carry is taken into the next limb and the remaining
@@ -115,14 +126,7 @@ def limbs_to_float(limbs: Tensor) -> Tensor:
     its power of two (exact), is added to the running sum. Within two ulps of the exact sum (the
     small digits first); the same bits for the same limbs on every device."""
     if limbs.device.type == "cpu":  # Python ints and floats: the same IEEE operations, no kernels
-        raw = limbs.tolist()
-        s, carry = 0.0, 0
-        for i, v in enumerate(raw):
-            v += carry
-            if i < len(raw) - 1:
-                carry, v = v >> LIMB_BITS, v & LIMB_MASK
-            s = s + float(v) * 2.0 ** (LIMB_BITS * i - 149)
-        return torch.tensor(s, dtype=torch.float64)
+        return torch.tensor(limbs_to_float_host(limbs.tolist()), dtype=torch.float64)
     s = torch.zeros((), dtype=torch.float64, device=limbs.device)
     carry = torch.zeros((), dtype=torch.int64, device=limbs.device)
     for i in range(limbs.numel()):
@@ -133,4 +137,5 @@ def limbs_to_float(limbs: Tensor) -> Tensor:
     return s
 
 
-__all__ = ["ZONE_EPS", "LIMB_BITS", "MAX_LIMBS", "threshold_bits", "limb_count", "limb_sums", "limbs_to_float"]
+__all__ = ["ZONE_EPS", "LIMB_BITS", "MAX_LIMBS", "threshold_bits", "limb_count", "limb_sums", "limbs_to_float",
+           "limbs_to_float_host"]
