@@ -137,12 +137,15 @@ def _at(x: Tensor, i: Tensor) -> Tensor:
     return x.index_select(0, i.reshape(1)).reshape(())
 
 
-def within_budget(s: Tensor, k: Tensor, config: M2POConfig) -> Tensor:
-    """S_k <= tau * k, evaluated as (S - k*tau_hi) <= k*tau_lo in float64 (exact tau * k)."""
+def within_budget(s, k, config: M2POConfig):
+    """S_k <= tau * k, evaluated as (S - k*tau_hi) <= k*tau_lo in float64 (exact tau * k).
+    s, k: float64 and integer tensors (a bool tensor back), or a Python float and int on the
+    host (a bool back: the same float64 operations)."""
+    host = not isinstance(s, Tensor)
     if config.tau == float("inf"):
-        return torch.ones_like(s, dtype=torch.bool)
+        return True if host else torch.ones_like(s, dtype=torch.bool)
     hi, lo = config.tau_split
-    kf = k.double()
+    kf = k if host else k.double()
     return (s - kf * hi) <= kf * lo
 
 
@@ -288,32 +291,25 @@ def _sorted(keys: Tensor) -> Tensor:
     return torch.sort(keys).values
 
 
-def _exponent_sums(keys: Tensor) -> dict:
-    """{exponent field: the exact sum of the finite float32 values with these keys and that field},
-    each an integer in units of 2**-149 (the smallest subnormal). Values sharing an exponent field
-    are multiples of one ulp, so their float64 sum is exact while it stays below 2**53 ulps
-    (chunks of < 2**29 tokens: significands are < 2**24). Infinite keys (field 255) are skipped;
-    only the fields present are converted (a handful: m2 values span a few binades)."""
-    sums: dict = {}
+def _exact_sum(keys: Tensor) -> int:
+    """The exact sum of the finite float32 values with these keys, as an integer in units of
+    2**-149 (the smallest subnormal). Per exponent field: values sharing one are multiples of
+    one ulp, so their float64 sum is exact while it stays below 2**53 ulps (chunks of < 2**29
+    tokens: significands are < 2**24). Infinite keys (field 255) are skipped; only the fields
+    present are converted (a handful: m2 values span a few binades)."""
+    total = 0
     chunk = 1 << 28
     for start in range(0, keys.numel(), chunk):
         k = keys[start:start + chunk]
         if np is not None:  # (numpy's bincount reads the float32 weights as they are: no float64 copy)
             kn = k.numpy()
-            per = np.bincount(kn >> 23, weights=kn.view(np.float32), minlength=256)
-            fields = np.flatnonzero(per[:255])
-            pairs = zip(fields.tolist(), per[fields].tolist())
+            per = np.bincount(kn >> 23, weights=kn.view(np.float32), minlength=256)[:255]
+            sums = per[np.flatnonzero(per)].tolist()
         else:
-            per = torch.bincount(k >> 23, weights=k.view(torch.float32).double(), minlength=256).tolist()
-            pairs = ((e, v) for e, v in enumerate(per[:255]) if v)
-        for e, v in pairs:
-            sums[e] = sums.get(e, 0) + int(v * 2.0**149)  # a power-of-two scaling of an integer multiple of 2**-149: exact
-    return sums
-
-
-def _exact_sum(keys: Tensor) -> int:
-    """The exact sum of the finite float32 values with these keys, in units of 2**-149."""
-    return sum(_exponent_sums(keys).values())
+            sums = [v for v in torch.bincount(k >> 23, weights=k.view(torch.float32).double(), minlength=256)
+                    .tolist()[:255] if v]
+        total += sum(int(v * 2.0**149) for v in sums)  # a power-of-two scaling of an integer multiple of 2**-149: exact
+    return total
 
 
 def _below_exact(tr_keys: Tensor, thr: int) -> int:
@@ -358,14 +354,6 @@ def _f32(x: float) -> Tensor:
     return torch.tensor(x, dtype=torch.float32)
 
 
-def _within_budget_host(s: float, k: int, config: M2POConfig) -> bool:
-    """within_budget on Python numbers: the same float64 operations (k * hi is exact)."""
-    if config.tau == float("inf"):
-        return True
-    hi, lo = config.tau_split
-    return (s - k * hi) <= k * lo
-
-
 def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
     """The split solve on the host (CPU tensors only): tr_keys are the trust region's int32 keys
     in flat order."""
@@ -377,7 +365,7 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
     s_below = _below_sum(tr_keys, thr)
     total = s_below + float(tail.view(torch.float32).double().sum())  # (any order: the early exits and Cut.m2 read it)
     if config.variant == "paper":
-        if tail.numel() == 0 or _within_budget_host(total, n, config):  # nothing can be cut: early exit
+        if tail.numel() == 0 or within_budget(total, n, config):  # nothing can be cut: early exit
             m2 = _f32(total / max(n, 1))
             return make_cut(config, device, num_valid=num_valid, num_trust_region=torch.tensor(n), m2=m2, m2_after=m2)
         return _paper_cut(_sorted(tail), n_below, s_below, n, total, num_valid, config)
@@ -402,16 +390,15 @@ def _tail_prefix(tail_sorted, s_below: float):
 
 def _kept_in_tail(s, n_below: int, config: M2POConfig) -> int:
     """How many sorted tail values the budget keeps: the largest j with S_{n_below+j} <=
-    tau (n_below + j), tested as within_budget tests it (the same float64 operations, on Python
-    floats). S_k - tau k grows along the tail (every tail value exceeds tau), so the test passes
+    tau (n_below + j), tested by within_budget on host numbers (s: the tail's S_k, indexable).
+    S_k - tau k grows along the tail (every tail value exceeds tau), so the test passes
     on a prefix of the tail and a binary search finds its end in log2(tail) tests. (Exactly so in
     exact arithmetic; where float64 rounding could make the computed test flip back, S_k lies in
     the float zone, where a decision may differ anyway: split.ZONE_EPS.)"""
-    s = s.numpy() if np is not None else s  # (reading one element: no tensor per probe)
     a, b = 0, len(s)  # prefixes of length <= a pass (0: the threshold lemma), those longer than b fail
     while a < b:
         m = (a + b + 1) // 2
-        if _within_budget_host(float(s[m - 1]), n_below + m, config):
+        if within_budget(float(s[m - 1]), n_below + m, config):
             a = m
         else:
             b = m - 1
@@ -423,10 +410,10 @@ def _paper_cut(tail_sorted, n_below: int, s_below: float, n: int, total: float, 
     """keep_count = max{k : S_k <= tau k}: at least n_below (the threshold lemma), so only the
     tail's prefixes are tested."""
     _, s = _tail_prefix(tail_sorted, s_below)
-    kept_tail = _kept_in_tail(s, n_below, config)
-    keep_count = n_below + kept_tail
     # (elements read through numpy when there: no tensor per read)
     s, keys = (s.numpy(), tail_sorted.numpy()) if np is not None else (s, tail_sorted)
+    kept_tail = _kept_in_tail(s, n_below, config)
+    keep_count = n_below + kept_tail
     kept_sum = float(s[kept_tail - 1]) if kept_tail > 0 else s_below
     m2 = _f32(total / max(n, 1))
     if kept_tail == tail_sorted.numel():  # the full prefix passed after all (it lies in the float zone)
