@@ -180,7 +180,7 @@ def _wide_tail_batch(seed, fallback, device, b=4, t=300):
 @contextlib.contextmanager
 def _apply_modes():
     """Records, per official fix-up, how apply_official treated the blocks: "unconstrained"
-    (nothing to do), "tail" (only the wide tails recomputed: no block recomputed whole) or
+    (nothing to do), "tail" (only the wide tails recomputed: some block's, none whole) or
     "whole" (every block recomputed); anything else is recorded as a list of flags."""
     modes = []
     fix_pass = tb.fix_pass
@@ -193,7 +193,7 @@ def _apply_modes():
         lower_u, upper_u = tb.unconstrained_bounds(config.miniclip_low, config.miniclip_high)
         if int(cut.lower.view(torch.int32)) == lower_u and int(cut.upper.view(torch.int32)) == upper_u:
             modes.append("unconstrained")
-        elif all(f in (0.0, tb.K.APPLY_LIST) for f in flags):
+        elif all(f in (0.0, tb.K.APPLY_LIST) for f in flags) and tb.K.APPLY_LIST in flags:
             modes.append("tail")
         elif all(f == tb.K.APPLY_WHOLE for f in flags):
             modes.append("whole")
