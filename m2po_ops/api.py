@@ -136,9 +136,9 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
 
             solver = triton_group_solver(config, group)
         return triton_forward(tok, config, cut, want_loss, num_tokens, solver, poison, want_keep=not want_loss)
-    n_tr = host = None
+    n_tr = host = delta_sum = masked = None
     if cut is not None or group is None:
-        delta = reference.log_ratio(tok)
+        delta, delta_sum = reference.log_ratio_and_sum(tok)
         ratio = reference.ratio_of(delta, config.variant)  # once: the trust region, the loss, the metrics
         tr = reference.trust_region(tok, delta, config, ratio)
         if host_reads_free(tok.device):  # compacted once, for the solver and for applying its cut:
@@ -157,8 +157,11 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
     ratio_v = reference.valid_ratio(tok, delta, config.variant, ratio)  # (in place: ratio is not read again)
     # token-mean paper loss: the terms' sign goes into the sum and the backward scale (a pass fewer)
     negated = want_loss and config.variant == "paper" and config.loss_agg_mode == "token-mean"
-    keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr, ratio_v, host, negated=negated)
-    metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant, ratio_v, n_tr)
+    if want_loss and host is not None and config.variant == "paper":  # the list alone: no keep tensor to build
+        masked = reference.masked_paper_host(None, tr, cut, host)
+    keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr, ratio_v, host, negated=negated, masked=masked)
+    metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant, ratio_v, n_tr, delta_sum,
+                                None if masked is None else masked.numel())
     if not want_loss:
         return keep, metrics, None, None, None
     num_valid = cut.num_valid if group is not None else None

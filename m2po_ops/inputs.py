@@ -193,11 +193,17 @@ class Tokens:
         return torch.where(torch.isfinite(first), first, torch.zeros_like(first))
 
     @functools.cached_property
+    def mask_bool(self) -> Optional[Tensor]:
+        """The mask as bool (N,), or None when there is none (every token masked in). May be the
+        caller's own tensor: not to be written to."""
+        return None if self.mask_src is None else _mask_to_bool(self.mask_src)
+
+    @functools.cached_property
     def _base_and_finite(self):
         """(base, finite): the mask as bool, and the tokens whose inputs are all finite (None:
         every token, found on the host for CPU tensors, which skips three per-token passes)."""
         base = torch.ones(self.numel, dtype=torch.bool, device=self.device) if self.mask_src is None else (
-            _mask_to_bool(self.mask_src))
+            self.mask_bool)
         if host_reads_free(self.device) and self._logprobs_finite and _all_finite(self.adv_src):
             return base, None
         finite = torch.isfinite(self.logprobs) & torch.isfinite(self.old_logprobs) & torch.isfinite(self.advantages)

@@ -22,8 +22,9 @@ maximum.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -48,19 +49,39 @@ def compute_dtype(tok: Tokens) -> torch.dtype:
 
 def log_ratio(tok: Tokens) -> Tensor:
     """delta = logprobs - old_logprobs in float32, zero on invalid tokens (padding may be NaN)."""
+    return log_ratio_and_sum(tok)[0]
+
+
+def log_ratio_and_sum(tok: Tokens) -> Tuple[Tensor, Optional[float]]:
+    """(log_ratio(tok), the float32 sum of it as a host number, or None where not computed: on
+    the host path only, where the kl metric reads it)."""
     lp, old = tok.logprobs, tok.old_logprobs
     old = old.float() if old.dtype == torch.float64 else old  # (a half type is upcast exactly inside sub)
     # in place into logprobs' float32 copy when .float() made one: one buffer fewer
     delta = lp - old if lp.dtype == torch.float32 else lp.float().sub_(old)
-    finite = None
-    if host_reads_free(delta.device):
-        # one sum over every token (padding included) settles two things: delta is finite (no
-        # overflow), and so is every logprobs and old_logprobs value, which the validity check
-        # then need not read
-        finite = bool(torch.isfinite(delta.sum()))
-        if finite:
-            tok.record_finite_logprobs()
-    return zero_invalid_(delta, tok, finite)
+    if not host_reads_free(delta.device):
+        return zero_invalid_(delta, tok), None
+    base = tok.mask_bool
+    if np is not None and base is not None and base.is_contiguous():
+        # delta times the 0/1 mask first: a product keeps every NaN and infinity (inf * 0 is NaN),
+        # so the one sum below still proves every delta finite, and it is then the kl metric's
+        dn = delta.numpy()
+        with np.errstate(invalid="ignore"):  # (inf * 0 on padding: NaN, as intended)
+            np.multiply(dn, base.numpy(), out=dn)
+    else:
+        base = None
+    total = float(delta.sum())
+    if math.isfinite(total):
+        # an infinite or NaN logprobs or old_logprobs value makes its delta, and the sum, non-finite:
+        # the validity check need not read them again
+        tok.record_finite_logprobs()
+        if tok.all_finite:  # the advantages too: valid is the mask itself
+            if base is None and tok.mask_src is not None:
+                delta = zero_invalid_(delta, tok, True)
+                total = float(delta.sum())
+            return delta, total
+        return zero_invalid_(delta, tok, True), None
+    return zero_invalid_(delta, tok, False), None
 
 
 def zero_invalid_(x: Tensor, tok: Tokens, finite: Optional[bool] = None) -> Tensor:
@@ -209,13 +230,20 @@ def official_cut(v_prev: Tensor, c_prev: Tensor, k_star: Tensor, n: Tensor, tota
 # The cut
 
 
-@dataclass(frozen=True)
+@dataclass
 class HostTrustRegion:
     """The trust region compacted on the host (CPU): flat indices (int64) and keys (int32), in
-    flat order. The solver reads the keys; applying a paper cut reads both (no pass over N)."""
+    flat order. The solver reads the keys; applying a paper cut reads both (no pass over N).
+
+    The solver records where its tail is (``tail_at``: the positions in ``keys`` of the keys above
+    ``tail_thr``, ascending, and ``tail_keys``, those keys): a paper cut's value lies in the tail, so
+    applying it then looks at the tail only."""
 
     index: Tensor
     keys: Tensor
+    tail_at: Optional[Tensor] = None
+    tail_keys: Optional[Tensor] = None
+    tail_thr: Optional[int] = None
 
 
 def compact_trust_region(delta: Tensor, tr: Tensor) -> HostTrustRegion:
@@ -234,7 +262,7 @@ def solve_trust_region(m2: Optional[Tensor], tr: Tensor, num_valid: Tensor, conf
         if host is None:
             index = _flatnonzero(tr)
             host = HostTrustRegion(index, m2_bits(m2)[index])
-        return _solve_host(host.keys, num_valid, config)
+        return _solve_host(host.keys, num_valid, config, host)
     return solve_keys(torch.where(tr, m2_bits(m2), -1), num_valid, config)
 
 
@@ -275,12 +303,18 @@ def _compact(key: Tensor, inside: Tensor) -> Tensor:
     return key[_flatnonzero(inside)]
 
 
-def _above(keys: Tensor, thr: int) -> Tensor:
-    """The keys above thr, in flat order."""
+def _above(keys: Tensor, thr: int, host: Optional[HostTrustRegion] = None) -> Tensor:
+    """The keys above thr, in flat order (their positions recorded in ``host`` when given)."""
     if np is not None:
         k = keys.numpy()
+        if host is not None:
+            at = np.flatnonzero(k > thr)
+            tail = torch.from_numpy(np.take(k, at))
+            host.tail_at, host.tail_keys, host.tail_thr = torch.from_numpy(at), tail, thr
+            return tail
         return torch.from_numpy(np.compress(k > thr, k))  # (compress: faster than k[mask] here)
-    return keys[keys > thr]
+    tail = keys[keys > thr]
+    return tail
 
 
 def _sorted(keys: Tensor) -> Tensor:
@@ -312,14 +346,17 @@ def _exact_sum(keys: Tensor) -> int:
     return total
 
 
-def _below_exact(tr_keys: Tensor, thr: int) -> int:
+def _below_exact(tr_keys: Tensor, thr: int, n_above: Optional[int] = None) -> int:
     """The exact sum of the trust-region keys at or below thr, in units of 2**-149.
+    n_above: how many keys lie above thr, when the caller knows.
 
     Most of them lie in the few binades under thr. The values of the top ``width`` exponent
     fields up to thr's (width = 29 - bit_length(n) for n keys) are multiples of the lowest such
     field's ulp, and n of them sum to less than 2**53 of those ulps: their float64 sum is exact
-    in any order, so they take one plain sum. Only the keys under that window (usually a few
-    percent) go through the per-exponent sums."""
+    in any order. So every key is clipped into that window [low, thr] and the clipped values take
+    one plain sum; the clipping added exactly ``low``'s value (a power of two) per key under the
+    window and thr's value per key above it, which come off as integers. Only the keys under the
+    window (usually a few percent) go through the per-exponent sums."""
     if thr < 0:
         return 0
     n = tr_keys.numel()
@@ -328,21 +365,29 @@ def _below_exact(tr_keys: Tensor, thr: int) -> int:
         return _exact_sum(_compact(tr_keys, tr_keys <= thr))
     k = tr_keys.numpy()
     low = max((thr >> 23) - width, 0) << 23  # the window: keys in [low, thr]
-    off = k - np.int32(low)  # (no overflow: 0 <= k, low < 2**31)
-    window = off.view(np.uint32) <= np.uint32(thr - low)
-    inside = torch.from_numpy((k * window).view(np.float32))  # keys outside the window: 0 (+0.0), which adds nothing
-    total = float(inside.sum(dtype=torch.float64))  # (torch's float64 sum of float32: ~2x numpy's)
-    exact = int(total * 2.0**149)  # a power-of-two scaling of an integer multiple of 2**-149: exact
+    clipped = torch.from_numpy(np.clip(k, low, thr).view(np.float32))
+    total = float(clipped.sum(dtype=torch.float64))  # (torch's float64 sum of float32: ~2x numpy's)
+    if n_above is None:
+        n_above = int(np.count_nonzero(k > thr))
+    exact = int(total * 2.0**149) - n_above * _units(thr)  # a power-of-two scaling of a multiple of 2**-149: exact
     if low > 0:
-        exact += _exact_sum(torch.from_numpy(np.compress(off < 0, k)))
+        under = k < low
+        n_under = int(np.count_nonzero(under))
+        if n_under:
+            exact += _exact_sum(torch.from_numpy(np.compress(under, k))) - n_under * _units(low)
     return exact
 
 
-def _below_sum(tr_keys, thr: int) -> float:
+def _units(key: int) -> int:
+    """The value of a finite float32 key as an integer in units of 2**-149."""
+    return int(float(np.int32(key).view(np.float32)) * 2.0**149)
+
+
+def _below_sum(tr_keys, thr: int, n_above: Optional[int] = None) -> float:
     """The sum of the trust-region keys at or below thr with the bits of
     split.limbs_to_float(split.limb_sums(...)): the exact integer, written as canonical limbs,
     which is the form limbs_to_float reduces any limbs to."""
-    exact = _below_exact(tr_keys, thr)
+    exact = _below_exact(tr_keys, thr, n_above)
     nlimb = split.limb_count(thr)
     limbs = [(exact >> (split.LIMB_BITS * i)) & split.LIMB_MASK for i in range(nlimb - 1)]
     limbs.append(exact >> (split.LIMB_BITS * (nlimb - 1)))
@@ -354,15 +399,15 @@ def _f32(x: float) -> Tensor:
     return torch.tensor(x, dtype=torch.float32)
 
 
-def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig) -> Cut:
+def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig, host: Optional[HostTrustRegion] = None) -> Cut:
     """The split solve on the host (CPU tensors only): tr_keys are the trust region's int32 keys
-    in flat order."""
+    in flat order (host: their HostTrustRegion, which records where the tail is)."""
     device = num_valid.device
     thr = split.threshold_bits(config.variant, config.tau)
     n = tr_keys.numel()
-    tail = _above(tr_keys, thr)
+    tail = _above(tr_keys, thr, host)
     n_below = n - tail.numel()
-    s_below = _below_sum(tr_keys, thr)
+    s_below = _below_sum(tr_keys, thr, tail.numel())
     total = s_below + float(tail.view(torch.float32).double().sum())  # (any order: the early exits and Cut.m2 read it)
     if config.variant == "paper":
         if tail.numel() == 0 or within_budget(total, n, config):  # nothing can be cut: early exit
@@ -483,26 +528,42 @@ def _keep_paper(m2: Optional[Tensor], tr: Tensor, valid: Tensor, cut: Cut, host:
 
 
 def _keep_paper_host(bits: Optional[Tensor], tr: Tensor, valid: Tensor, cut: Cut, host: Optional[HostTrustRegion]):
-    """_keep_paper on the host: only the trust-region tokens at or above the cut value (the tail's
-    top, usually a few) are looked at one by one. Nothing masked: keep is ``valid`` itself."""
+    """_keep_paper on the host: ``valid`` without the tokens of masked_paper_host. Nothing
+    masked: keep is ``valid`` itself."""
+    masked = masked_paper_host(bits, tr, cut, host)
+    if not masked.numel():
+        return valid, masked
+    keep = valid.clone()
+    if np is not None:
+        keep.numpy()[masked.numpy()] = False
+    else:
+        keep[masked] = False
+    return keep, masked
+
+
+def masked_paper_host(bits: Optional[Tensor], tr: Tensor, cut: Cut, host: Optional[HostTrustRegion]) -> Tensor:
+    """The flat indices (int64, ascending) of the tokens a paper cut masks, on the host: only the
+    trust-region tokens at or above the cut value (the tail's top, usually a few) are looked at
+    one by one. bits: m2_bits of every token, read when host (compact_trust_region) is None."""
     value = int(cut.value)
     if value == KEEP_ALL_BITS:
-        return valid, torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(0, dtype=torch.int64)
     if np is not None:  # the same steps in numpy, whose gathers and scatters are several times faster
         if host is not None:
-            keys = host.keys.numpy()
-            at = np.flatnonzero(keys >= value)
-            cand, cand_bits = host.index.numpy()[at], keys[at]
+            if host.tail_at is not None and value > host.tail_thr:  # the solver's tail holds every candidate
+                keys, at = host.tail_keys.numpy(), host.tail_at.numpy()
+            else:
+                keys, at = host.keys.numpy(), None
+            sel = np.flatnonzero(keys >= value)
+            cand_bits = keys[sel]
+            cand = host.index.numpy()[sel if at is None else at[sel]]
         else:
             b = bits.numpy()
             cand = np.flatnonzero((b >= value) & tr.numpy())  # the trust region's, in flat order
             cand_bits = b[cand]
         tie = cand_bits == value
         rank = np.cumsum(tie) - tie  # earlier tied tokens, in flat order
-        masked = cand[(cand_bits > value) | (rank >= int(cut.ties_kept))]
-        keep = valid.clone()
-        keep.numpy()[masked] = False
-        return keep, torch.from_numpy(masked)
+        return torch.from_numpy(cand[(cand_bits > value) | (rank >= int(cut.ties_kept))])
     if host is not None:
         at = _flatnonzero(host.keys >= value)
         cand, cand_bits = host.index[at], host.keys[at]
@@ -512,27 +573,28 @@ def _keep_paper_host(bits: Optional[Tensor], tr: Tensor, valid: Tensor, cut: Cut
         cand_bits = bits[cand]
     tie = cand_bits == value
     rank = torch.cumsum(tie, 0) - tie.to(torch.int64)  # earlier tied tokens, in flat order
-    masked = cand[(cand_bits > value) | (rank >= int(cut.ties_kept))]
-    keep = valid.clone()
-    keep[masked] = False
-    return keep, masked
+    return cand[(cand_bits > value) | (rank >= int(cut.ties_kept))]
 
 
 def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, ratio_v: Optional[Tensor] = None,
-              host: Optional[HostTrustRegion] = None, negated: bool = False):
+              host: Optional[HostTrustRegion] = None, negated: bool = False, masked: Optional[Tensor] = None):
     """keep, per-token loss l_i and its derivative g_i = dl_i/dlogprobs_i (compute dtype); l_i and
     g_i are 0 on padding.
 
     ratio_v: ``valid_ratio(tok, delta, variant)`` when the caller has it (the metrics read it too).
     host: compact_trust_region(delta, tr) when the caller has it (CPU; m2 may then be None).
     negated: paper rule, return -l_i = -g_i = A r (a pass fewer than -A r) to a caller that
-    negates their sum and the backward scale instead (exact: rounding is symmetric in sign)."""
+    negates their sum and the backward scale instead (exact: rounding is symmetric in sign).
+    masked: paper rule on the host, masked_paper_host(...) from a caller that wants no keep
+    tensor (a loss): keep is then None."""
     cd = compute_dtype(tok)
     valid = tok.valid
     zero = torch.zeros((), dtype=cd, device=tok.device)
     ratio = valid_ratio(tok, delta, cut.variant) if ratio_v is None else ratio_v
     if cut.variant == "paper":
-        keep, masked = _keep_paper(m2, tr, valid, cut, host)
+        want_keep, keep = masked is None, None
+        if want_keep:
+            keep, masked = _keep_paper(m2, tr, valid, cut, host)
         # -A r on kept tokens, r = exp(clamp(delta)): the metrics' ratio, or float64 for float64 input
         r = ratio if cd == torch.float32 else clamped_ratio(tok.logprobs.double() - tok.old_logprobs.double())
         loss = torch.mul(tok.advantages_compute, r)  # A r
@@ -545,7 +607,11 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
             else:
                 loss[masked] = 0
         else:
-            loss = torch.where(keep, loss, zero, out=loss)
+            kept = keep
+            if kept is None:
+                kept = valid.clone()
+                kept[masked] = False
+            loss = torch.where(kept, loss, zero, out=loss)
         return keep, loss, loss  # straight-through: d(-a r)/d logprobs = -a r
     # official: PPO clipped surrogate with the solved bounds. The clip decision is made as the
     # authors' torch code makes it, in float32 (ratio, float32 bounds, strict comparisons), for
@@ -591,24 +657,30 @@ def valid_ratio(tok: Tokens, delta: Tensor, variant: str, ratio: Optional[Tensor
     return zero_invalid_(ratio, tok, True if variant == "paper" else None)
 
 
-def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Tensor, variant: str,
-            ratio_v: Optional[Tensor] = None, num_trust_region: Optional[Tensor] = None) -> dict:
+def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Optional[Tensor], variant: str,
+            ratio_v: Optional[Tensor] = None, num_trust_region: Optional[Tensor] = None,
+            delta_sum: Optional[float] = None, num_masked: Optional[int] = None) -> dict:
     """The spec's metrics as float32 0-d tensors on the input's device (delta is 0 on padding).
 
     ratio_v: valid_ratio(...) when the caller has it; num_trust_region: the count of tr when the
-    caller has it (a local cut's)."""
+    caller has it (a local cut's). On the host, from a caller that has them: delta_sum, the
+    float32 sum of delta (log_ratio_and_sum), and num_masked, the masked count (keep is then not
+    read and may be None)."""
     count = tok.num_valid
     ratio_v = valid_ratio(tok, delta, variant) if ratio_v is None else ratio_v
     n_tr = count_true(tr) if num_trust_region is None else num_trust_region
-    # keep is a subset of valid: the masked count is their difference (0 when keep is valid itself)
-    masked = torch.zeros_like(count) if keep is tok.valid else count - count_true(keep)
+    if num_masked is not None:
+        masked = num_masked
+    else:  # keep is a subset of valid: the masked count is their difference (0 when keep is valid itself)
+        masked = torch.zeros_like(count) if keep is tok.valid else count - count_true(keep)
     if np is not None and host_reads_free(tok.device):
         # the same float32 values from host numbers, made in one tensor: each quotient of two
         # float32 values is formed in float64 and rounded once to float32, which is the float32
         # division's correctly rounded result (a float64 quotient never double-rounds wrongly)
         f32 = np.float32
         nv = float(f32(max(int(count), 1)))
-        values = [float(f32(int(masked))) / nv, float(f32(int(n_tr))) / nv, -float(delta.sum()) / nv,
+        d_sum = float(delta.sum()) if delta_sum is None else delta_sum
+        values = [float(f32(int(masked))) / nv, float(f32(int(n_tr))) / nv, -d_sum / nv,
                   float(ratio_v.sum()) / nv, float(f32(int(tok.nonfinite))), 0.0]
         masked_fraction, tr_fraction, kl, ratio_mean, nonfinite, zero = torch.tensor(values, dtype=torch.float32).unbind()
     else:
