@@ -13,7 +13,12 @@ from . import reference
 from .config import BACKENDS, DEFAULT_TAU, M2POConfig
 from .cut import Cut
 from .inputs import (Tokens, check_group, check_num_tokens, host_reads_free, input_error, poison_of, prepare, sum_f64,
-                     token_weights)
+                     sum_f64_host, token_mean_weight_host, token_weights)
+
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
 
 
 class AttachGrad(torch.autograd.Function):
@@ -168,19 +173,24 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
     if config.loss_agg_mode == "token-mean":
         # as the kernels: the unweighted terms summed in float64, times the 1 / denominator once;
         # the derivative stored unweighted, the 1 / denominator applied in backward (the scale)
-        w = token_weights(tok, config, num_tokens, loss.dtype, num_valid, scalar=True)
+        on_host = host_reads_free(tok.device)
+        if on_host and np is not None and num_tokens is None and num_valid is None:
+            w, wf = None, token_mean_weight_host(tok, loss.dtype)  # (the same value, no tensors)
+        else:
+            w = token_weights(tok, config, num_tokens, loss.dtype, num_valid, scalar=True)
         if poison is not None:  # NaN on every valid token (padding keeps a zero gradient), as the kernels
             factor = torch.where(tok.valid, 1.0 + poison.to(loss.dtype), torch.zeros((), dtype=loss.dtype,
                                                                                    device=tok.device))
             loss = loss * factor
             grad = loss if grad is loss else grad * factor
-        total = sum_f64(loss)
         sign = -1.0 if negated else 1.0  # (the sum of the negated terms is the negated sum: exact)
-        if host_reads_free(tok.device):  # the same float64 operations on host numbers, one tensor each
-            t, wf = sign * float(total), float(w)
+        if on_host:  # the same float64 operations on host numbers, one tensor each
+            t = sign * sum_f64_host(loss)
+            wf = float(w) if w is not None else wf
             value = torch.tensor(t if t == 0 else t * wf, dtype=loss.dtype)
-            scale = torch.tensor(sign * (wf if math.isfinite(wf) else 0.0), dtype=w.dtype)
+            scale = torch.tensor(sign * (wf if math.isfinite(wf) else 0.0), dtype=loss.dtype)
             return keep, metrics, value, grad.to(tok.logprobs.dtype), scale
+        total = sum_f64(loss)
         total = total * sign
         value = torch.where(total == 0, total, total * w.double()).to(loss.dtype)
         # a zero or non-finite denominator scales no derivative (padding keeps its zero)

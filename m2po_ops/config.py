@@ -6,6 +6,7 @@ Every backend (the PyTorch reference, the Triton kernels, the distributed solver
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -90,8 +91,13 @@ class M2POConfig:
         The cut compares S_k <= tau * k. Computing (S_k - k*hi) <= k*lo in float64 is exact up
         to about 2**-74 relative, on every backend, with the same operations.
         """
-        if math.isinf(self.tau) or self.tau == 0.0:
-            return self.tau, 0.0
-        m, e = math.frexp(self.tau)
-        hi = math.ldexp(math.floor(math.ldexp(m, 21)), e - 21)
-        return hi, self.tau - hi
+        return _tau_split(self.tau)
+
+
+@functools.lru_cache(maxsize=64)  # (every budget test of a call reads it)
+def _tau_split(tau: float) -> tuple[float, float]:
+    if math.isinf(tau) or tau == 0.0:
+        return tau, 0.0
+    m, e = math.frexp(tau)
+    hi = math.ldexp(math.floor(math.ldexp(m, 21)), e - 21)
+    return hi, tau - hi

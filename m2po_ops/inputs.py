@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -84,7 +85,7 @@ def _all_finite(x: Tensor) -> bool:
         # bfloat16, but it has the bits)
         bits = x.view(torch.int16).numpy()
         return int(_np.bitwise_and(bits, 0x7FFF).max()) < _EXPONENT_MASK[x.dtype]
-    if bool(torch.isfinite(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
+    if math.isfinite(float(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32))):
         return True
     lo, hi = torch.aminmax(x)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
@@ -554,12 +555,31 @@ def sum_f64(x: Tensor) -> Tensor:
     """x summed in float64 (0-d). On CPU, torch converts the whole tensor to float64 first (a
     buffer the allocator maps fresh on every call: the page faults cost more than the sum);
     numpy's reduction converts block by block, and chunks do where numpy is missing."""
-    chunk = 1 << 16
-    if not host_reads_free(x.device) or x.numel() <= chunk:
+    if not host_reads_free(x.device) or x.numel() <= _SUM_CHUNK:
         return x.sum(dtype=torch.float64)
-    flat = x.detach().reshape(-1)
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        return torch.stack([flat[i:i + chunk].sum(dtype=torch.float64) for i in range(0, flat.numel(), chunk)]).sum()
-    return torch.tensor(float(np.add.reduce(flat.numpy(), dtype=np.float64)), dtype=torch.float64)
+    if _np is None:  # pragma: no cover
+        flat = x.detach().reshape(-1)
+        return torch.stack([flat[i:i + _SUM_CHUNK].sum(dtype=torch.float64)
+                            for i in range(0, flat.numel(), _SUM_CHUNK)]).sum()
+    return torch.tensor(sum_f64_host(x), dtype=torch.float64)
+
+
+def sum_f64_host(x: Tensor) -> float:
+    """sum_f64(x) as a host number (CPU tensors)."""
+    if _np is None or x.numel() <= _SUM_CHUNK:
+        return float(sum_f64(x))
+    return float(_np.add.reduce(x.detach().reshape(-1).numpy(), dtype=_np.float64))
+
+
+_SUM_CHUNK = 1 << 16
+
+
+def token_mean_weight_host(tok: Tokens, dtype: torch.dtype) -> float:
+    """The value of token_weights(tok, token-mean config, None, dtype, scalar=True), on the host
+    (CPU tensors): 1 / max(valid count, 1), the count rounded once to dtype and the quotient
+    rounded once (numpy's float32 division is correctly rounded, as torch's)."""
+    count = int(tok.num_valid)
+    if dtype == torch.float64:
+        return 1.0 / max(float(count), 1.0)
+    one = _np.float32(1.0)
+    return float(one / max(_np.float32(count), one))

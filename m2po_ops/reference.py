@@ -22,7 +22,9 @@ maximum.
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -151,6 +153,14 @@ def _max_or_zero(x: Tensor) -> Tensor:
     if np is not None and host_reads_free(x.device) and x.is_contiguous():
         return torch.from_numpy(np.max(x.numpy(), keepdims=True)).reshape(()).clamp_min(0)  # (numpy's max: ~3x)
     return x.max().clamp_min(0)
+
+
+def _max_or_zero_host(x: Tensor) -> float:
+    """_max_or_zero's value as a host number (CPU tensors, numpy installed)."""
+    if not x.numel():
+        return 0.0
+    m = float(np.max(x.numpy()) if x.is_contiguous() else x.max())
+    return m if m != m else max(m, 0.0)  # (NaN stays NaN, as clamp_min leaves it)
 
 
 def _at(x: Tensor, i: Tensor) -> Tensor:
@@ -330,7 +340,11 @@ def _exact_sum(keys: Tensor) -> int:
     2**-149 (the smallest subnormal). Per exponent field: values sharing one are multiples of
     one ulp, so their float64 sum is exact while it stays below 2**53 ulps (chunks of < 2**29
     tokens: significands are < 2**24). Infinite keys (field 255) are skipped; only the fields
-    present are converted (a handful: m2 values span a few binades)."""
+    present are converted (a handful: m2 values span a few binades). A few keys are converted
+    one by one instead (each value times 2**149 is an integer, exactly)."""
+    if np is not None and keys.numel() <= _FEW_KEYS:
+        kn = keys.numpy()
+        return sum(int(v * 2.0**149) for v in kn[kn < _INF_KEY].view(np.float32).tolist())
     total = 0
     chunk = 1 << 28
     for start in range(0, keys.numel(), chunk):
@@ -344,6 +358,16 @@ def _exact_sum(keys: Tensor) -> int:
                     .tolist()[:255] if v]
         total += sum(int(v * 2.0**149) for v in sums)  # a power-of-two scaling of an integer multiple of 2**-149: exact
     return total
+
+
+_FEW_KEYS = 256  # (below this, a Python loop beats bincount's fixed cost)
+_INF_KEY = 0x7F800000
+
+
+@functools.lru_cache(maxsize=64)
+def _units(key: int) -> int:
+    """The value of a finite float32 key as an integer in units of 2**-149."""
+    return int(struct.unpack("<f", struct.pack("<i", key))[0] * 2.0**149)
 
 
 def _below_exact(tr_keys: Tensor, thr: int, n_above: Optional[int] = None) -> int:
@@ -378,11 +402,6 @@ def _below_exact(tr_keys: Tensor, thr: int, n_above: Optional[int] = None) -> in
     return exact
 
 
-def _units(key: int) -> int:
-    """The value of a finite float32 key as an integer in units of 2**-149."""
-    return int(float(np.int32(key).view(np.float32)) * 2.0**149)
-
-
 def _below_sum(tr_keys, thr: int, n_above: Optional[int] = None) -> float:
     """The sum of the trust-region keys at or below thr with the bits of
     split.limbs_to_float(split.limb_sums(...)): the exact integer, written as canonical limbs,
@@ -392,11 +411,6 @@ def _below_sum(tr_keys, thr: int, n_above: Optional[int] = None) -> float:
     limbs = [(exact >> (split.LIMB_BITS * i)) & split.LIMB_MASK for i in range(nlimb - 1)]
     limbs.append(exact >> (split.LIMB_BITS * (nlimb - 1)))
     return split.limbs_to_float_host(limbs)
-
-
-def _f32(x: float) -> Tensor:
-    """A float64 value rounded once to a float32 0-d tensor."""
-    return torch.tensor(x, dtype=torch.float32)
 
 
 def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig, host: Optional[HostTrustRegion] = None) -> Cut:
@@ -411,8 +425,7 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig, host: Optional[H
     total = s_below + float(tail.view(torch.float32).double().sum())  # (any order: the early exits and Cut.m2 read it)
     if config.variant == "paper":
         if tail.numel() == 0 or within_budget(total, n, config):  # nothing can be cut: early exit
-            m2 = _f32(total / max(n, 1))
-            return make_cut(config, device, num_valid=num_valid, num_trust_region=torch.tensor(n), m2=m2, m2_after=m2)
+            return _host_paper_cut(config, num_valid, n, total / max(n, 1))
         return _paper_cut(_sorted(tail), n_below, s_below, n, total, num_valid, config)
     n_t = torch.tensor(n, dtype=torch.int64)
     total_t = torch.tensor(total, dtype=_F64)
@@ -429,6 +442,9 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig, host: Optional[H
 def _tail_prefix(tail_sorted, s_below: float):
     """(tail values, S_k for k = n_below + 1 .. n): S_below plus the float64 prefix sums of the
     sorted tail (sequential, so S_k carries at most k roundings: split.ZONE_EPS)."""
+    if np is not None:  # (numpy's cumsum is sequential as torch's: the same bits)
+        values = tail_sorted.numpy().view(np.float32).astype(np.float64)
+        return torch.from_numpy(values), torch.from_numpy(s_below + np.cumsum(values))
     values = tail_sorted.view(torch.float32).double()
     return values, s_below + torch.cumsum(values, 0)
 
@@ -440,10 +456,14 @@ def _kept_in_tail(s, n_below: int, config: M2POConfig) -> int:
     on a prefix of the tail and a binary search finds its end in log2(tail) tests. (Exactly so in
     exact arithmetic; where float64 rounding could make the computed test flip back, S_k lies in
     the float zone, where a decision may differ anyway: split.ZONE_EPS.)"""
+    if config.tau == float("inf"):
+        return len(s)
+    hi, lo = config.tau_split  # (within_budget's float64 operations, written out: ~log2(tail) calls)
     a, b = 0, len(s)  # prefixes of length <= a pass (0: the threshold lemma), those longer than b fail
     while a < b:
         m = (a + b + 1) // 2
-        if within_budget(float(s[m - 1]), n_below + m, config):
+        k = float(n_below + m)
+        if float(s[m - 1]) - k * hi <= k * lo:
             a = m
         else:
             b = m - 1
@@ -460,26 +480,27 @@ def _paper_cut(tail_sorted, n_below: int, s_below: float, n: int, total: float, 
     kept_tail = _kept_in_tail(s, n_below, config)
     keep_count = n_below + kept_tail
     kept_sum = float(s[kept_tail - 1]) if kept_tail > 0 else s_below
-    m2 = _f32(total / max(n, 1))
     if kept_tail == tail_sorted.numel():  # the full prefix passed after all (it lies in the float zone)
-        return make_cut(config, num_valid.device, num_valid=num_valid, num_trust_region=torch.tensor(n), m2=m2,
-                        m2_after=m2)
+        return _host_paper_cut(config, num_valid, n, total / max(n, 1))
     value = int(keys[kept_tail])
     # tokens strictly below the cut value: the below part and the tail's smaller keys
     first_tie = int(np.searchsorted(keys, value, side="left") if np is not None else
                     torch.searchsorted(keys, value, side="left"))
-    as_i32 = torch.tensor(value, dtype=torch.int32)
-    return make_cut(
-        config,
-        num_valid.device,
-        value=as_i32,
-        ties_kept=torch.tensor(keep_count - n_below - first_tie, dtype=torch.int64),
-        num_valid=num_valid,
-        num_trust_region=torch.tensor(n, dtype=torch.int64),
-        m2=m2,
-        m2_after=_f32(kept_sum / max(keep_count, 1)),
-        threshold=as_i32.view(torch.float32),
-    )
+    return _host_paper_cut(config, num_valid, n, total / max(n, 1), kept_sum / max(keep_count, 1), value,
+                           keep_count - n_below - first_tie)
+
+
+def _host_paper_cut(config: M2POConfig, num_valid: Tensor, n: int, m2: float, m2_after: Optional[float] = None,
+                    value: int = KEEP_ALL_BITS, ties_kept: int = 0) -> Cut:
+    """A paper Cut from host numbers (the means in float64, rounded once to float32), its fields
+    views of three small tensors (a tensor per field costs more than the rest of a small call)."""
+    m2_after = m2 if m2_after is None else m2_after
+    f = torch.tensor([m2, m2_after, 0.0, float("inf")], dtype=torch.float32).unbind()
+    i = torch.tensor([ties_kept, n], dtype=torch.int64).unbind()
+    v = torch.tensor([value], dtype=torch.int32)
+    threshold = v.view(torch.float32).view(()) if value != KEEP_ALL_BITS else f[3]
+    return Cut(variant=config.variant, tau=config.tau, value=v.view(()), ties_kept=i[0], lower=f[2], upper=f[3],
+               num_valid=num_valid, num_trust_region=i[1], m2=f[0], m2_after=f[1], threshold=threshold)
 
 
 def _official_cut(tail_sorted, tr_keys, thr: int, n_below: int, s_below: float, n: int, total: float,
@@ -589,7 +610,6 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
     tensor (a loss): keep is then None."""
     cd = compute_dtype(tok)
     valid = tok.valid
-    zero = torch.zeros((), dtype=cd, device=tok.device)
     ratio = valid_ratio(tok, delta, cut.variant) if ratio_v is None else ratio_v
     if cut.variant == "paper":
         want_keep, keep = masked is None, None
@@ -611,8 +631,9 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
             if kept is None:
                 kept = valid.clone()
                 kept[masked] = False
-            loss = torch.where(kept, loss, zero, out=loss)
+            loss = torch.where(kept, loss, torch.zeros((), dtype=cd, device=tok.device), out=loss)
         return keep, loss, loss  # straight-through: d(-a r)/d logprobs = -a r
+    zero = torch.zeros((), dtype=cd, device=tok.device)
     # official: PPO clipped surrogate with the solved bounds. The clip decision is made as the
     # authors' torch code makes it, in float32 (ratio, float32 bounds, strict comparisons), for
     # every input dtype; the loss values use the compute dtype.
@@ -680,10 +701,13 @@ def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Optional[Ten
         f32 = np.float32
         nv = float(f32(max(int(count), 1)))
         d_sum = float(delta.sum()) if delta_sum is None else delta_sum
+        r_max = _max_or_zero_host(ratio_v)
         values = [float(f32(int(masked))) / nv, float(f32(int(n_tr))) / nv, -d_sum / nv,
-                  float(ratio_v.sum()) / nv, float(f32(int(tok.nonfinite))), 0.0]
-        masked_fraction, tr_fraction, kl, ratio_mean, nonfinite, zero = torch.tensor(values, dtype=torch.float32).unbind()
+                  float(ratio_v.sum()) / nv, float(f32(int(tok.nonfinite))), 0.0, r_max]
+        (masked_fraction, tr_fraction, kl, ratio_mean, nonfinite, zero,
+         ratio_max) = torch.tensor(values, dtype=torch.float32).unbind()
     else:
+        ratio_max = _max_or_zero(ratio_v)
         nv = count.clamp_min(1).float()
         zero = torch.zeros((), dtype=torch.float32, device=tok.device)
         masked_fraction, tr_fraction = masked.float() / nv, n_tr.float() / nv
@@ -695,7 +719,7 @@ def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Optional[Ten
         "trust_region_fraction": tr_fraction,
         "kl": kl,
         "ratio_mean": ratio_mean,
-        "ratio_max": _max_or_zero(ratio_v),
+        "ratio_max": ratio_max,
         "cut": cut.threshold,
         "num_nonfinite": nonfinite,
         "input_error": zero,
