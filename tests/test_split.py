@@ -110,6 +110,37 @@ def test_below_sum_window_is_exact_at_its_limit():
     assert reference._below_exact(keys, thr) == exact * 2**149
 
 
+@pytest.mark.parametrize("count", [pytest.param(5, id="few-keys-loop"), pytest.param(3000, id="many-keys-bincount")])
+def test_exact_sum_skips_infinite_keys_and_is_exact(count):
+    """The per-key loop (a few keys) and the per-exponent sums (many) both give the exact sum of
+    the finite keys in units of 2**-149: subnormals, zeros and huge values alike, inf skipped."""
+    g = torch.Generator().manual_seed(count)
+    keys = torch.cat([torch.randint(0, 0x7F800000, (count,), generator=g, dtype=torch.int32),
+                      torch.tensor([0, 1, 0x7F7FFFFF, 0x7F800000], dtype=torch.int32)])
+    finite = keys[keys < 0x7F800000]
+    exact = sum((Fraction(v) for v in finite.view(torch.float32).tolist()), Fraction(0))
+    assert reference._exact_sum(keys) == exact * 2**149
+
+
+def test_below_exact_counts_the_clipped_keys_at_both_window_edges():
+    """Keys exactly at the window's lowest key and at thr, keys just outside both edges and
+    infinite keys: clipping into the window and taking the clipped values off again leaves the
+    exact sum of the keys at or below thr, with the count above thr given or found."""
+    thr = split.threshold_bits("paper", 0.04)
+    n = 1000
+    low = ((thr >> 23) - (29 - n.bit_length())) << 23
+    keys = torch.full((n,), low, dtype=torch.int32)
+    keys[::5] = thr
+    keys[1::5] = thr + 1
+    keys[2::5] = low - 1
+    keys[3::50] = 0x7F800000
+    keys[4::7] = 0x7F7FFFFF
+    below = keys <= thr
+    exact = sum((Fraction(v) for v in keys[below].view(torch.float32).tolist()), Fraction(0)) * 2**149
+    assert reference._below_exact(keys, thr) == exact
+    assert reference._below_exact(keys, thr, int((keys > thr).sum())) == exact
+
+
 # --------------------------------------------------------------------------------------------
 # Random trust regions, straight into the solver
 
