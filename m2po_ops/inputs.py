@@ -73,6 +73,14 @@ def count_true(flags: Tensor) -> Tensor:
     return torch.count_nonzero(flags)
 
 
+def _finite_or_zero(first: Tensor) -> Tensor:
+    """A sequence's first advantage as the official rule reads it. Its first position may be
+    padding holding garbage (left padding, a hole): it then reads as 0, so the sequence is
+    ineligible, exactly as with zero padding. A valid first token with a non-finite advantage is
+    caught (or made padding) like any other."""
+    return torch.where(torch.isfinite(first), first, torch.zeros_like(first))
+
+
 def _all_finite(x: Tensor) -> bool:
     """Host check (CPU): every value of x is finite. A sum propagates NaN and infinities (inf
     and -inf together give NaN), so a finite sum proves every value finite: one reduction, the
@@ -180,6 +188,10 @@ class Tokens:
     def adv_first(self) -> Optional[Tensor]:
         if self.first_src is None:
             return None
+        rows = self.adv_first_rows
+        if rows is not None:  # (B, T): each row's value over its T tokens (a copy, no per-token index)
+            b, t = self.shape
+            return rows.reshape(b, 1).expand(b, t).reshape(-1)
         if self.first_scan:
             if self.numel == 0 or self.num_seqs == 0:
                 return torch.zeros_like(self.adv_src.reshape(-1)[: self.numel])
@@ -188,10 +200,18 @@ class Tokens:
             first = self.first_src.reshape(-1)
         else:
             first = self.first_src.reshape(-1)[(self._positions() // self.first_div) * self.first_mul]
-        # A sequence's first position may be padding holding garbage (left padding, a hole): it
-        # then reads as 0, so the sequence is ineligible, exactly as with zero padding. A valid
-        # first token with a non-finite advantage is caught (or made padding) like any other.
-        return torch.where(torch.isfinite(first), first, torch.zeros_like(first))
+        return _finite_or_zero(first)
+
+    @functools.cached_property
+    def adv_first_rows(self) -> Optional[Tensor]:
+        """For a (B, T) batch (official rule): adv_first once per row, (B,); None otherwise."""
+        if self.first_src is None or self.cu is not None or len(self.shape) != 2 or self.numel == 0:
+            return None
+        b = self.shape[0]
+        if self.first_scan:
+            return self.first_valid_advantage
+        first = self.first_src.reshape(-1)[torch.arange(b, device=self.device) * self.first_mul]
+        return _finite_or_zero(first)
 
     @functools.cached_property
     def mask_bool(self) -> Optional[Tensor]:

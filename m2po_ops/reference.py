@@ -118,10 +118,20 @@ def trust_region(tok: Tokens, delta: Tensor, config: M2POConfig, ratio: Optional
         return torch.sign(adv).mul_(delta) > 0  # one product that cannot underflow (|sign(A) delta| = |delta|)
     # The authors compare float32 tensors with Python floats, which torch casts to float32:
     # A > 1e-12 keeps its meaning, r > 1 + 1e-12 becomes r > 1.
+    ratio = ratio_f32(delta) if ratio is None else ratio
+    rows = tok.adv_first_rows
+    if rows is not None and np is not None and host_reads_free(delta.device):
+        # a (B, T) batch on the host: the advantage tests once per row, broadcast over its tokens
+        # (numpy compares against the same float32 constants)
+        b, t = tok.shape
+        first = rows.float().numpy()
+        r = ratio.numpy().reshape(b, t)
+        out = (r > np.float32(1.0 + OFFICIAL_EPS)) & (first > np.float32(OFFICIAL_EPS))[:, None]
+        out |= (r < np.float32(1.0 - OFFICIAL_EPS)) & (first < np.float32(-OFFICIAL_EPS))[:, None]
+        return torch.from_numpy(out.reshape(-1))
     eps = torch.full((), OFFICIAL_EPS, dtype=torch.float32, device=delta.device)  # fills, not host copies
     one_hi = torch.full((), 1.0 + OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
     one_lo = torch.full((), 1.0 - OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
-    ratio = ratio_f32(delta) if ratio is None else ratio
     adv_first = tok.adv_first.float()
     return ((adv_first > eps) & (ratio > one_hi)) | ((adv_first < -eps) & (ratio < one_lo))
 
@@ -633,6 +643,8 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
                 kept[masked] = False
             loss = torch.where(kept, loss, torch.zeros((), dtype=cd, device=tok.device), out=loss)
         return keep, loss, loss  # straight-through: d(-a r)/d logprobs = -a r
+    if cd == torch.float32 and np is not None and host_reads_free(tok.device) and tok.all_finite:
+        return _per_token_official_host(tok, cut, ratio)
     zero = torch.zeros((), dtype=cd, device=tok.device)
     # official: PPO clipped surrogate with the solved bounds. The clip decision is made as the
     # authors' torch code makes it, in float32 (ratio, float32 bounds, strict comparisons), for
@@ -662,6 +674,35 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
                        torch.full((), 0.5, dtype=cd, device=tok.device))
     grad = torch.where(clipped, zero, torch.where(tie, pg1 * half, pg1))
     grad = torch.where(valid, grad, zero)
+    return keep, loss, grad
+
+
+def _per_token_official_host(tok: Tokens, cut: Cut, ratio: Tensor):
+    """per_token's official rule on the host (float32, every input finite). Inside the bounds,
+    clamp(r) is r, so the two surrogate terms are equal: nothing is clipped, the tie passes the
+    whole gradient, and loss = gradient = -A r. Only the valid tokens outside [lower, upper]
+    (usually few) take the general formula, on their own; ratio is 0 on padding."""
+    valid = tok.valid
+    lower, upper = cut.lower, cut.upper
+    r = ratio.numpy()
+    outside = (r < np.float32(float(lower))) | (r > np.float32(float(upper)))
+    outside &= valid.numpy()
+    at = torch.from_numpy(np.flatnonzero(outside))
+    adv = tok.advantages_compute  # (finite everywhere, so A * 0 is 0 on padding)
+    loss = torch.mul(adv, ratio).neg_()  # -(A r) = (-A) r exactly
+    if not at.numel():
+        return valid, loss, loss
+    a, rs = adv[at], ratio[at]
+    pg1 = -a * rs
+    pg2 = -a * torch.clamp(rs, lower, upper)
+    clipped = pg2 > pg1
+    inside = (rs >= lower) & (rs <= upper)
+    half = torch.where(inside, torch.ones((), dtype=rs.dtype), torch.full((), 0.5, dtype=rs.dtype))
+    grad = loss.clone()
+    grad[at] = torch.where(clipped, torch.zeros((), dtype=rs.dtype), torch.where(pg1 == pg2, pg1 * half, pg1))
+    loss[at] = torch.where(clipped, pg2, pg1)
+    keep = valid.clone()
+    keep[at[clipped]] = False
     return keep, loss, grad
 
 

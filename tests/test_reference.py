@@ -455,6 +455,54 @@ def test_official_matches_authors_port(per_seq, miniclip):
         assert counts["floor_bites"] >= 5, counts
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_official_host_path_is_the_general_formula_bit_for_bit(dtype):
+    """On CPU tensors the official rule takes -A r for every token inside the clip bounds and the
+    general clipped-surrogate formula only for the tokens outside; that must give the bits of
+    the general formula everywhere (the path CUDA tensors take): ratios exactly at both bounds,
+    an infinite ratio, zero advantages, padding holding garbage."""
+    from m2po_ops import M2POConfig
+    from m2po_ops.cut import make_cut
+    from m2po_ops.inputs import device_path
+
+    g = torch.Generator().manual_seed(11)
+    b, t = 7, 40
+    olp = -torch.rand(b, t, generator=g) * 3
+    delta = torch.randn(b, t, generator=g) * 0.3
+    delta[0, 3], delta[1, 7], delta[2, 5] = -0.25, 0.25, 90.0  # the bounds themselves, and exp overflow
+    delta[3, :4] = 0.25
+    lp = (olp + delta).to(dtype)
+    olp = olp.to(dtype)
+    adv = torch.randn(b, t, generator=g)
+    adv[4, ::3] = 0.0
+    adv[2, 5] = 1.0
+    mask = torch.rand(b, t, generator=g) < 0.85
+    mask[0, 3] = mask[1, 7] = mask[2, 5] = True
+    lp = torch.where(mask, lp, torch.full_like(lp, -7.0))  # garbage on padding
+    r = torch.exp((lp.float() - olp.float()).double()).float()
+    config = M2POConfig(variant="official")
+    cut = make_cut(config, "cpu", lower=r[0, 3].clone(), upper=r[1, 7].clone(),
+                   num_valid=mask.sum(), num_trust_region=mask.sum())
+    assert float(r[0, 3]) < 1.0 < float(r[1, 7])
+
+    def call():
+        x = lp.clone().requires_grad_(True)
+        loss, metrics = m2po_loss(x, olp, adv, mask, variant="official", cut=cut, backend="torch")
+        loss.backward()
+        keep, _ = m2po_mask(x.detach(), olp, adv, mask, variant="official", cut=cut, backend="torch")
+        return loss.detach(), x.grad, keep, metrics
+
+    host = call()
+    with device_path():
+        dev = call()
+    assert host[0].view(torch.int32 if host[0].dtype == torch.float32 else torch.int64).item() == \
+        dev[0].view(torch.int32 if dev[0].dtype == torch.float32 else torch.int64).item()
+    assert torch.equal(host[1], dev[1]) and torch.equal(host[2], dev[2])
+    assert int((~dev[2] & mask).sum()) >= 3  # some tokens are clipped: the outside path ran
+    for name in dev[3]:
+        assert torch.equal(host[3][name], dev[3][name]), name
+
+
 def test_official_epsilon_offsets_on_an_exact_boundary():
     # Dyadic data: m2 = [1/16, 1/4, 1, 1] (delta = 0.25, 0.5, 1, 1), tau = 13/64, target = 13/16.
     # At k = 1, (v_1 - 1e-12) * 2 + c_1 = 13/16 - 2e-12 misses target - 1e-12, so the authors' search
