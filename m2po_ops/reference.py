@@ -732,7 +732,7 @@ def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Optional[Ten
     ratio_v = valid_ratio(tok, delta, variant) if ratio_v is None else ratio_v
     n_tr = count_true(tr) if num_trust_region is None else num_trust_region
     if num_masked is not None:
-        masked = num_masked
+        masked = torch.tensor(num_masked, dtype=torch.int64)
     else:  # keep is a subset of valid: the masked count is their difference (0 when keep is valid itself)
         masked = torch.zeros_like(count) if keep is tok.valid else count - count_true(keep)
     if np is not None and host_reads_free(tok.device):

@@ -503,6 +503,35 @@ def test_official_host_path_is_the_general_formula_bit_for_bit(dtype):
         assert torch.equal(host[3][name], dev[3][name]), name
 
 
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_loss_without_numpy_equals_the_loss_with_it(variant, monkeypatch):
+    """numpy is optional: with it missing, the CPU path takes torch's kernels for every host
+    step and must give the same loss, gradient and metrics, bit for bit (below 2**16 tokens,
+    where both sum the loss with torch)."""
+    from m2po_ops import api, inputs, reference
+
+    g = torch.Generator().manual_seed(5)
+    lp = torch.randn(6, 300, generator=g) * 0.3
+    olp = lp + torch.randn(6, 300, generator=g) * 0.3
+    adv = torch.randn(6, 300, generator=g)
+    mask = torch.rand(6, 300, generator=g) < 0.8
+
+    def call():
+        x = lp.clone().requires_grad_(True)
+        loss, metrics = m2po_loss(x, olp, adv, mask, tau=0.01, variant=variant, backend="torch")
+        loss.backward()
+        return loss.detach(), x.grad, metrics
+
+    with_np = call()
+    for module, name in ((reference, "np"), (inputs, "_np"), (api, "np")):
+        monkeypatch.setattr(module, name, None)
+    without = call()
+    assert torch.equal(with_np[0], without[0]) and torch.equal(with_np[1], without[1])
+    assert float(with_np[2]["masked_fraction"]) > 0  # something is masked: the masked list was used
+    for name in with_np[2]:
+        assert torch.equal(with_np[2][name], without[2][name]), name
+
+
 def test_official_epsilon_offsets_on_an_exact_boundary():
     # Dyadic data: m2 = [1/16, 1/4, 1, 1] (delta = 0.25, 0.5, 1, 1), tau = 13/64, target = 13/16.
     # At k = 1, (v_1 - 1e-12) * 2 + c_1 = 13/16 - 2e-12 misses target - 1e-12, so the authors' search
