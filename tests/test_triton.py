@@ -273,23 +273,26 @@ def test_official_wide_tail_with_an_overflowing_ratio_gives_the_torch_loss(devic
         assert tri[1] == float("inf")
 
 
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])
 @pytest.mark.parametrize("tiny", [-1.5, 2.0**-24])
 @pytest.mark.parametrize("variant", ["paper", "official"])
-def test_a_fixed_up_block_sums_only_final_terms(variant, tiny, device):
+def test_a_fixed_up_block_sums_only_final_terms(variant, tiny, mode, device):
     """A block whose compacted list a fix-up redoes holds a masked (paper: r = e**20) or clipped
     (official: r = e**12, 1e5 under the unconstrained bounds) outlier with a huge old term, next
     to kept terms whose float64 sum is exact: the loss is the exact value, as the torch backend
     gives it, not the small terms rounded through the old term's magnitude. The final terms are
     -1.5 (paper: token 7, A = 1.5 at r = 1; official: token 0 clipped at the solved 1.5), -tiny
-    and -2**-40 (tokens 5 and 6 at r = 1); the outlier's is 0 (paper, masked)."""
+    and -2**-40 (tokens 5 and 6 at r = 1); the outlier's is 0 (paper, masked). Weighted per token
+    (one sequence: each weight 1) as well as by the count."""
     official = variant == "official"
     delta = torch.tensor([12.0 if official else 20.0, 0.05, 0.04, 0.03, 0.02, 0.0, 0.0, 0.0])
     adv = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, tiny, 2.0**-40, 0.0 if official else 1.5])
     olp = torch.full((8,), -1.0)
     args = ((olp + delta).reshape(1, -1), olp.reshape(1, -1), adv.reshape(1, -1), torch.ones(1, 8, dtype=torch.bool))
     kw = dict(miniclip_low=0.3, miniclip_high=0.5) if official else {}
-    exact = (Fraction(-1.5) - Fraction(tiny) - Fraction(2.0**-40)) / 8  # token mean of the final terms
-    want = torch.tensor(float(exact), dtype=torch.float64).float()  # (exact / 8 fits a float64)
+    kw["loss_agg_mode"] = mode
+    exact = (Fraction(-1.5) - Fraction(tiny) - Fraction(2.0**-40)) / (8 if mode == "token-mean" else 1)
+    want = torch.tensor(float(exact), dtype=torch.float64).float()  # (exact, or exact / 8, fits a float64)
     ref = run("torch", args, device, variant, **kw)
     tri = run("triton", args, device, variant, **kw)
     assert not ref[0][0, 0] and not tri[0][0, 0]  # the outlier is masked, or its gradient clipped
