@@ -2,12 +2,13 @@
 
 It is the ground truth the Triton kernels are tested against, and the backend used on CPU.
 
-Conventions (see ../shared/docs/m2po-spec.md and the README):
+Conventions (docs/math.md has the math in full; section numbers below refer to it):
 - delta = logprobs - old_logprobs in float32 after upcasting; m2 = delta * delta in float32.
   The mask is always decided on these float32 values. The loss is computed in float32, or in
   float64 for float64 inputs (so gradcheck works).
 - Paper rule: keep_count = max{k : S_k <= tau * k}, S_k the float64 sum of the k smallest m2 of
-  the trust region ordered by (m2, flat index), compared as (S_k - k*tau_hi) <= k*tau_lo.
+  the trust region ordered by (m2, flat index), compared as (S_k - k*tau_hi) <= k*tau_lo
+  (section 3; the official rule and its departures from the authors' code: section 4).
 
 Solving the cut uses the threshold split (m2po_ops/split.py): trust-region tokens whose key (the
 float32 m2 bit pattern) is at or below ``threshold_bits`` can never be cut, so only the tail above

@@ -1,4 +1,5 @@
-"""The threshold split: the trust-region tokens a rule can never cut, and their exact sum.
+"""The threshold split: the trust-region tokens a rule can never cut, and their exact sum
+(docs/math.md, sections 5 to 7).
 
 Why: ordering every trust-region token (a sort, or a 2**31-value histogram) is what makes an
 exact M2PO cut expensive, yet most tokens can never be cut.
@@ -45,9 +46,9 @@ FLT_MAX_BITS = 0x7F7FFFFF
 # the official threshold sits this far (relative) below tau - 1e-12: room for the float64
 # roundings of the authors' test value (prefix sums and products, each well under 2**-40)
 OFFICIAL_MARGIN = 2.0**-30
-# The floating-point zone: where |S_k - tau k| <= ZONE_EPS * tau * k, a decision computed with
-# float64 sums (the tail's prefix sums, the below sum's conversion, tau * k) may differ from the
-# exact-arithmetic one. Error chains: the limb conversion (2 ulps), chunked bucket prefix sums
+# The floating-point zone (docs/math.md, section 7): where |S_k - tau k| <= ZONE_EPS * tau * k,
+# a decision computed with float64 sums (the tail's prefix sums, the below sum's conversion,
+# tau * k) may differ from the exact-arithmetic one. Error chains: the limb conversion (2 ulps), chunked bucket prefix sums
 # (under 2**7 float64 additions deep) and, on the PyTorch CPU path, a sequential float64 prefix
 # over the sorted tail, k additions deep: within 2**-32 for tails of up to 2**20 tokens per call.
 ZONE_EPS = 2.0**-32

@@ -1,4 +1,4 @@
-"""Test-side oracles, written from the spec (docs/m2po-spec.md) and independent of m2po_ops.
+"""Test-side oracles, written from the math (docs/math.md) and independent of m2po_ops.
 
 - ``algorithm1_keep``: Algorithm 1 of the paper as a literal loop, in exact rational arithmetic.
 - ``official_port``: the authors' released rule (Infini-AI-Lab/M2PO, verl/trainer/ppo/core_algos.py:
