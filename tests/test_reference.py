@@ -458,9 +458,10 @@ def test_official_matches_authors_port(per_seq, miniclip):
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
 def test_official_host_path_is_the_general_formula_bit_for_bit(dtype):
     """On CPU tensors the official rule takes -A r for every token inside the clip bounds and the
-    general clipped-surrogate formula only for the tokens outside; that must give the bits of
-    the general formula everywhere (the path CUDA tensors take): ratios exactly at both bounds,
-    an infinite ratio, zero advantages, padding holding garbage."""
+    general clipped-surrogate formula only for the tokens outside; that must give what the
+    general formula (the path CUDA tensors take) gives: the loss's bits, and equal gradients,
+    keep and metrics (a zero gradient on padding may carry either sign), with ratios exactly at
+    both bounds, an infinite ratio, zero advantages and padding holding garbage."""
     from m2po_ops import M2POConfig
     from m2po_ops.cut import make_cut
     from m2po_ops.inputs import device_path
