@@ -456,7 +456,7 @@ def test_official_matches_authors_port(per_seq, miniclip):
 
 
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
-def test_official_host_path_is_the_general_formula_bit_for_bit(dtype):
+def test_official_host_path_gives_what_the_general_formula_gives(dtype):
     """On CPU tensors the official rule takes -A r for every token inside the clip bounds and the
     general clipped-surrogate formula only for the tokens outside; that must give what the
     general formula (the path CUDA tensors take) gives: the loss's bits, and equal gradients,
