@@ -175,9 +175,10 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
         # the derivative stored unweighted, the 1 / denominator applied in backward (the scale)
         on_host = host_reads_free(tok.device)
         if on_host and np is not None and num_tokens is None and num_valid is None:
-            w, wf = None, token_mean_weight_host(tok, loss.dtype)  # (the same value, no tensors)
+            wf = token_mean_weight_host(tok, loss.dtype)  # (token_weights' value, no tensors)
         else:
             w = token_weights(tok, config, num_tokens, loss.dtype, num_valid, scalar=True)
+            wf = float(w) if on_host else None
         if poison is not None:  # NaN on every valid token (padding keeps a zero gradient), as the kernels
             factor = torch.where(tok.valid, 1.0 + poison.to(loss.dtype), torch.zeros((), dtype=loss.dtype,
                                                                                    device=tok.device))
@@ -186,12 +187,10 @@ def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cu
         sign = -1.0 if negated else 1.0  # (the sum of the negated terms is the negated sum: exact)
         if on_host:  # the same float64 operations on host numbers, one tensor each
             t = sign * sum_f64_host(loss)
-            wf = float(w) if w is not None else wf
             value = torch.tensor(t if t == 0 else t * wf, dtype=loss.dtype)
             scale = torch.tensor(sign * (wf if math.isfinite(wf) else 0.0), dtype=loss.dtype)
             return keep, metrics, value, grad.to(tok.logprobs.dtype), scale
-        total = sum_f64(loss)
-        total = total * sign
+        total = sum_f64(loss) * sign
         value = torch.where(total == 0, total, total * w.double()).to(loss.dtype)
         # a zero or non-finite denominator scales no derivative (padding keeps its zero)
         scale = torch.where(torch.isfinite(w), w, torch.zeros_like(w))

@@ -334,8 +334,7 @@ def _above(keys: Tensor, thr: int, host: Optional[HostTrustRegion] = None) -> Te
             host.tail_at, host.tail_keys, host.tail_thr = torch.from_numpy(at), tail, thr
             return tail
         return torch.from_numpy(np.compress(k > thr, k))  # (compress: faster than k[mask] here)
-    tail = keys[keys > thr]
-    return tail
+    return keys[keys > thr]
 
 
 def _sorted(keys: Tensor) -> Tensor:
@@ -462,14 +461,15 @@ def _tail_prefix(tail_sorted, s_below: float):
 
 def _kept_in_tail(s, n_below: int, config: M2POConfig) -> int:
     """How many sorted tail values the budget keeps: the largest j with S_{n_below+j} <=
-    tau (n_below + j), tested by within_budget on host numbers (s: the tail's S_k, indexable).
+    tau (n_below + j), tested as within_budget tests it (the same float64 operations, on Python
+    floats; s: the tail's S_k, indexable).
     S_k - tau k grows along the tail (every tail value exceeds tau), so the test passes
     on a prefix of the tail and a binary search finds its end in log2(tail) tests. (Exactly so in
     exact arithmetic; where float64 rounding could make the computed test flip back, S_k lies in
     the float zone, where a decision may differ anyway: split.ZONE_EPS.)"""
     if config.tau == float("inf"):
         return len(s)
-    hi, lo = config.tau_split  # (within_budget's float64 operations, written out: ~log2(tail) calls)
+    hi, lo = config.tau_split
     a, b = 0, len(s)  # prefixes of length <= a pass (0: the threshold lemma), those longer than b fail
     while a < b:
         m = (a + b + 1) // 2
@@ -655,27 +655,33 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
     adv = torch.where(valid, tok.advantages.to(cd), zero)
     lower32, upper32 = cut.lower, cut.upper
     adv32 = adv if cd == torch.float32 else adv.float()
-    r32 = ratio
-    pg1_32 = -adv32 * r32
-    pg2_32 = -adv32 * torch.clamp(r32, lower32, upper32)
-    clipped = pg2_32 > pg1_32
-    tie = pg1_32 == pg2_32
+    pg1, pg2, clipped, tie, inside = _clip_decision(adv32, ratio, lower32, upper32)
     keep = valid & ~clipped
     if cd == torch.float64:
         r = torch.exp(d)
         lower, upper = lower32.to(cd), upper32.to(cd)
         pg1 = -adv * r
         pg2 = -adv * torch.clamp(r, lower, upper)
-    else:
-        pg1, pg2 = pg1_32, pg2_32
-    loss = torch.where(valid, torch.where(clipped, pg2, pg1), zero)
-    # torch.maximum splits the gradient evenly on ties; clamp passes it inside [lower, upper].
-    inside = (r32 >= lower32) & (r32 <= upper32)
-    half = torch.where(inside, torch.ones((), dtype=cd, device=tok.device),
-                       torch.full((), 0.5, dtype=cd, device=tok.device))
-    grad = torch.where(clipped, zero, torch.where(tie, pg1 * half, pg1))
-    grad = torch.where(valid, grad, zero)
-    return keep, loss, grad
+    loss, grad = _clipped_surrogate(pg1, pg2, clipped, tie, inside)
+    return keep, torch.where(valid, loss, zero), torch.where(valid, grad, zero)
+
+
+def _clip_decision(adv32: Tensor, r32: Tensor, lower32: Tensor, upper32: Tensor):
+    """The official rule's clip decision as the authors' torch code makes it, in float32 (ratio,
+    float32 bounds, strict comparisons): (pg1, pg2, clipped, tie, inside), pg1 = -A r and
+    pg2 = -A clamp(r, lower, upper) in float32."""
+    pg1 = -adv32 * r32
+    pg2 = -adv32 * torch.clamp(r32, lower32, upper32)
+    return pg1, pg2, pg2 > pg1, pg1 == pg2, (r32 >= lower32) & (r32 <= upper32)
+
+
+def _clipped_surrogate(pg1: Tensor, pg2: Tensor, clipped: Tensor, tie: Tensor, inside: Tensor):
+    """(loss, derivative) of max(pg1, pg2) with the decision of _clip_decision, as autograd gives
+    them: torch.maximum splits the gradient evenly on ties; clamp passes it inside [lower, upper]."""
+    half = torch.where(inside, torch.ones((), dtype=pg1.dtype, device=pg1.device),
+                       torch.full((), 0.5, dtype=pg1.dtype, device=pg1.device))
+    zero = torch.zeros((), dtype=pg1.dtype, device=pg1.device)
+    return torch.where(clipped, pg2, pg1), torch.where(clipped, zero, torch.where(tie, pg1 * half, pg1))
 
 
 def _per_token_official_host(tok: Tokens, cut: Cut, ratio: Tensor):
@@ -693,15 +699,9 @@ def _per_token_official_host(tok: Tokens, cut: Cut, ratio: Tensor):
     loss = torch.mul(adv, ratio).neg_()  # -(A r) = (-A) r exactly
     if not at.numel():
         return valid, loss, loss
-    a, rs = adv[at], ratio[at]
-    pg1 = -a * rs
-    pg2 = -a * torch.clamp(rs, lower, upper)
-    clipped = pg2 > pg1
-    inside = (rs >= lower) & (rs <= upper)
-    half = torch.where(inside, torch.ones((), dtype=rs.dtype), torch.full((), 0.5, dtype=rs.dtype))
+    pg1, pg2, clipped, tie, inside = _clip_decision(adv[at], ratio[at], lower, upper)
     grad = loss.clone()
-    grad[at] = torch.where(clipped, torch.zeros((), dtype=rs.dtype), torch.where(pg1 == pg2, pg1 * half, pg1))
-    loss[at] = torch.where(clipped, pg2, pg1)
+    loss[at], grad[at] = _clipped_surrogate(pg1, pg2, clipped, tie, inside)
     keep = valid.clone()
     keep[at[clipped]] = False
     return keep, loss, grad
