@@ -48,7 +48,13 @@ def test_gpu_check_dry_run_passes(tmp_path):
     assert (out / "tests.txt").is_file() and (out / "kernels.md").is_file() and (out / "summary.md").is_file()
     # the step's detailed table has its own file: kernels.json is the step's result
     assert json.loads((out / "kernels.json").read_text())["step"] == "kernels"
-    assert json.loads((out / "kernels_table.json").read_text())["cases"]
+    table = json.loads((out / "kernels_table.json").read_text())
+    assert {c["regime"] for c in table["cases"]} == {"typical", "none", "all-equal"}
+    # the first-GPU-run goals are reported (the dry run's one small size leaves two unmeasured)
+    goals = {g["goal"].split(" ")[0]: g["verdict"] for g in table["goals"]}
+    assert goals == {"1M": "not measured", "16M": "not measured", "all-equal": goals["all-equal"]}, table["goals"]
+    assert goals["all-equal"] in ("met", "not met")
+    assert "Goals for the first GPU run" in (out / "kernels.md").read_text()
     tests = json.loads((out / "tests.json").read_text())
     assert [r["rc"] for r in tests["runs"]] == [0, 0], tests["headline"]  # -m gpu, then the official test
     masks = json.loads((out / "masks.json").read_text())
