@@ -189,7 +189,8 @@ class Tokens:
         if self.first_src is None:
             return None
         rows = self.adv_first_rows
-        if rows is not None:  # (B, T): each row's value over its T tokens (a copy, no per-token index)
+        if rows is not None:  # (B, T): each row's value over its T tokens (no per-token index; read only:
+            # for B = 1 or T = 1 it is a view of adv_first_rows)
             b, t = self.shape
             return rows.reshape(b, 1).expand(b, t).reshape(-1)
         if self.first_scan:

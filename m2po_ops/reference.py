@@ -692,7 +692,10 @@ def _per_token_official_host(tok: Tokens, cut: Cut, ratio: Tensor):
     valid = tok.valid
     lower, upper = cut.lower, cut.upper
     r = ratio.numpy()
-    outside = (r < np.float32(float(lower))) | (r > np.float32(float(upper)))
+    up = np.float32(float(upper))
+    # (an infinite ratio always takes the general formula: with an infinite upper bound it is
+    # inside, but -(0 inf) and (-0) inf are NaNs of different signs)
+    outside = (r < np.float32(float(lower))) | ((r >= up) if np.isinf(up) else (r > up))
     outside &= valid.numpy()
     at = torch.from_numpy(np.flatnonzero(outside))
     adv = tok.advantages_compute  # (finite everywhere, so A * 0 is 0 on padding)

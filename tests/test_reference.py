@@ -455,13 +455,15 @@ def test_official_matches_authors_port(per_seq, miniclip):
         assert counts["floor_bites"] >= 5, counts
 
 
+@pytest.mark.parametrize("upper", ["a-ratio", "inf"])
 @pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
-def test_official_host_path_gives_what_the_general_formula_gives(dtype):
+def test_official_host_path_gives_what_the_general_formula_gives(dtype, upper):
     """On CPU tensors the official rule takes -A r for every token inside the clip bounds and the
     general clipped-surrogate formula only for the tokens outside; that must give what the
     general formula (the path CUDA tensors take) gives: the loss's bits, and equal gradients,
     keep and metrics (a zero gradient on padding may carry either sign), with ratios exactly at
-    both bounds, an infinite ratio, zero advantages and padding holding garbage."""
+    both bounds, an infinite ratio (with a zero advantage too: a NaN term, of one sign), an
+    infinite upper bound, zero advantages and padding holding garbage."""
     from m2po_ops import M2POConfig
     from m2po_ops.cut import make_cut
     from m2po_ops.inputs import device_path
@@ -472,17 +474,19 @@ def test_official_host_path_gives_what_the_general_formula_gives(dtype):
     delta = torch.randn(b, t, generator=g) * 0.3
     delta[0, 3], delta[1, 7], delta[2, 5] = -0.25, 0.25, 90.0  # the bounds themselves, and exp overflow
     delta[3, :4] = 0.25
+    delta[5, 9] = 90.0
     lp = (olp + delta).to(dtype)
     olp = olp.to(dtype)
     adv = torch.randn(b, t, generator=g)
     adv[4, ::3] = 0.0
-    adv[2, 5] = 1.0
+    adv[2, 5], adv[5, 9] = 1.0, 0.0
     mask = torch.rand(b, t, generator=g) < 0.85
-    mask[0, 3] = mask[1, 7] = mask[2, 5] = True
+    mask[0, 3] = mask[1, 7] = mask[2, 5] = mask[5, 9] = True
     lp = torch.where(mask, lp, torch.full_like(lp, -7.0))  # garbage on padding
     r = torch.exp((lp.float() - olp.float()).double()).float()
     config = M2POConfig(variant="official")
-    cut = make_cut(config, "cpu", lower=r[0, 3].clone(), upper=r[1, 7].clone(),
+    top = r[1, 7].clone() if upper == "a-ratio" else torch.tensor(float("inf"))
+    cut = make_cut(config, "cpu", lower=r[0, 3].clone(), upper=top,
                    num_valid=mask.sum(), num_trust_region=mask.sum())
     assert float(r[0, 3]) < 1.0 < float(r[1, 7])
 
@@ -498,7 +502,9 @@ def test_official_host_path_gives_what_the_general_formula_gives(dtype):
         dev = call()
     assert host[0].view(torch.int32 if host[0].dtype == torch.float32 else torch.int64).item() == \
         dev[0].view(torch.int32 if dev[0].dtype == torch.float32 else torch.int64).item()
-    assert torch.equal(host[1], dev[1]) and torch.equal(host[2], dev[2])
+    assert bool(torch.isnan(dev[0]))  # the zero advantage at an infinite ratio: a NaN, its sign compared above
+    torch.testing.assert_close(host[1], dev[1], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(host[2], dev[2])
     assert int((~dev[2] & mask).sum()) >= 3  # some tokens are clipped: the outside path ran
     for name in dev[3]:
         assert torch.equal(host[3][name], dev[3][name]), name
