@@ -198,7 +198,7 @@ def step_histogram(ctx: Ctx) -> dict:
     import torch
 
     from m2po_ops import M2POConfig
-    from m2po_ops import histogram as H
+    from m2po_ops import radix_select as H
     from m2po_ops import triton_backend as tb
     from m2po_ops.inputs import prepare
 

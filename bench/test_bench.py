@@ -92,12 +92,12 @@ def test_sync_counter_clean_library():
     """The torch backend's device path (what CUDA tensors run; on CPU tensors device_path() forces
     it) makes no host sync. Its CPU path reads values on the host, which is free there."""
     import m2po_ops
-    from m2po_ops import histogram
+    from m2po_ops import radix_select
     from m2po_ops.inputs import device_path
 
     b, _ = _batch("typical", "float32")
     for variant in ("paper", "official"):
-        with device_path(), syncs.count_syncs() as c, competitors.count_calls(histogram, "limbs_to_float") as short:
+        with device_path(), syncs.count_syncs() as c, competitors.count_calls(radix_select, "limbs_to_float") as short:
             m2po_ops.m2po_loss(*b.args(), variant=variant, backend="torch", validate=False)[0].backward()
         # split.limbs_to_float reads CPU limbs with one Tensor.tolist (a shortcut CUDA tensors do not take)
         assert dict(c.by_kind) == ({"Tensor.tolist": short[0]} if short[0] else {}), c.by_kind

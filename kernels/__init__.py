@@ -1,18 +1,17 @@
 """Fused Triton kernels of m2po-ops, installed as ``m2po_ops.kernels``.
 
-Token passes (grid over blocks of tokens): stats_kernel (the one full read), level2_kernel,
+Token passes (grid over blocks of tokens; token_passes.py, apply.py): stats_kernel (the one full read), level2_kernel,
 ties_kernel, fix_paper_kernel (these three read only each block's compacted tail),
 apply_official_kernel. Chunked passes (one program per chunk, the last to arrive finishing):
 select1_kernel, select2_kernel (histograms to cut), tie_scan_kernel (per-block tie offsets),
 finalize_kernel (partials to loss and metrics). first_valid_kernel: one program per sequence.
 The launch order and buffers are in m2po_ops/triton_backend.py; the algorithm, in PyTorch, is
-m2po_ops/histogram.py.
+m2po_ops/radix_select.py; the buffer layouts and every shared number, m2po_ops/constants.py.
 """
 
-from .apply import (APPLY_COLS, APPLY_LIST, APPLY_WHOLE, FINAL_COLS, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR, W_TENSOR_DENOM, apply_official_kernel,
-                    finalize_kernel, fix_paper_kernel)
-from .histogram import STATS_COLS, first_valid_kernel, level2_kernel, stats_kernel, tie_scan_kernel, ties_kernel
-from .select import PART_COLS, select1_kernel, select2_kernel
+from .apply import apply_official_kernel, finalize_kernel, fix_paper_kernel
+from .select import select1_kernel, select2_kernel
+from .token_passes import first_valid_kernel, level2_kernel, stats_kernel, tie_scan_kernel, ties_kernel
 
 ALL_KERNELS = (
     first_valid_kernel,
@@ -29,17 +28,6 @@ ALL_KERNELS = (
 
 __all__ = [
     "ALL_KERNELS",
-    "APPLY_COLS",
-    "APPLY_LIST",
-    "APPLY_WHOLE",
-    "FINAL_COLS",
-    "PART_COLS",
-    "STATS_COLS",
-    "W_COUNT",
-    "W_NONE",
-    "W_PER_TOKEN",
-    "W_SCALAR",
-    "W_TENSOR_DENOM",
     "apply_official_kernel",
     "fix_paper_kernel",
     "finalize_kernel",

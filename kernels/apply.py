@@ -23,20 +23,19 @@ adding the chunk rows.
 import triton
 import triton.language as tl
 
-from .common import (as_f64, gather_tokens, in_bounds, last_to_arrive, load_tokens, official_terms, ratio_f32,
-                     reciprocal_f32, weighted_terms)
+from .. import constants as C
+from .common import (APPLY_LIST, APPLY_LOSS, APPLY_MASKED, APPLY_REDONE, APPLY_WHOLE, F32_INF_BITS, FINAL_LOSS,
+                     FINAL_MASKED, OUT_KL, OUT_LOSS, OUT_MASKED_FRACTION, OUT_NONFINITE, OUT_RATIO_MAX,
+                     OUT_RATIO_MEAN, OUT_SCALE, OUT_TRUST_REGION_FRACTION, RATIO_MAX, RATIO_MIN_FLIPPED,
+                     STATS_CLIPPED, STATS_LIST_LOSS, STATS_LOSS, STATS_NEG_DELTA, STATS_NONFINITE, STATS_RATIO_MAX,
+                     STATS_RATIO_SUM, STATS_TRUST, STATS_VALID, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR,
+                     W_TENSOR_DENOM, as_f64, gather_tokens, in_bounds, last_to_arrive, load_tokens, ppo_clip_terms,
+                     ratio_f32, reciprocal_f32, weighted_terms)
 
-# weights
-W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = 0, 1, 2, 3, 4
-APPLY_COLS = 3  # per-block partials of the fix-up passes (float64): loss terms, masked tokens, what was redone
-_APPLY_COLS = tl.constexpr(APPLY_COLS)
-# what a fix-up pass redid for a block (its third column; 0: nothing): the whole block (its
-# terms and clipped count replace stats'), or the compacted list (its final terms replace the
-# sum stats kept of them; its masked or clipped count adds to stats')
-APPLY_WHOLE, APPLY_LIST = 1.0, 2.0
-_APPLY_WHOLE, _APPLY_LIST = tl.constexpr(APPLY_WHOLE), tl.constexpr(APPLY_LIST)
-FINAL_COLS = 8  # per-chunk rows of finalize: valid, trust, -delta, ratio sum, ratio max, nonfinite, loss, masked
-_FINAL_COLS = tl.constexpr(FINAL_COLS)
+# per-block partials of the fix-up passes (float64 rows, APPLY_* columns) and finalize's
+# per-chunk rows (the first six columns as stats', then FINAL_LOSS and FINAL_MASKED)
+_APPLY_COLS = tl.constexpr(C.APPLY_COLS)
+_FINAL_COLS = tl.constexpr(C.FINAL_COLS)
 
 
 @triton.jit(do_not_specialize_on_alignment=["poison_ptr", "value_ptr", "ties_kept_ptr"])
@@ -70,11 +69,11 @@ def fix_paper_kernel(
                 tl.store(grad_ptr + where, tl.full([BLOCK], 0.0, tl.float32) + zero, mask=masked)
                 # the kept tail tokens' terms: their sum replaces the whole tail's
                 term = tl.load(tail_term_ptr + at, mask=inside & ~masked, other=0.0)
-                tl.store(row, tl.sum(term.to(tl.float64)))
+                tl.store(row + APPLY_LOSS, tl.sum(term.to(tl.float64)))
             if WRITE_KEEP:
                 tl.store(keep_ptr + where, tl.zeros([BLOCK], tl.int1), mask=masked)
-            tl.store(row + 1, tl.sum(masked.to(tl.int64)).to(tl.float64))
-            tl.store(row + 2, _APPLY_LIST)
+            tl.store(row + APPLY_MASKED, tl.sum(masked.to(tl.int64)).to(tl.float64))
+            tl.store(row + APPLY_REDONE, APPLY_LIST)
 
 
 @triton.jit(do_not_specialize=["adv_div", "lower_u_bits", "upper_u_bits", "n"],
@@ -108,8 +107,8 @@ def apply_official_kernel(
         lower_u = lower_u_bits.to(tl.int32).to(tl.float32, bitcast=True)
         upper_u = upper_u_bits.to(tl.int32).to(tl.float32, bitcast=True)
         # (no token: the minimum decodes to inf, the maximum to 0)
-        r_min = (0x7F800000 - tl.load(ratio_range_ptr)).to(tl.int32).to(tl.float32, bitcast=True)
-        r_max = tl.load(ratio_range_ptr + 1).to(tl.int32).to(tl.float32, bitcast=True)
+        r_min = (-tl.load(ratio_range_ptr + RATIO_MIN_FLIPPED) + F32_INF_BITS).to(tl.int32).to(tl.float32, bitcast=True)
+        r_max = tl.load(ratio_range_ptr + RATIO_MAX).to(tl.int32).to(tl.float32, bitcast=True)
         # inside both intervals: the solved bounds lie inside the unconstrained ones except
         # for a tau_c above ln(1e5) (then upper > upper_u), where this still holds exactly
         tail_only = (r_min >= lower) & (r_min >= lower_u) & (r_max <= upper) & (r_max <= upper_u)
@@ -150,18 +149,18 @@ def _official_tail(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_pt
         delta = tl.where(valid, lp - olp, 0.0)
         adv = tl.where(valid, adv, 0.0)
         ratio = ratio_f32(delta)
-        _, _, clipped_u = official_terms(adv, ratio, valid, lower_u, upper_u)  # what stats counted
-        loss, grad, clipped = official_terms(adv, ratio, valid, lower, upper)
+        _, _, clipped_u = ppo_clip_terms(adv, ratio, valid, lower_u, upper_u)  # what stats counted
+        loss, grad, clipped = ppo_clip_terms(adv, ratio, valid, lower, upper)
         if WRITE_KEEP:
             tl.store(keep_ptr + offs, valid & ~clipped, mask=inside)
         row = part_ptr + pid.to(tl.int64) * _APPLY_COLS
-        if WEIGHTS != 0:
+        if WEIGHTS != W_NONE:
             term, grad = weighted_terms(loss, grad, valid, w_ptr, offs, inside, tl.load(poison_ptr), WEIGHTS)
             tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inside)
-            tl.store(row, tl.sum(term.to(tl.float64)))
-        tl.store(row + 1, (tl.sum((valid & clipped).to(tl.int64)) - tl.sum((valid & clipped_u).to(tl.int64)))
+            tl.store(row + APPLY_LOSS, tl.sum(term.to(tl.float64)))
+        tl.store(row + APPLY_MASKED, (tl.sum((valid & clipped).to(tl.int64)) - tl.sum((valid & clipped_u).to(tl.int64)))
                  .to(tl.float64))
-        tl.store(row + 2, _APPLY_LIST)
+        tl.store(row + APPLY_REDONE, APPLY_LIST)
 
 
 @triton.jit
@@ -174,16 +173,16 @@ def _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_p
                                          FULL)
     delta = tl.where(valid, lp - olp, 0.0)
     adv = tl.where(valid, adv, 0.0)
-    loss, grad, clipped = official_terms(adv, ratio_f32(delta), valid, lower, upper)
+    loss, grad, clipped = ppo_clip_terms(adv, ratio_f32(delta), valid, lower, upper)
     if WRITE_KEEP:
         tl.store(keep_ptr + offs, valid & ~clipped, mask=inb)
     row = part_ptr + pid.to(tl.int64) * _APPLY_COLS
-    if WEIGHTS != 0:  # (the same weighting as stats_kernel)
+    if WEIGHTS != W_NONE:  # (the same weighting as stats_kernel)
         term, grad = weighted_terms(loss, grad, valid, w_ptr, offs, inb, tl.load(poison_ptr), WEIGHTS)
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inb)
-        tl.store(row, tl.sum(term.to(tl.float64)))
-    tl.store(row + 1, tl.sum((valid & clipped).to(tl.int64)).to(tl.float64))
-    tl.store(row + 2, _APPLY_WHOLE)
+        tl.store(row + APPLY_LOSS, tl.sum(term.to(tl.float64)))
+    tl.store(row + APPLY_MASKED, tl.sum((valid & clipped).to(tl.int64)).to(tl.float64))
+    tl.store(row + APPLY_REDONE, APPLY_WHOLE)
 
 
 @triton.jit(do_not_specialize=["denom_bits", "nblocks"],
@@ -195,7 +194,7 @@ def finalize_kernel(stats_ptr, apply_ptr, chunk_ptr, counter_ptr, denom_ptr, den
     division rounds it; else 1). The loss: token-mean, the float64 sum of the float32 terms times
     that scale, rounded once; per-token weights, the float64 sum of the weighted terms.
 
-    Per block, by what the fix-up redid (apply column 2): nothing, stats' two sums (outside and
+    Per block, by what the fix-up redid (apply column APPLY_REDONE): nothing, stats' two sums (outside and
     inside the compacted list); the list, stats' outside sum plus the list's new sum; the whole
     block, its new sum. So every block's loss is a sum of final terms only. The masked count:
     stats' clipped count (0 for the paper rule) plus the fix-up's, or the fix-up's alone."""
@@ -204,21 +203,22 @@ def finalize_kernel(stats_ptr, apply_ptr, chunk_ptr, counter_ptr, denom_ptr, den
     inb = b < nblocks
     row = stats_ptr + b * STATS_COLS
     arow = apply_ptr + b * _APPLY_COLS
-    redone = tl.load(arow + 2, mask=inb, other=0.0)
-    a_loss = tl.load(arow + 0, mask=inb, other=0.0)
-    a_masked = tl.load(arow + 1, mask=inb, other=0.0)
-    listed = tl.where(redone == _APPLY_LIST, a_loss, tl.load(row + 8, mask=inb, other=0.0))
-    loss = tl.where(redone == _APPLY_WHOLE, a_loss, tl.load(row + 6, mask=inb, other=0.0) + listed)
-    masked = tl.where(redone == _APPLY_WHOLE, a_masked, tl.load(row + 7, mask=inb, other=0.0) + a_masked)
+    redone = tl.load(arow + APPLY_REDONE, mask=inb, other=0.0)
+    a_loss = tl.load(arow + APPLY_LOSS, mask=inb, other=0.0)
+    a_masked = tl.load(arow + APPLY_MASKED, mask=inb, other=0.0)
+    listed = tl.where(redone == APPLY_LIST, a_loss, tl.load(row + STATS_LIST_LOSS, mask=inb, other=0.0))
+    loss = tl.where(redone == APPLY_WHOLE, a_loss, tl.load(row + STATS_LOSS, mask=inb, other=0.0) + listed)
+    masked = tl.where(redone == APPLY_WHOLE, a_masked, tl.load(row + STATS_CLIPPED, mask=inb, other=0.0) + a_masked)
     out = chunk_ptr + pid.to(tl.int64) * _FINAL_COLS
-    tl.store(out + 0, tl.sum(tl.load(row + 0, mask=inb, other=0.0)))
-    tl.store(out + 1, tl.sum(tl.load(row + 1, mask=inb, other=0.0)))
-    tl.store(out + 2, tl.sum(tl.load(row + 2, mask=inb, other=0.0)))
-    tl.store(out + 3, tl.sum(tl.load(row + 3, mask=inb, other=0.0)))
-    tl.store(out + 4, tl.max(tl.load(row + 4, mask=inb, other=0.0)))
-    tl.store(out + 5, tl.sum(tl.load(row + 5, mask=inb, other=0.0)))
-    tl.store(out + 6, tl.sum(loss))
-    tl.store(out + 7, tl.sum(masked))
+    # (the first six columns are stats': each chunk row keeps their slots)
+    tl.store(out + STATS_VALID, tl.sum(tl.load(row + STATS_VALID, mask=inb, other=0.0)))
+    tl.store(out + STATS_TRUST, tl.sum(tl.load(row + STATS_TRUST, mask=inb, other=0.0)))
+    tl.store(out + STATS_NEG_DELTA, tl.sum(tl.load(row + STATS_NEG_DELTA, mask=inb, other=0.0)))
+    tl.store(out + STATS_RATIO_SUM, tl.sum(tl.load(row + STATS_RATIO_SUM, mask=inb, other=0.0)))
+    tl.store(out + STATS_RATIO_MAX, tl.max(tl.load(row + STATS_RATIO_MAX, mask=inb, other=0.0)))
+    tl.store(out + STATS_NONFINITE, tl.sum(tl.load(row + STATS_NONFINITE, mask=inb, other=0.0)))
+    tl.store(out + FINAL_LOSS, tl.sum(loss))
+    tl.store(out + FINAL_MASKED, tl.sum(masked))
     programs = tl.num_programs(0)
     if last_to_arrive(counter_ptr, programs):
         _finish(chunk_ptr, denom_ptr, denom_bits, out_ptr, programs, WEIGHTS, CHUNK)
@@ -238,24 +238,25 @@ def _finish(chunk_ptr, denom_ptr, denom_bits, out_ptr, programs, WEIGHTS: tl.con
         r = c + tl.arange(0, CHUNK)
         inr = r < programs
         row = chunk_ptr + r.to(tl.int64) * _FINAL_COLS
-        n_valid += tl.sum(tl.load(row + 0, mask=inr, other=0.0, cache_modifier=".cg"))
-        n_trust += tl.sum(tl.load(row + 1, mask=inr, other=0.0, cache_modifier=".cg"))
-        neg_delta += tl.sum(tl.load(row + 2, mask=inr, other=0.0, cache_modifier=".cg"))
-        ratio_sum += tl.sum(tl.load(row + 3, mask=inr, other=0.0, cache_modifier=".cg"))
-        ratio_max = tl.maximum(ratio_max, tl.max(tl.load(row + 4, mask=inr, other=0.0, cache_modifier=".cg")))
-        nonfinite += tl.sum(tl.load(row + 5, mask=inr, other=0.0, cache_modifier=".cg"))
-        loss += tl.sum(tl.load(row + 6, mask=inr, other=0.0, cache_modifier=".cg"))
-        masked += tl.sum(tl.load(row + 7, mask=inr, other=0.0, cache_modifier=".cg"))
+        n_valid += tl.sum(tl.load(row + STATS_VALID, mask=inr, other=0.0, cache_modifier=".cg"))
+        n_trust += tl.sum(tl.load(row + STATS_TRUST, mask=inr, other=0.0, cache_modifier=".cg"))
+        neg_delta += tl.sum(tl.load(row + STATS_NEG_DELTA, mask=inr, other=0.0, cache_modifier=".cg"))
+        ratio_sum += tl.sum(tl.load(row + STATS_RATIO_SUM, mask=inr, other=0.0, cache_modifier=".cg"))
+        ratio_max = tl.maximum(ratio_max, tl.max(tl.load(row + STATS_RATIO_MAX, mask=inr, other=0.0,
+                                                         cache_modifier=".cg")))
+        nonfinite += tl.sum(tl.load(row + STATS_NONFINITE, mask=inr, other=0.0, cache_modifier=".cg"))
+        loss += tl.sum(tl.load(row + FINAL_LOSS, mask=inr, other=0.0, cache_modifier=".cg"))
+        masked += tl.sum(tl.load(row + FINAL_MASKED, mask=inr, other=0.0, cache_modifier=".cg"))
     # the token-mean scale: the same float32 value as the torch backend's 1 / denominator
-    if WEIGHTS == 1:  # a valid-token count (int64 at denom_ptr)
+    if WEIGHTS == W_COUNT:  # a valid-token count (int64 at denom_ptr)
         scale = reciprocal_f32(tl.maximum(tl.load(denom_ptr).to(tl.float32), 1.0))
-    elif WEIGHTS == 2:  # a Python-number denominator (rounded to float32 first)
+    elif WEIGHTS == W_SCALAR:  # a Python-number denominator (rounded to float32 first)
         scale = reciprocal_f32(as_f64(denom_bits).to(tl.float32))
-    elif WEIGHTS == 3:  # a tensor denominator
+    elif WEIGHTS == W_TENSOR_DENOM:  # a tensor denominator
         scale = reciprocal_f32(tl.load(denom_ptr).to(tl.float32))
     else:
         scale = tl.full((), 1.0, tl.float32)
-    if WEIGHTS == 4:
+    if WEIGHTS == W_PER_TOKEN:
         loss32 = loss.to(tl.float32)
     else:
         # (a zero sum stays 0 under a zero denominator's inf scale; and a non-finite scale scales
@@ -263,11 +264,11 @@ def _finish(chunk_ptr, denom_ptr, denom_bits, out_ptr, programs, WEIGHTS: tl.con
         loss32 = tl.where(loss == 0.0, loss, loss * scale.to(tl.float64)).to(tl.float32)
         scale = tl.where((scale - scale) == 0.0, scale, 0.0)
     denom = tl.maximum(n_valid, 1.0)
-    tl.store(out_ptr + 0, loss32)
-    tl.store(out_ptr + 1, (masked / denom).to(tl.float32))
-    tl.store(out_ptr + 2, (n_trust / denom).to(tl.float32))
-    tl.store(out_ptr + 3, (neg_delta / denom).to(tl.float32))
-    tl.store(out_ptr + 4, (ratio_sum / denom).to(tl.float32))
-    tl.store(out_ptr + 5, ratio_max.to(tl.float32))
-    tl.store(out_ptr + 6, nonfinite.to(tl.float32))
-    tl.store(out_ptr + 7, scale)
+    tl.store(out_ptr + OUT_LOSS, loss32)
+    tl.store(out_ptr + OUT_MASKED_FRACTION, (masked / denom).to(tl.float32))
+    tl.store(out_ptr + OUT_TRUST_REGION_FRACTION, (n_trust / denom).to(tl.float32))
+    tl.store(out_ptr + OUT_KL, (neg_delta / denom).to(tl.float32))
+    tl.store(out_ptr + OUT_RATIO_MEAN, (ratio_sum / denom).to(tl.float32))
+    tl.store(out_ptr + OUT_RATIO_MAX, ratio_max.to(tl.float32))
+    tl.store(out_ptr + OUT_NONFINITE, nonfinite.to(tl.float32))
+    tl.store(out_ptr + OUT_SCALE, scale)

@@ -12,13 +12,52 @@ import struct
 import triton
 import triton.language as tl
 
+from .. import constants as C
+
 # libdevice calls fail under the interpreter; use the plain tl.* forms there.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-L1_SHIFT = tl.constexpr(16)
-L1_BUCKETS = 1 << 15
-L2_BUCKETS = 1 << 16
-KEEP_ALL_BITS = 0x7FFFFFFF
+# The shared constants (m2po_ops/constants.py) as the kernels read them: a kernel may only read
+# constexpr globals. Float ones are exact in float32 (a float constexpr is materialised as fp32).
+L1_SHIFT = tl.constexpr(C.L1_SHIFT)
+LIMB_BITS, LIMB_MASK = tl.constexpr(C.LIMB_BITS), tl.constexpr(C.LIMB_MASK)
+F32_INF_BITS, F32_MAX_BITS = tl.constexpr(C.F32_INF_BITS), tl.constexpr(C.F32_MAX_BITS)
+DELTA_CLAMP, OFFICIAL_EPS = tl.constexpr(C.DELTA_CLAMP), tl.constexpr(C.OFFICIAL_EPS)
+OFFICIAL_NO_CONSTRAINT_HIGH = tl.constexpr(C.OFFICIAL_NO_CONSTRAINT_HIGH)
+RATIO_ABOVE_ONE_DELTA = tl.constexpr(C.RATIO_ABOVE_ONE_DELTA)
+RATIO_BELOW_ONE_DELTA = tl.constexpr(C.RATIO_BELOW_ONE_DELTA)
+W_NONE, W_COUNT, W_SCALAR = tl.constexpr(C.W_NONE), tl.constexpr(C.W_COUNT), tl.constexpr(C.W_SCALAR)
+W_TENSOR_DENOM, W_PER_TOKEN = tl.constexpr(C.W_TENSOR_DENOM), tl.constexpr(C.W_PER_TOKEN)
+MAX_LIMBS = tl.constexpr(C.MAX_LIMBS)
+SEARCH_STEPS = tl.constexpr(C.SEARCH_STEPS)
+# buffer slots (offsets into the workspace's parts)
+BELOW_COUNT, BELOW_LIMBS = tl.constexpr(C.BELOW_COUNT), tl.constexpr(C.BELOW_LIMBS)
+TAIL_COUNT, TAIL_INF, TAIL_LIMBS = tl.constexpr(C.TAIL_COUNT), tl.constexpr(C.TAIL_INF), tl.constexpr(C.TAIL_LIMBS)
+REFINE, B1, B0 = tl.constexpr(C.REFINE), tl.constexpr(C.B1), tl.constexpr(C.B0)
+K_BASE, S_BASE, K_END, S_END = tl.constexpr(C.K_BASE), tl.constexpr(C.S_BASE), tl.constexpr(C.K_END), tl.constexpr(C.S_END)
+N_TR, TOTAL = tl.constexpr(C.N_TR), tl.constexpr(C.TOTAL)
+HIST2_B1_COUNT, HIST2_B1_SUM = tl.constexpr(C.HIST2_B1_COUNT), tl.constexpr(C.HIST2_B1_SUM)
+HIST2_B0_COUNT, HIST2_B0_SUM = tl.constexpr(C.HIST2_B0_COUNT), tl.constexpr(C.HIST2_B0_SUM)
+HIST2_ROWS = tl.constexpr(C.HIST2_ROWS)
+PART_COUNT, PART_SUM = tl.constexpr(C.PART_COUNT), tl.constexpr(C.PART_SUM)
+PART_LAST, PART_LAST_B0 = tl.constexpr(C.PART_LAST), tl.constexpr(C.PART_LAST_B0)
+RATIO_MIN_FLIPPED, RATIO_MAX = tl.constexpr(C.RATIO_MIN_FLIPPED), tl.constexpr(C.RATIO_MAX)
+STATS_VALID, STATS_TRUST = tl.constexpr(C.STATS_VALID), tl.constexpr(C.STATS_TRUST)
+STATS_NEG_DELTA, STATS_RATIO_SUM = tl.constexpr(C.STATS_NEG_DELTA), tl.constexpr(C.STATS_RATIO_SUM)
+STATS_RATIO_MAX, STATS_NONFINITE = tl.constexpr(C.STATS_RATIO_MAX), tl.constexpr(C.STATS_NONFINITE)
+STATS_LOSS, STATS_CLIPPED = tl.constexpr(C.STATS_LOSS), tl.constexpr(C.STATS_CLIPPED)
+STATS_LIST_LOSS = tl.constexpr(C.STATS_LIST_LOSS)
+APPLY_LOSS, APPLY_MASKED, APPLY_REDONE = tl.constexpr(C.APPLY_LOSS), tl.constexpr(C.APPLY_MASKED), tl.constexpr(C.APPLY_REDONE)
+APPLY_WHOLE, APPLY_LIST = tl.constexpr(C.APPLY_WHOLE), tl.constexpr(C.APPLY_LIST)
+FINAL_LOSS, FINAL_MASKED = tl.constexpr(C.FINAL_LOSS), tl.constexpr(C.FINAL_MASKED)
+CUT_TIES_KEPT, CUT_NUM_TRUST_REGION = tl.constexpr(C.CUT_TIES_KEPT), tl.constexpr(C.CUT_NUM_TRUST_REGION)
+CUT_NUM_VALID = tl.constexpr(C.CUT_NUM_VALID)
+CUT_LOWER, CUT_UPPER, CUT_M2 = tl.constexpr(C.CUT_LOWER), tl.constexpr(C.CUT_UPPER), tl.constexpr(C.CUT_M2)
+CUT_M2_AFTER, CUT_THRESHOLD = tl.constexpr(C.CUT_M2_AFTER), tl.constexpr(C.CUT_THRESHOLD)
+OUT_LOSS, OUT_MASKED_FRACTION = tl.constexpr(C.OUT_LOSS), tl.constexpr(C.OUT_MASKED_FRACTION)
+OUT_TRUST_REGION_FRACTION, OUT_KL = tl.constexpr(C.OUT_TRUST_REGION_FRACTION), tl.constexpr(C.OUT_KL)
+OUT_RATIO_MEAN, OUT_RATIO_MAX = tl.constexpr(C.OUT_RATIO_MEAN), tl.constexpr(C.OUT_RATIO_MAX)
+OUT_NONFINITE, OUT_SCALE = tl.constexpr(C.OUT_NONFINITE), tl.constexpr(C.OUT_SCALE)
 
 if not INTERPRET:  # pragma: no cover - GPU only
     from triton.language.extra import libdevice
@@ -282,11 +321,11 @@ def add_limbs(limb_ptr, bits, sel, NLIMB: tl.constexpr, INTERP: tl.constexpr):
     as 30-bit limbs (m2po_ops/split.py): one atomic per limb per block."""
     e = bits.to(tl.int32) >> 23
     p = tl.maximum(e, 1) - 1
-    q = p // 30
-    r = p - q * 30
+    q = p // LIMB_BITS
+    r = p - q * LIMB_BITS
     x = significand(bits) << r.to(tl.int64)
-    lo = tl.where(sel, x & 0x3FFFFFFF, 0)
-    hi = tl.where(sel, x >> 30, 0)
+    lo = tl.where(sel, x & LIMB_MASK, 0)
+    hi = tl.where(sel, x >> LIMB_BITS, 0)
     if INTERP:  # one [block, 16] reduction instead of 16 Python-level steps (too many registers on a GPU)
         i16 = tl.arange(0, 16)
         part = tl.sum(tl.where(q[:, None] == i16[None, :], lo[:, None], 0)
@@ -317,9 +356,9 @@ def limbs_to_f64(limb_ptr, other_ptr, NLIMB: tl.constexpr, TWO: tl.constexpr):
         if TWO:
             v += tl.load(other_ptr + i, cache_modifier=".cg")
         if i < NLIMB - 1:
-            carry = v >> 30
-            v = v & 0x3FFFFFFF
-        s = s + v.to(tl.float64) * _pow2(30 * i - 149)
+            carry = v >> LIMB_BITS
+            v = v & LIMB_MASK
+        s = s + v.to(tl.float64) * _pow2(LIMB_BITS * i - 149)
     return s
 
 
@@ -334,11 +373,42 @@ def last_to_arrive(counter_ptr, programs):
     return ticket == programs - 1
 
 
+# ---------------------------------------------------------------------------------------------
+# The cut rules' trust regions and the surrogates, one helper each (their torch twins:
+# m2po_ops/rules.py trust_region, m2po_ops/surrogates.py unclipped_surrogate / ppo_clip_surrogate).
+
+
 @triton.jit
-def official_terms(adv, ratio, valid, lower, upper):
-    """The official rule's per-token PPO-clip loss, derivative and clip flag with bounds
-    [lower, upper], as the torch backend computes them. The torch.where form, not max/min,
-    which drop NaN on the GPU: a NaN term (an inf ratio times a zero advantage) stays NaN."""
+def paper_trust_region(adv, delta, valid):
+    """The paper rule's trust region T: (A > 0 and delta > 0) or (A < 0 and delta < 0)."""
+    return valid & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
+
+
+@triton.jit
+def official_trust_region(adv_first, delta, valid):
+    """The authors' "harmful" tokens: the sequence's first advantage's sign and the ratio's side
+    of 1, in float32. The ratio is exp(delta) correctly rounded to float32, so r > 1 and r < 1
+    are tests of delta (constants.RATIO_ABOVE_ONE_DELTA / RATIO_BELOW_ONE_DELTA): no exp here."""
+    return valid & (((adv_first > OFFICIAL_EPS) & (delta >= RATIO_ABOVE_ONE_DELTA))
+                    | ((adv_first < -OFFICIAL_EPS) & (delta < RATIO_BELOW_ONE_DELTA)))
+
+
+@triton.jit
+def unclipped_terms(adv, delta, valid, INTERP: tl.constexpr):
+    """The unclipped surrogate -A r, r = exp(clamp(delta, +-DELTA_CLAMP)), of a kept token: (ratio,
+    loss term, derivative). The derivative is straight-through: d(-A r)/d logprobs = -A r. A
+    cut drops masked tokens afterwards (fix_paper_kernel)."""
+    ratio = exp_f32(clamp(delta, -DELTA_CLAMP, DELTA_CLAMP), INTERP)
+    loss = tl.where(valid, -adv * ratio, 0.0)
+    return ratio, loss, loss
+
+
+@triton.jit
+def ppo_clip_terms(adv, ratio, valid, lower, upper):
+    """The PPO-clip surrogate with ratio bounds [lower, upper] (the official rule's cut): per
+    token the loss, the derivative and the clip flag, as the torch backend computes them. The
+    torch.where form, not max/min, which drop NaN on the GPU: a NaN term (an inf ratio times a
+    zero advantage) stays NaN."""
     pg1 = -adv * ratio
     pg2 = -adv * clamp(ratio, lower, upper)
     clipped = pg2 > pg1
@@ -351,10 +421,10 @@ def official_terms(adv, ratio, valid, lower, upper):
 
 @triton.jit
 def weighted_terms(loss, grad, valid, w_ptr, offs, inb, poison, WEIGHTS: tl.constexpr):
-    """(term, derivative) of tokens as every pass weights them: WEIGHTS 4, per-token weights
+    """(term, derivative) of tokens as every pass weights them: W_PER_TOKEN, per-token weights
     plus the poison; else (token-mean: the scale comes in finalize) times 1 + poison, which is
     exactly 1, or NaN."""
-    if WEIGHTS == 4:
+    if WEIGHTS == W_PER_TOKEN:
         w = tl.where(valid, tl.load(w_ptr + offs, mask=inb, other=0.0).to(tl.float32) + poison, 0.0)
         term = w * loss
         grad = w * grad

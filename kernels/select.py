@@ -1,6 +1,6 @@
 """The select kernels: histograms to the cut, on the device, in parallel programs.
 
-They implement, step for step, m2po_ops/histogram.py's select1 / select2 (the PyTorch
+They implement, step for step, m2po_ops/radix_select.py's select1 / select2 (the PyTorch
 description of the algorithm; read it first). Each launch has one program per CHUNK buckets;
 each program writes its chunk's totals (count, float64 sum or exact significand sum, last
 non-empty bucket), and the last program to arrive (common.last_to_arrive) walks the chunk
@@ -19,21 +19,16 @@ count, its limb sum as float64 and (official) its largest key.
 import triton
 import triton.language as tl
 
-from ..histogram import (B0, B1, BELOW_COUNT, BELOW_LIMBS, K_BASE, K_END, N_TR, REFINE, S_BASE, S_END, STATE_LEN,
-                         TAIL_COUNT, TAIL_INF, TAIL_LIMBS, TOTAL)
-from ..split import MAX_LIMBS
-from .common import L1_SHIFT, as_f64, bits_to_f64, bucket_scale, exp_f64, last_to_arrive, limbs_to_f64
+from .. import constants as C
+from .common import (B0, B1, BELOW_COUNT, BELOW_LIMBS, CUT_LOWER, CUT_M2, CUT_M2_AFTER, CUT_NUM_TRUST_REGION,
+                     CUT_NUM_VALID, CUT_THRESHOLD, CUT_TIES_KEPT, CUT_UPPER, F32_MAX_BITS, HIST2_B0_COUNT, HIST2_ROWS,
+                     HIST2_B1_COUNT, HIST2_B1_SUM, K_BASE, K_END, L1_SHIFT, MAX_LIMBS, N_TR,
+                     OFFICIAL_NO_CONSTRAINT_HIGH, PART_COUNT, PART_LAST, PART_LAST_B0, PART_SUM, REFINE, S_BASE, S_END,
+                     SEARCH_STEPS, TAIL_COUNT, TAIL_INF, TAIL_LIMBS, TOTAL, as_f64, bits_to_f64, bucket_scale, exp_f64,
+                     last_to_arrive, limbs_to_f64, significand)
 
-SEARCH_STEPS = tl.constexpr(32)
-PART_COLS = 4  # int64 columns of a chunk's partial row
+PART_COLS = C.PART_COLS  # int64 columns of a chunk's partial row (PART_* slots)
 _PART_COLS = tl.constexpr(PART_COLS)
-_REFINE, _B1, _B0 = tl.constexpr(REFINE), tl.constexpr(B1), tl.constexpr(B0)
-_K_BASE, _S_BASE, _K_END, _S_END = tl.constexpr(K_BASE), tl.constexpr(S_BASE), tl.constexpr(K_END), tl.constexpr(S_END)
-_N_TR, _TOTAL = tl.constexpr(N_TR), tl.constexpr(TOTAL)
-_BELOW_COUNT, _BELOW_LIMBS = tl.constexpr(BELOW_COUNT), tl.constexpr(BELOW_LIMBS)
-_TAIL_COUNT, _TAIL_INF, _TAIL_LIMBS = tl.constexpr(TAIL_COUNT), tl.constexpr(TAIL_INF), tl.constexpr(TAIL_LIMBS)
-_MAX_LIMBS = tl.constexpr(MAX_LIMBS)
-assert STATE_LEN >= 9
 
 
 @triton.jit
@@ -50,6 +45,13 @@ def _cond_paper(s, k, tau_hi, tau_lo, TAU_INF: tl.constexpr):
 def _f_official(v, k, c, nf, eps):
     """The authors' test value (v_k - 1e-12) * (n - k - 1) + c_k in float64."""
     return (v - eps) * (nf - k.to(tl.float64) - 1.0) + c
+
+
+@triton.jit
+def _official_constrained(n, nf, total, tau_eps_bits, target, eps):
+    """The authors' "is the budget binding" test (rules.official_constrained): some eligible
+    token, mean m2 above tau + 1e-12, and tau * n below the total by more than 1e-12."""
+    return (n > 0) & (total / tl.maximum(nf, 1.0) > as_f64(tau_eps_bits)) & (target < total - eps)
 
 
 @triton.jit
@@ -71,7 +73,7 @@ def _pick(x, idx, at):
 @triton.jit
 def _bucket_hi(idx):
     """The largest value of level-1 bucket idx, capped at FLT_MAX (no inf * 0 in the test)."""
-    return bits_to_f64(tl.minimum((idx + 1).to(tl.int64) << L1_SHIFT, 0x7F7FFFFF))
+    return bits_to_f64(tl.minimum((idx + 1).to(tl.int64) << L1_SHIFT, F32_MAX_BITS))
 
 
 @triton.jit(do_not_specialize=["tau_hi_bits", "tau_lo_bits", "tau_bits", "tau_eps_bits", "eps_bits"],
@@ -82,7 +84,7 @@ def select1_kernel(
     OFFICIAL: tl.constexpr, TAU_INF: tl.constexpr, NB1: tl.constexpr, NB2: tl.constexpr, NLIMB: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
-    """Pick the level-1 bucket b1 holding the cut; write the select state (m2po_ops.histogram).
+    """Pick the level-1 bucket b1 holding the cut; write the select state (m2po_ops.radix_select).
     Every program first decides from the exact totals (a few scalars) whether anything is cut;
     if not, program 0 writes the state and all return. Otherwise each zeroes its share of the
     level-2 histograms (so the workspace memset does not have to) and adds its chunk's row."""
@@ -92,24 +94,24 @@ def select1_kernel(
     tau_lo = as_f64(tau_lo_bits)
     tau = as_f64(tau_bits)
     eps = as_f64(eps_bits)
-    n_below = tl.load(sums_ptr + _BELOW_COUNT)
-    n = n_below + tl.load(sums_ptr + _TAIL_COUNT)
+    n_below = tl.load(sums_ptr + BELOW_COUNT)
+    n = n_below + tl.load(sums_ptr + TAIL_COUNT)
     nf = n.to(tl.float64)
     target = tau * nf
-    total = limbs_to_f64(sums_ptr + _BELOW_LIMBS, sums_ptr + _TAIL_LIMBS, _MAX_LIMBS, True)
-    total = tl.where(tl.load(sums_ptr + _TAIL_INF) > 0, float("inf"), total)
+    total = limbs_to_f64(sums_ptr + BELOW_LIMBS, sums_ptr + TAIL_LIMBS, MAX_LIMBS, True)
+    total = tl.where(tl.load(sums_ptr + TAIL_INF) > 0, float("inf"), total)
     if OFFICIAL:
-        refine = (n > 0) & (total / tl.maximum(nf, 1.0) > as_f64(tau_eps_bits)) & (target < total - eps)
+        refine = _official_constrained(n, nf, total, tau_eps_bits, target, eps)
     else:
         refine = ~_cond_paper(total, n, tau_hi, tau_lo, TAU_INF)
     if not refine:
         if pid == 0:
-            tl.store(state_ptr + _REFINE, 0)
-            tl.store(state_ptr + _B0, -1)
-            tl.store(state_ptr + _N_TR, n)
-            tl.store(state_ptr + _TOTAL, _bits(total))
+            tl.store(state_ptr + REFINE, 0)
+            tl.store(state_ptr + B0, -1)
+            tl.store(state_ptr + N_TR, n)
+            tl.store(state_ptr + TOTAL, _bits(total))
     else:
-        share = 4 * NB2 // programs
+        share = HIST2_ROWS * NB2 // programs
         zero = pid * share + tl.arange(0, CHUNK)
         for z in range(0, share, CHUNK):
             tl.store(hist2_ptr + zero + z, tl.zeros([CHUNK], tl.int64))
@@ -119,9 +121,9 @@ def select1_kernel(
         sums = tl.load(sums_ptr + NB1 + idx).to(tl.float64) * tl.where(cnt > 0, bucket_scale(idx), 0.0)
         cum = tl.cumsum(sums, 0)
         row = part_ptr + pid * _PART_COLS
-        tl.store(row + 0, tl.sum(cnt))
-        tl.store(row + 1, _bits(tl.sum(tl.where(tl.arange(0, CHUNK) == CHUNK - 1, cum, 0.0))))
-        tl.store(row + 2, tl.max(tl.where(cnt > 0, idx, -1)).to(tl.int64))
+        tl.store(row + PART_COUNT, tl.sum(cnt))
+        tl.store(row + PART_SUM, _bits(tl.sum(tl.where(tl.arange(0, CHUNK) == CHUNK - 1, cum, 0.0))))
+        tl.store(row + PART_LAST, tl.max(tl.where(cnt > 0, idx, -1)).to(tl.int64))
         if last_to_arrive(counter_ptr, programs):
             _walk1(sums_ptr, part_ptr, state_ptr, n, nf, total, n_below, tau_hi, tau_lo, target, eps, OFFICIAL,
                    TAU_INF, NB1, NLIMB, CHUNK)
@@ -134,7 +136,7 @@ def _walk1(sums_ptr, part_ptr, state_ptr, n, nf, total, n_below, tau_hi, tau_lo,
     """The last program of select1: walk the chunk rows in order to the first non-empty chunk
     whose end fails the budget (paper) / hits the test (official), then scan that chunk."""
     programs = NB1 // CHUNK
-    s_below = limbs_to_f64(sums_ptr + _BELOW_LIMBS, sums_ptr, NLIMB, False)
+    s_below = limbs_to_f64(sums_ptr + BELOW_LIMBS, sums_ptr, NLIMB, False)
     k_end = n_below
     s_end = s_below
     c_star = tl.full((), programs, tl.int64)
@@ -142,9 +144,9 @@ def _walk1(sums_ptr, part_ptr, state_ptr, n, nf, total, n_below, tau_hi, tau_lo,
     s_before = s_below
     last_before = tl.full((), -1, tl.int64)  # last non-empty bucket of the chunks before c_star
     for c in range(programs):
-        c_cnt = tl.load(part_ptr + c * _PART_COLS, cache_modifier=".cg")
-        c_sum = _f64(tl.load(part_ptr + c * _PART_COLS + 1, cache_modifier=".cg"))
-        c_last = tl.load(part_ptr + c * _PART_COLS + 2, cache_modifier=".cg")
+        c_cnt = tl.load(part_ptr + c * _PART_COLS + PART_COUNT, cache_modifier=".cg")
+        c_sum = _f64(tl.load(part_ptr + c * _PART_COLS + PART_SUM, cache_modifier=".cg"))
+        c_last = tl.load(part_ptr + c * _PART_COLS + PART_LAST, cache_modifier=".cg")
         k_prev = k_end
         s_prev = s_end
         k_end = k_end + c_cnt
@@ -177,15 +179,15 @@ def _walk1(sums_ptr, part_ptr, state_ptr, n, nf, total, n_below, tau_hi, tau_lo,
     b0 = tl.max(tl.where((cnt > 0) & (idx < b1), idx, -1)).to(tl.int64)
     b0 = tl.where(b0 >= 0, b0, last_before)
     first_of_chunk = b1 == c_star * CHUNK
-    tl.store(state_ptr + _REFINE, found.to(tl.int64))
-    tl.store(state_ptr + _B1, b1)
-    tl.store(state_ptr + _B0, b0)
-    tl.store(state_ptr + _K_BASE, _pick(k_in - cnt, idx, b1))
-    tl.store(state_ptr + _S_BASE, _bits(tl.where(first_of_chunk, s_before, _pick(s_in, idx, b1 - 1))))
-    tl.store(state_ptr + _K_END, _pick(k_in, idx, b1))
-    tl.store(state_ptr + _S_END, _bits(_pick(s_in, idx, b1)))
-    tl.store(state_ptr + _N_TR, n)
-    tl.store(state_ptr + _TOTAL, _bits(total))
+    tl.store(state_ptr + REFINE, found.to(tl.int64))
+    tl.store(state_ptr + B1, b1)
+    tl.store(state_ptr + B0, b0)
+    tl.store(state_ptr + K_BASE, _pick(k_in - cnt, idx, b1))
+    tl.store(state_ptr + S_BASE, _bits(tl.where(first_of_chunk, s_before, _pick(s_in, idx, b1 - 1))))
+    tl.store(state_ptr + K_END, _pick(k_in, idx, b1))
+    tl.store(state_ptr + S_END, _bits(_pick(s_in, idx, b1)))
+    tl.store(state_ptr + N_TR, n)
+    tl.store(state_ptr + TOTAL, _bits(total))
 
 
 @triton.jit
@@ -211,10 +213,10 @@ def select2_kernel(
     returns at once."""
     pid = tl.program_id(0)
     programs = NB2 // CHUNK
-    refine = tl.load(state_ptr + _REFINE) != 0
-    n = tl.load(state_ptr + _N_TR)
+    refine = tl.load(state_ptr + REFINE) != 0
+    n = tl.load(state_ptr + N_TR)
     nf = n.to(tl.float64)
-    total = _f64(tl.load(state_ptr + _TOTAL))
+    total = _f64(tl.load(state_ptr + TOTAL))
     m2_before = (total / tl.maximum(nf, 1.0)).to(tl.float32)
     eps = as_f64(eps_bits)
     if not refine:
@@ -223,13 +225,14 @@ def select2_kernel(
                           mini_lo_bits, mini_hi_bits, OFFICIAL, HAS_MINI_LO, HAS_MINI_HI, KEEP_ALL)
     else:
         idx = pid * CHUNK + tl.arange(0, CHUNK)
-        cnt2 = tl.load(hist2_ptr + idx)
+        cnt2 = tl.load(hist2_ptr + HIST2_B1_COUNT * NB2 + idx)
         row = part_ptr + pid * _PART_COLS
-        tl.store(row + 0, tl.sum(cnt2))
-        tl.store(row + 1, tl.sum(tl.load(hist2_ptr + NB2 + idx)))
-        tl.store(row + 2, tl.max(tl.where(cnt2 > 0, idx, -1)).to(tl.int64))
+        tl.store(row + PART_COUNT, tl.sum(cnt2))
+        tl.store(row + PART_SUM, tl.sum(tl.load(hist2_ptr + HIST2_B1_SUM * NB2 + idx)))
+        tl.store(row + PART_LAST, tl.max(tl.where(cnt2 > 0, idx, -1)).to(tl.int64))
         if OFFICIAL:
-            tl.store(row + 3, tl.max(tl.where(tl.load(hist2_ptr + 2 * NB2 + idx) > 0, idx, -1)).to(tl.int64))
+            b0_cnt = tl.load(hist2_ptr + HIST2_B0_COUNT * NB2 + idx)
+            tl.store(row + PART_LAST_B0, tl.max(tl.where(b0_cnt > 0, idx, -1)).to(tl.int64))
         if last_to_arrive(counter_ptr, programs):
             _solve2(hist2_ptr, state_ptr, below_max_ptr, part_ptr, n_valid_ptr, cut_i32_ptr, cut_i64_ptr,
                     cut_f32_ptr, n, nf, total, m2_before, tau_hi_bits, tau_lo_bits, tau_bits, tau_eps_bits, eps,
@@ -246,7 +249,7 @@ def _official_bounds(tau_c2, constrained, mini_lo_bits, mini_hi_bits, HAS_MINI_L
     clip_low = exp_f64(-tc).to(tl.float32).to(tl.float64)
     clip_high = exp_f64(tc).to(tl.float32).to(tl.float64)
     clip_low = tl.where(constrained, clip_low, 0.0)
-    clip_high = tl.where(constrained, clip_high, 100000.0)
+    clip_high = tl.where(constrained, clip_high, OFFICIAL_NO_CONSTRAINT_HIGH)
     eps_lo = 1.0 - clip_low
     eps_hi = clip_high - 1.0
     if HAS_MINI_LO:
@@ -257,26 +260,73 @@ def _official_bounds(tau_c2, constrained, mini_lo_bits, mini_hi_bits, HAS_MINI_L
 
 
 @triton.jit
+def _store_cut(cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, value, ties_kept, n, n_valid_ptr, lower, upper, m2, m2_after,
+               threshold):
+    """Store a solved cut into the call's results (the CUT_* slots)."""
+    tl.store(cut_i32_ptr, value)
+    tl.store(cut_i64_ptr + CUT_TIES_KEPT, ties_kept)
+    tl.store(cut_i64_ptr + CUT_NUM_TRUST_REGION, n)
+    tl.store(cut_i64_ptr + CUT_NUM_VALID, tl.load(n_valid_ptr))
+    tl.store(cut_f32_ptr + CUT_LOWER, lower)
+    tl.store(cut_f32_ptr + CUT_UPPER, upper)
+    tl.store(cut_f32_ptr + CUT_M2, m2)
+    tl.store(cut_f32_ptr + CUT_M2_AFTER, m2_after)
+    tl.store(cut_f32_ptr + CUT_THRESHOLD, threshold)
+
+
+@triton.jit
 def _store_no_cut(cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, n, m2_before, n_valid_ptr, eps, mini_lo_bits, mini_hi_bits,
                   OFFICIAL: tl.constexpr, HAS_MINI_LO: tl.constexpr, HAS_MINI_HI: tl.constexpr,
                   KEEP_ALL: tl.constexpr):
     """The cut when nothing is refined: every token kept (paper), the unconstrained bounds
     (official)."""
     if OFFICIAL:
-        lower, upper = _official_bounds(tl.zeros((), tl.float64), tl.full((), 0, tl.int1), mini_lo_bits, mini_hi_bits, HAS_MINI_LO,
-                                        HAS_MINI_HI)
+        lower, upper = _official_bounds(tl.zeros((), tl.float64), tl.full((), 0, tl.int1), mini_lo_bits, mini_hi_bits,
+                                        HAS_MINI_LO, HAS_MINI_HI)
     else:
         lower = tl.zeros((), tl.float32)
         upper = tl.full((), float("inf"), tl.float32)
-    tl.store(cut_i32_ptr, KEEP_ALL)
-    tl.store(cut_i64_ptr + 0, 0)
-    tl.store(cut_i64_ptr + 1, n)
-    tl.store(cut_i64_ptr + 2, tl.load(n_valid_ptr))
-    tl.store(cut_f32_ptr + 0, lower)
-    tl.store(cut_f32_ptr + 1, upper)
-    tl.store(cut_f32_ptr + 2, m2_before)
-    tl.store(cut_f32_ptr + 3, m2_before)
-    tl.store(cut_f32_ptr + 4, float("inf"))
+    _store_cut(cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, KEEP_ALL, 0, n, n_valid_ptr, lower, upper, m2_before, m2_before,
+               tl.full((), float("inf"), tl.float32))
+
+
+@triton.jit
+def _walk2(part_ptr, b1, k_base, s_base, scale, nf, tau_hi, tau_lo, target, eps, OFFICIAL: tl.constexpr,
+           TAU_INF: tl.constexpr, NB2: tl.constexpr, CHUNK: tl.constexpr):
+    """Walk select2's chunk rows in order to the first non-empty chunk whose end fails (paper) /
+    hits (official). Returns (that chunk, or the chunk count when none; the level-2 count and
+    significand sum before it; the last non-empty bucket before it, and overall; the top
+    non-empty bucket of slot 1)."""
+    programs = NB2 // CHUNK
+    k2 = tl.zeros((), tl.int64)
+    p2 = tl.zeros((), tl.int64)
+    c_star = tl.full((), programs, tl.int64)
+    k2_before = tl.zeros((), tl.int64)
+    p2_before = tl.zeros((), tl.int64)
+    prev_last = tl.full((), -1, tl.int64)
+    j_last = tl.full((), -1, tl.int64)
+    top_b0 = tl.full((), -1, tl.int64)
+    for c in range(programs):
+        c_cnt = tl.load(part_ptr + c * _PART_COLS + PART_COUNT, cache_modifier=".cg")
+        c_sig = tl.load(part_ptr + c * _PART_COLS + PART_SUM, cache_modifier=".cg")
+        c_last = tl.load(part_ptr + c * _PART_COLS + PART_LAST, cache_modifier=".cg")
+        k_prev = k2
+        p_prev = p2
+        k2 = k2 + c_cnt
+        p2 = p2 + c_sig
+        if OFFICIAL:
+            v = bits_to_f64((b1 << L1_SHIFT) | tl.maximum(c_last, 0))
+            hit = (c_cnt > 0) & (_f_official(v, k_base + k2 - 1, s_base + _scaled(p2, scale), nf, eps) >= target - eps)
+            top_b0 = tl.maximum(top_b0, tl.load(part_ptr + c * _PART_COLS + PART_LAST_B0, cache_modifier=".cg"))
+        else:
+            hit = (c_cnt > 0) & ~_cond_paper(s_base + _scaled(p2, scale), k_base + k2, tau_hi, tau_lo, TAU_INF)
+        first = hit & (c_star == programs)
+        k2_before = tl.where(first, k_prev, k2_before)
+        p2_before = tl.where(first, p_prev, p2_before)
+        c_star = tl.where(first, c, c_star)
+        prev_last = tl.where((c_star == programs) & (c_cnt > 0), c_last, prev_last)
+        j_last = tl.maximum(j_last, c_last)
+    return c_star, k2_before, p2_before, prev_last, j_last, top_b0
 
 
 @triton.jit
@@ -289,49 +339,18 @@ def _solve2(hist2_ptr, state_ptr, below_max_ptr, part_ptr, n_valid_ptr, cut_i32_
     programs = NB2 // CHUNK
     tau_hi = as_f64(tau_hi_bits)
     tau_lo = as_f64(tau_lo_bits)
-    tau = as_f64(tau_bits)
-    b1 = tl.load(state_ptr + _B1)
-    b0 = tl.load(state_ptr + _B0)
-    k_base = tl.load(state_ptr + _K_BASE)
-    s_base = _f64(tl.load(state_ptr + _S_BASE))
-    k_end_b1 = tl.load(state_ptr + _K_END)
-    s_end_b1 = _f64(tl.load(state_ptr + _S_END))
+    b1 = tl.load(state_ptr + B1)
+    k_base = tl.load(state_ptr + K_BASE)
+    s_base = _f64(tl.load(state_ptr + S_BASE))
     scale = bucket_scale(b1)
-    target = tau * nf
-    # walk the chunks: the first non-empty one whose end fails (paper) / hits (official)
-    k2 = tl.zeros((), tl.int64)
-    p2 = tl.zeros((), tl.int64)
-    c_star = tl.full((), programs, tl.int64)
-    k2_before = tl.zeros((), tl.int64)
-    p2_before = tl.zeros((), tl.int64)
-    prev_last = tl.full((), -1, tl.int64)  # last non-empty level-2 bucket before c_star
-    j_last = tl.full((), -1, tl.int64)
-    top_b0 = tl.full((), -1, tl.int64)
-    for c in range(programs):
-        c_cnt = tl.load(part_ptr + c * _PART_COLS, cache_modifier=".cg")
-        c_sig = tl.load(part_ptr + c * _PART_COLS + 1, cache_modifier=".cg")
-        c_last = tl.load(part_ptr + c * _PART_COLS + 2, cache_modifier=".cg")
-        k_prev = k2
-        p_prev = p2
-        k2 = k2 + c_cnt
-        p2 = p2 + c_sig
-        if OFFICIAL:
-            v = bits_to_f64((b1 << L1_SHIFT) | tl.maximum(c_last, 0))
-            hit = (c_cnt > 0) & (_f_official(v, k_base + k2 - 1, s_base + _scaled(p2, scale), nf, eps) >= target - eps)
-            top_b0 = tl.maximum(top_b0, tl.load(part_ptr + c * _PART_COLS + 3, cache_modifier=".cg"))
-        else:
-            hit = (c_cnt > 0) & ~_cond_paper(s_base + _scaled(p2, scale), k_base + k2, tau_hi, tau_lo, TAU_INF)
-        first = hit & (c_star == programs)
-        k2_before = tl.where(first, k_prev, k2_before)
-        p2_before = tl.where(first, p_prev, p2_before)
-        c_star = tl.where(first, c, c_star)
-        prev_last = tl.where((c_star == programs) & (c_cnt > 0), c_last, prev_last)
-        j_last = tl.maximum(j_last, c_last)
+    target = as_f64(tau_bits) * nf
+    c_star, k2_before, p2_before, prev_last, j_last, top_b0 = _walk2(
+        part_ptr, b1, k_base, s_base, scale, nf, tau_hi, tau_lo, target, eps, OFFICIAL, TAU_INF, NB2, CHUNK)
     found = c_star < programs
     c_star = tl.where(found, c_star, 0)
     idx = c_star * CHUNK + tl.arange(0, CHUNK)
-    cnt2 = tl.load(hist2_ptr + idx)
-    sig2 = tl.load(hist2_ptr + NB2 + idx)
+    cnt2 = tl.load(hist2_ptr + HIST2_B1_COUNT * NB2 + idx)
+    sig2 = tl.load(hist2_ptr + HIST2_B1_SUM * NB2 + idx)
     k2_end = k2_before + tl.cumsum(cnt2, 0)
     p_end = p2_before + tl.cumsum(sig2, 0)
     if OFFICIAL:
@@ -346,74 +365,87 @@ def _solve2(hist2_ptr, state_ptr, below_max_ptr, part_ptr, n_valid_ptr, cut_i32_
     kj = k_base + _pick(k2_end - cnt2, idx, j1)
     pj = _pick(p_end - sig2, idx, j1)
     m = _pick(cnt2, idx, j1)
-    bits = (b1 << L1_SHIFT) | j1
-    sig_v = (bits & 0x7FFFFF) | tl.where((bits >> 23) > 0, 0x800000, 0)
-
     if OFFICIAL:
-        vj = bits_to_f64(bits)
-        # first t in the run with a hit: binary search for the last miss
-        f0 = _f_official(vj, kj, s_base + _scaled(pj + sig_v, scale), nf, eps)
-        first_hits = f0 >= target - eps
-        lo = tl.zeros((), tl.int64)
-        hi = m
-        for _ in range(SEARCH_STEPS):
-            mid = (lo + hi) // 2
-            f_mid = _f_official(vj, kj + mid, s_base + _scaled(pj + (mid + 1) * sig_v, scale), nf, eps)
-            go = (f_mid < target - eps) & (hi - lo > 1)
-            hi = tl.where(go | (hi - lo <= 1), hi, mid)
-            lo = tl.where(go, mid, lo)
-        t = tl.where(first_hits, 0, lo + 1)
-        # predecessor of the run: earlier in b1, else the top of the tail bucket before it (b0),
-        # else the largest below-threshold value
+        # predecessor of j1 inside b1 (-1: none), for the water-filling's value before the run
         j_prev = tl.max(tl.where((cnt2 > 0) & (idx < j1), idx, -1)).to(tl.int64)
         j_prev = tl.where(j_prev >= 0, j_prev, prev_last)
-        pred_in_b0 = bits_to_f64((tl.maximum(b0, 0) << L1_SHIFT) | tl.maximum(top_b0, 0))
-        pred_below = bits_to_f64(tl.load(below_max_ptr))
-        pred_value = tl.where(j_prev >= 0, bits_to_f64((b1 << L1_SHIFT) | tl.maximum(j_prev, 0)),
-                              tl.where(b0 >= 0, pred_in_b0, pred_below))
-        k_star = tl.where(found, kj + t, k_end_b1)
-        k_star = tl.where(target <= eps, 0, k_star)  # tiny budget: the authors' tau_c = 0 (k = 0)
-        v_last = bits_to_f64((b1 << L1_SHIFT) | tl.maximum(j_last, 0))
-        v_prev = tl.where(found, tl.where(t > 0, vj, pred_value), v_last)
-        c_prev = tl.where(found, s_base + _scaled(pj + t * sig_v, scale), s_end_b1)
-        constrained = (n > 0) & (total / tl.maximum(nf, 1.0) > as_f64(tau_eps_bits)) & (target < total - eps)
-        constrained = constrained & (k_star < n)  # no hit at all (an inf m2 makes the test NaN)
-        at_zero = (k_star == 0) | (target <= eps)
-        tau_c2 = tl.where(at_zero, 0.0, tl.maximum(v_prev - eps, 0.0))
-        m2_after = tl.where(at_zero, 0.0, (v_prev * (nf - k_star.to(tl.float64)) + c_prev) / tl.maximum(nf, 1.0))
-        lower, upper = _official_bounds(tau_c2, constrained, mini_lo_bits, mini_hi_bits, HAS_MINI_LO, HAS_MINI_HI)
-        tl.store(cut_i32_ptr, KEEP_ALL)
-        tl.store(cut_i64_ptr + 0, 0)
-        tl.store(cut_f32_ptr + 0, lower)
-        tl.store(cut_f32_ptr + 1, upper)
-        tl.store(cut_f32_ptr + 3, tl.where(constrained, m2_after.to(tl.float32), m2_before))
-        tl.store(cut_f32_ptr + 4, tl.where(constrained, tau_c2, float("inf")).to(tl.float32))
+        _official_run(state_ptr, below_max_ptr, n_valid_ptr, cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, n, nf, total,
+                      m2_before, b1, j1, j_prev, j_last, top_b0, kj, pj, m, found, s_base, scale, target, eps,
+                      tau_eps_bits, mini_lo_bits, mini_hi_bits, HAS_MINI_LO, HAS_MINI_HI, KEEP_ALL)
     else:
-        # largest t in the run whose prefix still satisfies S <= tau * k
-        lo = tl.zeros((), tl.int64)
-        hi = m
-        for _ in range(SEARCH_STEPS):
-            mid = (lo + hi) // 2
-            ok = _cond_paper(s_base + _scaled(pj + mid * sig_v, scale), kj + mid, tau_hi, tau_lo, TAU_INF)
-            go = ok & (hi - lo > 1)
-            hi = tl.where(go | (hi - lo <= 1), hi, mid)
-            lo = tl.where(go, mid, lo)
-        t = lo
-        keep_count = kj + t
-        kept_sum = s_base + _scaled(pj + t * sig_v, scale)
-        # level 1 said bucket b1 fails at its end but no value inside it does (the two prefix sums
-        # differ in the last ulp): keep all of b1, cut at the first bits of the next bucket
-        bits = tl.where(found, bits, (b1 + 1) << L1_SHIFT)
-        t = tl.where(found, t, 0)
-        keep_count = tl.where(found, keep_count, k_end_b1)
-        kept_sum = tl.where(found, kept_sum, s_end_b1)
-        m2_after = kept_sum / tl.maximum(keep_count.to(tl.float64), 1.0)
-        tl.store(cut_i32_ptr, bits.to(tl.int32))
-        tl.store(cut_i64_ptr + 0, t)
-        tl.store(cut_f32_ptr + 0, 0.0)
-        tl.store(cut_f32_ptr + 1, float("inf"))
-        tl.store(cut_f32_ptr + 3, m2_after.to(tl.float32))
-        tl.store(cut_f32_ptr + 4, bits_to_f64(bits).to(tl.float32))
-    tl.store(cut_i64_ptr + 1, n)
-    tl.store(cut_i64_ptr + 2, tl.load(n_valid_ptr))
-    tl.store(cut_f32_ptr + 2, m2_before)
+        _paper_run(state_ptr, n_valid_ptr, cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, n, m2_before, b1, j1, kj, pj, m,
+                   found, s_base, scale, tau_hi, tau_lo, TAU_INF)
+
+
+@triton.jit
+def _paper_run(state_ptr, n_valid_ptr, cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, n, m2_before, b1, j1, kj, pj, m, found,
+               s_base, scale, tau_hi, tau_lo, TAU_INF: tl.constexpr):
+    """The paper cut inside the run of value (b1, j1), m tokens after kj earlier ones: the
+    largest t whose prefix still satisfies S <= tau * k (binary search), stored."""
+    bits = (b1 << L1_SHIFT) | j1
+    sig_v = significand(bits)
+    lo = tl.zeros((), tl.int64)
+    hi = m
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        ok = _cond_paper(s_base + _scaled(pj + mid * sig_v, scale), kj + mid, tau_hi, tau_lo, TAU_INF)
+        go = ok & (hi - lo > 1)
+        hi = tl.where(go | (hi - lo <= 1), hi, mid)
+        lo = tl.where(go, mid, lo)
+    t = lo
+    keep_count = kj + t
+    kept_sum = s_base + _scaled(pj + t * sig_v, scale)
+    # level 1 said bucket b1 fails at its end but no value inside it does (the two prefix sums
+    # differ in the last ulp): keep all of b1, cut at the first bits of the next bucket
+    bits = tl.where(found, bits, (b1 + 1) << L1_SHIFT)
+    t = tl.where(found, t, 0)
+    keep_count = tl.where(found, keep_count, tl.load(state_ptr + K_END))
+    kept_sum = tl.where(found, kept_sum, _f64(tl.load(state_ptr + S_END)))
+    m2_after = kept_sum / tl.maximum(keep_count.to(tl.float64), 1.0)
+    _store_cut(cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, bits.to(tl.int32), t, n, n_valid_ptr, 0.0, float("inf"),
+               m2_before, m2_after.to(tl.float32), bits_to_f64(bits).to(tl.float32))
+
+
+@triton.jit
+def _official_run(state_ptr, below_max_ptr, n_valid_ptr, cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, n, nf, total,
+                  m2_before, b1, j1, j_prev, j_last, top_b0, kj, pj, m, found, s_base, scale, target, eps,
+                  tau_eps_bits, mini_lo_bits, mini_hi_bits, HAS_MINI_LO: tl.constexpr, HAS_MINI_HI: tl.constexpr,
+                  KEEP_ALL: tl.constexpr):
+    """The official cut inside the run of value (b1, j1): the first t with a hit (binary search
+    for the last miss), the water-filling's tau_c from the value before it, the clip bounds,
+    stored."""
+    bits = (b1 << L1_SHIFT) | j1
+    sig_v = significand(bits)
+    vj = bits_to_f64(bits)
+    f0 = _f_official(vj, kj, s_base + _scaled(pj + sig_v, scale), nf, eps)
+    first_hits = f0 >= target - eps
+    lo = tl.zeros((), tl.int64)
+    hi = m
+    for _ in range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        f_mid = _f_official(vj, kj + mid, s_base + _scaled(pj + (mid + 1) * sig_v, scale), nf, eps)
+        go = (f_mid < target - eps) & (hi - lo > 1)
+        hi = tl.where(go | (hi - lo <= 1), hi, mid)
+        lo = tl.where(go, mid, lo)
+    t = tl.where(first_hits, 0, lo + 1)
+    # predecessor of the run: earlier in b1, else the top of the tail bucket before it (b0),
+    # else the largest below-threshold value
+    b0 = tl.load(state_ptr + B0)
+    pred_in_b0 = bits_to_f64((tl.maximum(b0, 0) << L1_SHIFT) | tl.maximum(top_b0, 0))
+    pred_below = bits_to_f64(tl.load(below_max_ptr))
+    pred_value = tl.where(j_prev >= 0, bits_to_f64((b1 << L1_SHIFT) | tl.maximum(j_prev, 0)),
+                          tl.where(b0 >= 0, pred_in_b0, pred_below))
+    k_star = tl.where(found, kj + t, tl.load(state_ptr + K_END))
+    k_star = tl.where(target <= eps, 0, k_star)  # tiny budget: the authors' tau_c = 0 (k = 0)
+    v_last = bits_to_f64((b1 << L1_SHIFT) | tl.maximum(j_last, 0))
+    v_prev = tl.where(found, tl.where(t > 0, vj, pred_value), v_last)
+    c_prev = tl.where(found, s_base + _scaled(pj + t * sig_v, scale), _f64(tl.load(state_ptr + S_END)))
+    constrained = _official_constrained(n, nf, total, tau_eps_bits, target, eps)
+    constrained = constrained & (k_star < n)  # no hit at all (an inf m2 makes the test NaN)
+    at_zero = (k_star == 0) | (target <= eps)
+    tau_c2 = tl.where(at_zero, 0.0, tl.maximum(v_prev - eps, 0.0))
+    m2_after = tl.where(at_zero, 0.0, (v_prev * (nf - k_star.to(tl.float64)) + c_prev) / tl.maximum(nf, 1.0))
+    lower, upper = _official_bounds(tau_c2, constrained, mini_lo_bits, mini_hi_bits, HAS_MINI_LO, HAS_MINI_HI)
+    _store_cut(cut_i32_ptr, cut_i64_ptr, cut_f32_ptr, KEEP_ALL, 0, n, n_valid_ptr, lower, upper, m2_before,
+               tl.where(constrained, m2_after.to(tl.float32), m2_before),
+               tl.where(constrained, tau_c2, float("inf")).to(tl.float32))

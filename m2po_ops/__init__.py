@@ -31,10 +31,12 @@ if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "k
     if not any(isinstance(f, _SourceTreeKernels) for f in sys.meta_path):
         sys.meta_path.append(_SourceTreeKernels())
 
-from .api import m2po_loss, m2po_mask, metrics_to_host, resolve_backend, triton_available
+from .api import m2po_loss, m2po_mask
+from .dispatch import resolve_backend, triton_available
+from .metrics import metrics_to_host
 from .config import M2POConfig
 from .cut import Cut
-from .stats import M2POCuts, M2POStats
+from .microbatch import M2POCuts, M2POStats
 
 __all__ = [
     "m2po_loss",

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import functools
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from . import reference
-from .config import BACKENDS, DEFAULT_TAU, M2POConfig
+from . import microbatch
+from .backend import Applied, Want
+from .config import M2POConfig
+from .constants import DEFAULT_TAU
 from .cut import Cut
-from .inputs import (Tokens, check_group, check_num_tokens, host_reads_free, input_error, poison_of, prepare, sum_f64,
-                     sum_f64_host, token_mean_weight_host, token_weights)
-
-try:
-    import numpy as np
-except ImportError:  # pragma: no cover
-    np = None
+from .dispatch import get_backend, resolve_backend
+from .inputs import Tokens, check_group, check_num_tokens, input_error, poison_of, prepare
+from .metrics import metrics_to_host  # noqa: F401 (public)
 
 
 class AttachGrad(torch.autograd.Function):
@@ -41,40 +37,6 @@ class AttachGrad(torch.autograd.Function):
             grad_output = grad_output * scale
         # one rounding into logprobs' dtype (the product is formed in float32 or wider)
         return grad.mul(grad_output).to(ctx.dtype).view(ctx.shape), None, None, None
-
-
-def metrics_to_host(metrics: dict) -> dict:
-    """The metrics of one call as Python floats, in one device-to-host transfer.
-
-    The metrics are 0-d device tensors so that computing them never syncs; reading them one by
-    one would cost one sync each. Call this where you log (it syncs once).
-    """
-    if not metrics:
-        return {}
-    values = torch.stack([v.reshape(()).float() for v in metrics.values()]).tolist()  # one copy kernel, one read
-    return dict(zip(metrics.keys(), values))
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-
-        from . import kernels  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the environment
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """"auto": Triton for CUDA tensors when Triton imports, the PyTorch reference otherwise."""
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton)")
-    return backend
 
 
 def _resolve_tau(tau, cut):
@@ -110,102 +72,31 @@ def _maybe_check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Optio
             raise ValueError("check_drift=True needs cut= (a cut from M2POStats.solve)")
         return
     if check_drift or getattr(cut, "check_drift", False):
-        from .stats import check_drift as _check
-
-        _check(tok, config, backend, cut)
+        microbatch.check_drift(tok, config, backend, cut)
 
 
-def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool, num_tokens=None):
-    """Returns (keep, metrics, loss or None, per-token gradient or None). Inputs that
-    validate=False found wrong on the device (input_error) give a NaN loss and gradient."""
+def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool,
+             num_tokens=None) -> Applied:
+    """The backend's three steps (m2po_ops/backend.py): statistics, solve (unless a cut is given),
+    apply. Inputs that validate=False found wrong on the device (input_error) give a NaN loss and
+    gradient."""
     error = input_error(tok, num_tokens, config)
     poison = poison_of(error) if error is not None and want_loss else None
-    keep, metrics, loss, grad, scale = _run_backend(tok, config, backend, cut, group, want_loss, num_tokens, poison)
+    be = get_backend(backend)
+    # (a loss builds no keep; a solve over a group reads every token's key)
+    want = Want(loss=want_loss, keep=not want_loss, keys=group is not None and cut is None)
+    statistics = be.statistics(tok, config, want, poison)
+    local_solve = cut is None and group is None
+    if cut is None:
+        cut = be.solve(statistics, config, group)
+    # over a group, token-mean divides by the group's valid count (the cut's)
+    out = be.apply(statistics, config, cut, want, local_solve=local_solve, num_tokens=num_tokens,
+                   num_valid=cut.num_valid if group is not None else None, poison=poison)
     if error is not None:
-        metrics["input_error"] = error.to(torch.float32)
-        if loss is not None:  # NaN even when no token is valid (nothing for the weights to carry it)
-            loss = loss + poison.to(loss.dtype)
-    return keep, metrics, loss, grad, scale
-
-
-def _run_backend(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool,
-                 num_tokens, poison: Optional[Tensor]):
-    if backend == "triton":
-        from .triton_backend import triton_forward
-
-        solver = None
-        if group is not None and cut is not None and num_tokens is None and config.loss_agg_mode == "token-mean":
-            num_tokens = cut.num_valid.clamp_min(1)  # the group's count, as the torch path uses
-        if group is not None and cut is None:
-            from .distributed import triton_group_solver
-
-            solver = triton_group_solver(config, group)
-        return triton_forward(tok, config, cut, want_loss, num_tokens, solver, poison, want_keep=not want_loss)
-    n_tr = host = delta_sum = masked = None
-    if cut is not None or group is None:
-        delta, delta_sum = reference.log_ratio_and_sum(tok)
-        ratio = reference.ratio_of(delta, config.variant)  # once: the trust region, the loss, the metrics
-        tr = reference.trust_region(tok, delta, config, ratio)
-        if host_reads_free(tok.device):  # compacted once, for the solver and for applying its cut:
-            host = reference.compact_trust_region(delta, tr)  # m2 of the trust region only
-            m2 = None
-        else:
-            m2 = delta * delta
-        if cut is None:
-            cut = reference.solve_trust_region(m2, tr, tok.num_valid, config, host)
-            n_tr = cut.num_trust_region
-    else:
-        from .distributed import solve_group_torch
-
-        cut, delta, m2, tr = solve_group_torch(tok, config, group)
-        ratio = None
-    ratio_v = reference.valid_ratio(tok, delta, config.variant, ratio)  # (in place: ratio is not read again)
-    # token-mean paper loss: the terms' sign goes into the sum and the backward scale (a pass fewer)
-    negated = want_loss and config.variant == "paper" and config.loss_agg_mode == "token-mean"
-    if want_loss and host is not None and config.variant == "paper":  # the list alone: no keep tensor to build
-        masked = reference.masked_paper_host(None, tr, cut, host)
-    keep, loss, grad = reference.per_token(tok, cut, delta, m2, tr, ratio_v, host, negated=negated, masked=masked)
-    metrics = reference.metrics(tok, cut, delta, tr, keep, config.variant, ratio_v, n_tr, delta_sum,
-                                None if masked is None else masked.numel())
-    if not want_loss:
-        return keep, metrics, None, None, None
-    num_valid = cut.num_valid if group is not None else None
-    if config.loss_agg_mode == "token-mean":
-        # as the kernels: the unweighted terms summed in float64, times the 1 / denominator once;
-        # the derivative stored unweighted, the 1 / denominator applied in backward (the scale)
-        on_host = host_reads_free(tok.device)
-        if on_host and np is not None and num_tokens is None and num_valid is None:
-            wf = token_mean_weight_host(tok, loss.dtype)  # (token_weights' value, no tensors)
-        else:
-            w = token_weights(tok, config, num_tokens, loss.dtype, num_valid, scalar=True)
-            wf = float(w) if on_host else None
-        if poison is not None:  # NaN on every valid token (padding keeps a zero gradient), as the kernels
-            factor = torch.where(tok.valid, 1.0 + poison.to(loss.dtype), torch.zeros((), dtype=loss.dtype,
-                                                                                   device=tok.device))
-            loss = loss * factor
-            grad = loss if grad is loss else grad * factor
-        sign = -1.0 if negated else 1.0  # (the sum of the negated terms is the negated sum: exact)
-        if on_host:  # the same float64 operations on host numbers, one tensor each
-            t = sign * sum_f64_host(loss)
-            value = torch.tensor(t if t == 0 else t * wf, dtype=loss.dtype)
-            scale = torch.tensor(sign * (wf if math.isfinite(wf) else 0.0), dtype=loss.dtype)
-            return keep, metrics, value, grad.to(tok.logprobs.dtype), scale
-        total = sum_f64(loss) * sign
-        value = torch.where(total == 0, total, total * w.double()).to(loss.dtype)
-        # a zero or non-finite denominator scales no derivative (padding keeps its zero)
-        scale = torch.where(torch.isfinite(w), w, torch.zeros_like(w))
-        if negated:  # the stored derivative is A r: the scale carries the sign
-            scale = -scale
-        return keep, metrics, value, grad.to(tok.logprobs.dtype), scale
-    w = token_weights(tok, config, num_tokens, loss.dtype, num_valid)
-    if poison is not None:  # NaN on every valid token (padding keeps a zero gradient), as the kernels
-        w = torch.where(tok.valid, w + poison.to(w.dtype), torch.zeros_like(w))
-    # (in place: loss and grad are this call's own buffers; the same one for the paper rule)
-    term = loss.mul_(w)
-    grad = term if grad is loss else grad.mul_(w)
-    # summed in float64 and rounded once, as the Triton backend's partials: where the float64
-    # sum of the float32 terms is exact, both backends give the same bits (README, "Float details")
-    return keep, metrics, sum_f64(term).to(loss.dtype), grad.to(tok.logprobs.dtype), None
+        out.metrics["input_error"] = error.to(torch.float32)
+        if out.loss is not None:  # NaN even when no token is valid (nothing for the weights to carry it)
+            out = out._replace(loss=out.loss + poison.to(out.loss.dtype))
+    return out
 
 
 def m2po_mask(

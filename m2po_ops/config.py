@@ -11,7 +11,15 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .constants import DEFAULT_TAU
+
 VARIANTS = ("paper", "official")
+# A variant is a preset of two separate pieces: the cut rule that solves the Cut (which tokens
+# may be masked, and where the budget cuts them), and the surrogate that applies it (the
+# per-token loss). docs/math.md has both; README, "How it is built", says how to add either.
+RULES = ("paper", "official")
+SURROGATES = ("unclipped", "ppo_clip")
+PRESETS = {"paper": ("paper", "unclipped"), "official": ("official", "ppo_clip")}
 LOSS_AGG_MODES = (
     "token-mean",
     "seq-mean-token-sum",
@@ -20,14 +28,6 @@ LOSS_AGG_MODES = (
 )
 BACKENDS = ("auto", "torch", "triton")
 
-# The paper's second-moment budget.
-DEFAULT_TAU = 0.04
-# The spec's overflow guard: r = exp(clamp(delta, -DELTA_CLAMP, DELTA_CLAMP)).
-DELTA_CLAMP = 20.0
-# The authors' released code compares against these offsets (spec, "official" variant).
-OFFICIAL_EPS = 1e-12
-# The authors' "no constraint" return value for the clip bound (kpo_clip_harmful_tokens).
-OFFICIAL_NO_CONSTRAINT_HIGH = 100000.0
 
 
 def _check_float(name: str, value, *, allow_inf: bool, allow_none: bool = False) -> Optional[float]:
@@ -78,11 +78,21 @@ class M2POConfig:
         )
         if not isinstance(self.validate, bool):
             raise TypeError(f"validate must be a bool, got {type(self.validate).__name__}")
-        if self.variant == "paper":
+        if self.surrogate != "ppo_clip":
             for name in ("miniclip_low", "miniclip_high"):
                 if getattr(self, name) is not None:
                     # the paper's rule has no clip: a floor there would be silently ignored
                     raise ValueError(f"{name} applies to variant='official' only (the paper's rule has no clip)")
+
+    @property
+    def rule(self) -> str:
+        """The cut rule of the variant: "paper" (Algorithm 1) or "official" (water-filling)."""
+        return PRESETS[self.variant][0]
+
+    @property
+    def surrogate(self) -> str:
+        """The surrogate that applies the cut: "unclipped" (-A r on kept tokens) or "ppo_clip"."""
+        return PRESETS[self.variant][1]
 
     @property
     def tau_split(self) -> tuple[float, float]:

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import DEFAULT_TAU
-
-KEEP_ALL_BITS = 0x7FFFFFFF
+from .config import PRESETS
+from .constants import DEFAULT_TAU, KEEP_ALL_BITS
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,16 @@ class Cut:
     def to(self, device) -> "Cut":
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), Tensor)})
+
+    @property
+    def rule(self) -> str:
+        """The cut rule that solved it (config.PRESETS)."""
+        return PRESETS[self.variant][0]
+
+    @property
+    def surrogate(self) -> str:
+        """The surrogate that applies it (config.PRESETS)."""
+        return PRESETS[self.variant][1]
 
     @property
     def device(self) -> torch.device:

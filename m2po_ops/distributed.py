@@ -6,7 +6,7 @@ index, for the paper's tie rule). Only mergeable statistics cross the wire; thei
 depend on the token count:
 
 1. all-reduce(SUM) of the mergeable sums (int64 [2 * 32768 + 11]: the tail's level-1 histogram,
-   the below part's count and limbs, see m2po_ops/histogram.py) and of the valid-token count;
+   the below part's count and limbs, see m2po_ops/radix_select.py) and of the valid-token count;
    official only: all-reduce(MAX) of the below part's largest key (one int64);
 2. select1 on every rank (identical inputs give an identical state, no broadcast needed);
 3. local level-2 histogram, all-reduce(SUM) of it (paper: slot 0, int64 [2, 65536]; official:
@@ -16,9 +16,11 @@ depend on the token count:
    value); ``ties_before`` = sum over lower ranks, and the rank applies
    ``cut.for_part(ties_before)``. The official variant's cut (clip bounds) needs no tie step.
 
-The same steps run for both backends: the PyTorch reference (m2po_ops.histogram) and the
-Triton passes (m2po_ops.triton_backend, whose histograms are views of the launch workspace and
-are all-reduced in place between the kernels). Nothing here reads a device value on the host;
+The same steps run for both backends; each brings its own implementation of them (``steps``: the
+PyTorch one in m2po_ops/torch_backend.py, by m2po_ops/radix_select.py; the Triton one in
+m2po_ops/triton_backend.py, whose histograms are views of the launch workspace and are
+all-reduced in place between the kernels). This module imports neither backend. Nothing here
+reads a device value on the host;
 the collectives are the only synchronisation. The group's backend must support the tensors'
 device (NCCL for CUDA, gloo for CPU).
 
@@ -27,7 +29,7 @@ Every collective goes through ``_all_reduce`` / ``_all_gather``, which record wh
 
 The torch backend's local (no group) solve sorts; the distributed one uses the histogram. The
 two agree except where a prefix sum S_k lies within a few float64 ulps of tau * k, where the
-spec allows either answer (see m2po_ops/histogram.py).
+spec allows either answer (see m2po_ops/radix_select.py).
 """
 
 from __future__ import annotations
@@ -39,11 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import histogram as H
-from . import reference
 from .config import M2POConfig
+from .constants import L2_BUCKETS
 from .cut import Cut
-from .inputs import Tokens
 
 _comm: Optional[list] = None
 
@@ -91,82 +91,18 @@ def _group_rank(group) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend-specific histogram steps. Both lay a level-2 histogram out as slot-major
-# (slot 0 count, slot 0 significand sum, slot 1 count, slot 1 sum) x 65536, so the wire format
-# and the part that is reduced are the same.
+# The solve. ``steps`` is a backend's implementation of the histogram steps: ``sums`` (int64
+# [SUMS_LEN]) and ``below_max`` (int64 [1]) hold this rank's mergeable sums; ``select1(config)``
+# gives the select state, ``level2(keys, state1, config)`` the level-2 histograms, laid out
+# slot-major (slot 0 count, slot 0 significand sum, slot 1 count, slot 1 sum) x L2_BUCKETS on both
+# backends, so the wire format is the same; ``select2(hist2, state1, config, num_valid)`` the cut.
 
 
 def _hist2_wire(hist2: Tensor, config: M2POConfig) -> Tensor:
     flat = hist2.reshape(-1)
     # The paper's select2 reads slot 0 only; the official one also reads slot 1 (the bucket
     # below the boundary, for the water-filling predecessor).
-    return flat[: 2 * H.L2_BUCKETS] if config.variant == "paper" else flat
-
-
-class TorchSteps:
-    """The histogram steps of m2po_ops.histogram (any device)."""
-
-    def __init__(self, sums: Tensor, below_max: Tensor):
-        self.sums = sums
-        self.below_max = below_max
-
-    @classmethod
-    def from_keys(cls, keys: Sequence[Tensor], config: M2POConfig, device) -> "TorchSteps":
-        sums = torch.zeros(H.SUMS_LEN, dtype=torch.int64, device=device)
-        below_max = torch.zeros((), dtype=torch.int64, device=device)
-        for k in keys:
-            sums += H.summarize(k, config)
-            below_max = torch.maximum(below_max, H.below_max(k, config))
-        return cls(sums, below_max.reshape(1))
-
-    def select1(self, config: M2POConfig) -> Tensor:
-        return H.select1(self.sums, config)
-
-    def level2(self, keys: Sequence[Tensor], state1: Tensor, config: M2POConfig) -> Tensor:
-        hist2 = torch.zeros(H.L2_SLOTS, 2, H.L2_BUCKETS, dtype=torch.int64, device=self.sums.device)
-        for k in keys:
-            hist2 += H.level2(k, state1, config)
-        return hist2
-
-    def select2(self, hist2: Tensor, state1: Tensor, config: M2POConfig, num_valid: Tensor) -> Cut:
-        return H.select2(hist2, state1, self.below_max.reshape(()), config, num_valid)
-
-
-class TritonSteps:
-    """The Triton passes, on a workspace whose mergeable sums (ws.sums, ws.below_max) the stats
-    pass has filled."""
-
-    def __init__(self, ws):
-        self.ws = ws
-        self.sums = ws.sums
-        self.below_max = ws.below_max.reshape(1)
-
-    @classmethod
-    def from_sums(cls, sums: Tensor, below_max: Tensor, max_tokens: int) -> "TritonSteps":
-        from .triton_backend import Workspace
-
-        ws = Workspace.allocate(max(max_tokens, 1), sums.device)
-        ws.sums.copy_(sums)
-        ws.below_max.copy_(below_max)
-        return cls(ws)
-
-    def select1(self, config: M2POConfig) -> Tensor:
-        from . import triton_backend as TB
-
-        TB.select1(self.ws, config)
-        return self.ws.state1
-
-    def level2(self, keys: Sequence[Tensor], state1: Tensor, config: M2POConfig) -> Tensor:
-        from . import triton_backend as TB
-
-        for k in keys:  # the kernel adds into ws.hist2, so micro-batches accumulate
-            TB.level2(self.ws, config, key=k)
-        return self.ws.hist2
-
-    def select2(self, hist2: Tensor, state1: Tensor, config: M2POConfig, num_valid: Tensor) -> Cut:
-        from . import triton_backend as TB
-
-        return TB.select2(self.ws, config, num_valid)
+    return flat[: 2 * L2_BUCKETS] if config.rule == "paper" else flat
 
 
 def solve_steps(steps, keys: Sequence[Tensor], num_valid: Tensor, config: M2POConfig, group) -> Tuple[Cut, Tensor]:
@@ -179,7 +115,7 @@ def solve_steps(steps, keys: Sequence[Tensor], num_valid: Tensor, config: M2POCo
     if group is not None:
         _all_reduce(steps.sums, group)
         _all_reduce(nv, group)
-        if config.variant == "official":  # (the paper rule never reads it)
+        if config.rule == "official":  # (the paper rule never reads it)
             _all_reduce(steps.below_max, group, op=dist.ReduceOp.MAX)
     state1 = steps.select1(config)
     hist2 = steps.level2(keys, state1, config)
@@ -204,47 +140,24 @@ def rank_ties_before(my_ties: Tensor, group) -> Tensor:
     return everyone[: _group_rank(group)].sum()
 
 
-def _keys(tok: Tokens, config: M2POConfig):
-    delta = reference.log_ratio(tok)
-    m2 = delta * delta
-    tr = reference.trust_region(tok, delta, config)
-    key = torch.where(tr, reference.m2_bits(m2), torch.full_like(reference.m2_bits(m2), -1))
-    return key, delta, m2, tr
-
-
-def solve_group_torch(tok: Tokens, config: M2POConfig, group):
-    """Torch backend, one call per rank: (this rank's cut, delta, m2, trust_region)."""
-    key, delta, m2, tr = _keys(tok, config)
-    steps = TorchSteps.from_keys([key], config, tok.device)
-    cut, _ = solve_steps(steps, [key], tok.valid.sum(), config, group)
-    if config.variant == "paper":
-        cut = cut.for_part(rank_ties_before(local_ties([key], cut)[0], group))
-    return cut, delta, m2, tr
-
-
-def triton_group_solver(config: M2POConfig, group):
-    """The ``solver(key, ws) -> (cut, num_valid)`` hook of triton_forward for a process group.
-
-    The stats pass has filled ws.sums, ws.below_max and ws.n_valid with this rank's statistics.
-    """
-
-    def solver(key: Tensor, ws) -> Tuple[Cut, Tensor]:
-        cut, nv = solve_steps(TritonSteps(ws), [key], ws.n_valid, config, group)
-        if config.variant == "paper":
-            cut = cut.for_part(rank_ties_before(local_ties([key], cut)[0], group))
-        return cut, nv
-
-    return solver
+def part_cuts(keys: Sequence[Tensor], cut: Cut, group) -> list:
+    """Each part's view of a global cut (parts: this rank's micro-batches in order, or its one
+    call): a paper cut's ``ties_kept`` counts off the tied tokens of the lower ranks and of the
+    earlier parts. The official cut (clip bounds) needs no tie step."""
+    if cut.rule != "paper":
+        return [cut] * len(keys)
+    per_part = local_ties(keys, cut)
+    if len(keys) == 1:
+        return [cut.for_part(rank_ties_before(per_part[0], group))]
+    before = rank_ties_before(per_part.sum(), group) + torch.cumsum(per_part, 0) - per_part
+    return [cut.for_part(before[i]) for i in range(len(keys))]
 
 
 __all__ = [
     "comm_log",
     "bytes_sent",
-    "solve_group_torch",
-    "triton_group_solver",
     "solve_steps",
+    "part_cuts",
     "local_ties",
     "rank_ties_before",
-    "TorchSteps",
-    "TritonSteps",
 ]

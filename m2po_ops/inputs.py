@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .config import M2POConfig
+from .constants import INPUT_ERROR_CU_SEQLENS, INPUT_ERROR_NUM_TOKENS
 
 try:  # (the host helpers on CPU use it when installed)
     import numpy as _np
@@ -33,10 +34,6 @@ except ImportError:  # pragma: no cover
     _np = None
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# metrics["input_error"] bits: what validate=False found wrong without a host read (the loss and
-# gradient are then NaN). validate=True raises instead.
-INPUT_ERROR_CU_SEQLENS = 1  # cu_seqlens decreasing, negative, or past the last token
-INPUT_ERROR_NUM_TOKENS = 2  # num_tokens negative, NaN or infinite
 # Token indices are int32 inside the kernels' row arithmetic (an int64 division is a subroutine
 # call per token on the GPU).
 MAX_TOKENS = 2**31
@@ -359,6 +356,30 @@ def prepare(
 ) -> Tokens:
     """Check every argument and build the flat token view. Raises ValueError/TypeError naming the
     argument at fault."""
+    logprobs, old_logprobs, advantages, mask = _check_arguments(logprobs, old_logprobs, advantages, mask, config,
+                                                                cu_seqlens)
+    # a sequence's first position may not be valid: padding or holes (a mask), or a non-finite
+    # value that validate=False turns into padding
+    may_skip = mask is not None or not config.validate
+    common = dict(logprobs=logprobs.detach().reshape(-1), old_logprobs=old_logprobs.detach().reshape(-1),
+                  shape=logprobs.shape)
+    mask_src = None if mask is None else mask.reshape(-1)
+    advantages = advantages.detach()
+    if logprobs.dim() == 2:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is only for 1-D packed logprobs; got (B, T) logprobs")
+        tok = _padded_tokens(common, advantages, mask_src, config, may_skip)
+    elif cu_seqlens is None:
+        tok = _packed_tokens_without_sequences(common, advantages, mask_src, config)
+    else:
+        tok = _packed_tokens(common, advantages, mask, mask_src, config, cu_seqlens, may_skip)
+    if config.validate:
+        _validate_values(tok, mask)
+    return tok
+
+
+def _check_arguments(logprobs, old_logprobs, advantages, mask, config: M2POConfig, cu_seqlens):
+    """Types, devices, shapes and the token count: every check that reads no values."""
     logprobs = _check_tensor("logprobs", logprobs, floating=True)
     old_logprobs = _check_tensor("old_logprobs", old_logprobs, floating=True)
     advantages = _check_tensor("advantages", advantages, floating=True)
@@ -379,105 +400,109 @@ def prepare(
         raise ValueError(f"old_logprobs has shape {tuple(old_logprobs.shape)}, expected {tuple(shape)} like logprobs")
     if mask is not None and mask.shape != shape:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)} like logprobs")
-
     n = logprobs.numel()
     if n >= MAX_TOKENS:
         raise ValueError(f"logprobs holds {n} tokens; at most {MAX_TOKENS - 1} per call (split the batch into "
                          "micro-batches with M2POStats)")
-    lp = logprobs.detach().reshape(-1)
-    olp = old_logprobs.detach().reshape(-1)
-    mask_src = None if mask is None else mask.reshape(-1)
-    advantages = advantages.detach()
+    return logprobs, old_logprobs, advantages, mask
 
-    needs_seqs = config.variant == "official" or config.loss_agg_mode != "token-mean"
-    official = config.variant == "official"
-    # a sequence's first position may not be valid: padding or holes (a mask), or a non-finite
-    # value that validate=False turns into padding
-    may_skip = mask is not None or not config.validate
-    common = dict(logprobs=lp, old_logprobs=olp, shape=shape)
 
-    if logprobs.dim() == 2:
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is only for 1-D packed logprobs; got (B, T) logprobs")
-        b, t = shape
-        if advantages.shape == shape:
-            # the authors read position 0 of each row (verl right-pads); first_scan moves the read
-            # to the first valid token where padding or non-finite tokens may come first
-            adv = dict(adv_src=advantages.reshape(-1), adv_div=1, first_src=advantages.reshape(-1),
-                       first_div=max(t, 1), first_mul=t, first_scan=official and may_skip)
-        elif advantages.shape == (b,):
-            adv = dict(adv_src=advantages, adv_div=t, first_src=advantages, first_div=max(t, 1), first_mul=1,
-                       adv_per_row=True)
-        else:
-            raise ValueError(
-                f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) or ({b},) (per sequence)"
-            )
-        if not official:
-            adv["first_src"] = None
-        tok = Tokens(**common, **adv, mask_src=mask_src, num_seqs=b, row_len=t)
-    elif cu_seqlens is None:
-        if needs_seqs:
-            what = (
-                "variant='official' (it reads each sequence's first advantage)"
-                if official
-                else f"loss_agg_mode={config.loss_agg_mode!r}"
-            )
-            raise ValueError(f"1-D packed logprobs need cu_seqlens for {what}")
-        if advantages.shape != shape:
-            raise ValueError(
-                f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} like 1-D logprobs "
-                "(per-sequence advantages need cu_seqlens)"
-            )
-        tok = Tokens(**common, adv_src=advantages.reshape(-1), adv_div=1, first_src=None, first_div=1, first_mul=1,
-                     mask_src=mask_src, num_seqs=0)
+def _padded_tokens(common: dict, advantages: Tensor, mask_src, config: M2POConfig, may_skip: bool) -> Tokens:
+    """A (B, T) batch; advantages per token (B, T) or per row (B,)."""
+    shape = common["shape"]
+    b, t = shape
+    official = config.rule == "official"  # (its trust region reads each sequence's first advantage)
+    if advantages.shape == shape:
+        # the authors read position 0 of each row (verl right-pads); first_scan moves the read
+        # to the first valid token where padding or non-finite tokens may come first
+        adv = dict(adv_src=advantages.reshape(-1), adv_div=1, first_src=advantages.reshape(-1),
+                   first_div=max(t, 1), first_mul=t, first_scan=official and may_skip)
+    elif advantages.shape == (b,):
+        adv = dict(adv_src=advantages, adv_div=t, first_src=advantages, first_div=max(t, 1), first_mul=1,
+                   adv_per_row=True)
     else:
-        cu = _as_cu_seqlens(cu_seqlens, device, n)
-        num_seqs = cu.numel() - 1
-        input_error = None
-        if isinstance(cu_seqlens, Tensor) and num_seqs > 0:
-            bad = (cu[1:] < cu[:-1]).any() | (cu[0] < 0) | (cu[-1] > n)
-            if config.validate:
-                if bool(bad):
-                    raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
-            else:  # no host read: the result is poisoned instead (see input_error)
-                input_error = bad.to(torch.int32) * INPUT_ERROR_CU_SEQLENS
-        pos = torch.arange(n, device=device, dtype=torch.int64)
-        # Sequence i holds tokens cu[i] <= pos < cu[i+1]; tokens outside every sequence are padding.
-        seq = torch.searchsorted(cu[1:], pos, right=True) if num_seqs > 0 else pos.new_zeros(n)
-        inside = (pos >= cu[0]) & (pos < cu[-1])
-        safe_seq = seq.clamp(max=max(num_seqs - 1, 0))
-        if advantages.shape == shape:
-            adv_tok = advantages.reshape(-1)
-            starts = cu[:-1].clamp(min=0, max=max(n - 1, 0))  # (a bad cu under validate=False must not index out)
-            adv_seq_first = adv_tok[starts] if n > 0 else adv_tok.new_zeros(num_seqs)
-        elif advantages.shape == (num_seqs,):
-            adv_seq_first = advantages
-            adv_tok = advantages[safe_seq] if num_seqs > 0 else advantages.new_zeros(n)
-        else:
-            raise ValueError(
-                f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) "
-                f"or ({num_seqs},) (per sequence of cu_seqlens)"
-            )
-        first = (adv_seq_first[safe_seq] if num_seqs > 0 else adv_tok.new_zeros(n)) if official else None
-        tok = Tokens(**common, adv_src=adv_tok, adv_div=1, first_src=first, first_div=1, first_mul=1,
-                     mask_src=inside if mask is None else (_mask_to_bool(mask_src) & inside),
-                     num_seqs=num_seqs, cu=cu, packed_seq=seq, inside=inside,
-                     first_scan=official and may_skip and advantages.shape == shape, input_error=input_error)
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) or ({b},) (per sequence)"
+        )
+    if not official:
+        adv["first_src"] = None
+    return Tokens(**common, **adv, mask_src=mask_src, num_seqs=b, row_len=t)
 
-    if config.validate:
-        if mask is not None and mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
-            raise ValueError("mask holds values other than 0 and 1 (a NaN, a fraction or a negative number): it "
-                             "is a validity mask, not a weight; with validate=False nonzero counts as valid and "
-                             "NaN as padding")
-        base, finite = tok._base_and_finite
-        if finite is not None and bool((base & ~finite).any()):
-            for name, x in (("logprobs", lp), ("old_logprobs", olp), ("advantages", tok.advantages)):
-                if bool((base & ~torch.isfinite(x)).any()):
-                    raise ValueError(
-                        f"{name} holds non-finite values (inf/NaN) on valid tokens; fix the data, or pass "
-                        "validate=False to treat such tokens as padding (counted in metrics['num_nonfinite'])"
-                    )
-    return tok
+
+def _packed_tokens_without_sequences(common: dict, advantages: Tensor, mask_src, config: M2POConfig) -> Tokens:
+    """1-D tokens without cu_seqlens: no sequences, so only the paper rule with token-mean."""
+    shape = common["shape"]
+    if config.rule == "official" or config.loss_agg_mode != "token-mean":
+        what = (
+            "variant='official' (it reads each sequence's first advantage)"
+            if config.rule == "official"
+            else f"loss_agg_mode={config.loss_agg_mode!r}"
+        )
+        raise ValueError(f"1-D packed logprobs need cu_seqlens for {what}")
+    if advantages.shape != shape:
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} like 1-D logprobs "
+            "(per-sequence advantages need cu_seqlens)"
+        )
+    return Tokens(**common, adv_src=advantages.reshape(-1), adv_div=1, first_src=None, first_div=1, first_mul=1,
+                  mask_src=mask_src, num_seqs=0)
+
+
+def _packed_tokens(common: dict, advantages: Tensor, mask, mask_src, config: M2POConfig, cu_seqlens,
+                   may_skip: bool) -> Tokens:
+    """1-D tokens in cu_seqlens sequences; advantages per token or per sequence."""
+    shape = common["shape"]
+    device = common["logprobs"].device
+    n = common["logprobs"].numel()
+    official = config.rule == "official"
+    cu = _as_cu_seqlens(cu_seqlens, device, n)
+    num_seqs = cu.numel() - 1
+    input_error = None
+    if isinstance(cu_seqlens, Tensor) and num_seqs > 0:
+        bad = (cu[1:] < cu[:-1]).any() | (cu[0] < 0) | (cu[-1] > n)
+        if config.validate:
+            if bool(bad):
+                raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
+        else:  # no host read: the result is poisoned instead (see input_error)
+            input_error = bad.to(torch.int32) * INPUT_ERROR_CU_SEQLENS
+    pos = torch.arange(n, device=device, dtype=torch.int64)
+    # Sequence i holds tokens cu[i] <= pos < cu[i+1]; tokens outside every sequence are padding.
+    seq = torch.searchsorted(cu[1:], pos, right=True) if num_seqs > 0 else pos.new_zeros(n)
+    inside = (pos >= cu[0]) & (pos < cu[-1])
+    safe_seq = seq.clamp(max=max(num_seqs - 1, 0))
+    if advantages.shape == shape:
+        adv_tok = advantages.reshape(-1)
+        starts = cu[:-1].clamp(min=0, max=max(n - 1, 0))  # (a bad cu under validate=False must not index out)
+        adv_seq_first = adv_tok[starts] if n > 0 else adv_tok.new_zeros(num_seqs)
+    elif advantages.shape == (num_seqs,):
+        adv_seq_first = advantages
+        adv_tok = advantages[safe_seq] if num_seqs > 0 else advantages.new_zeros(n)
+    else:
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) "
+            f"or ({num_seqs},) (per sequence of cu_seqlens)"
+        )
+    first = (adv_seq_first[safe_seq] if num_seqs > 0 else adv_tok.new_zeros(n)) if official else None
+    return Tokens(**common, adv_src=adv_tok, adv_div=1, first_src=first, first_div=1, first_mul=1,
+                  mask_src=inside if mask is None else (_mask_to_bool(mask_src) & inside),
+                  num_seqs=num_seqs, cu=cu, packed_seq=seq, inside=inside,
+                  first_scan=official and may_skip and advantages.shape == shape, input_error=input_error)
+
+
+def _validate_values(tok: Tokens, mask) -> None:
+    """validate=True: the host reads that prove the mask 0/1 and the valid tokens finite."""
+    if mask is not None and mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("mask holds values other than 0 and 1 (a NaN, a fraction or a negative number): it "
+                         "is a validity mask, not a weight; with validate=False nonzero counts as valid and "
+                         "NaN as padding")
+    base, finite = tok._base_and_finite
+    if finite is not None and bool((base & ~finite).any()):
+        for name, x in (("logprobs", tok.logprobs), ("old_logprobs", tok.old_logprobs), ("advantages", tok.advantages)):
+            if bool((base & ~torch.isfinite(x)).any()):
+                raise ValueError(
+                    f"{name} holds non-finite values (inf/NaN) on valid tokens; fix the data, or pass "
+                    "validate=False to treat such tokens as padding (counted in metrics['num_nonfinite'])"
+                )
 
 
 def check_group(group) -> None:

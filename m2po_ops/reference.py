@@ -18,7 +18,7 @@ maximum.
   it compacts the trust region's keys, exits early when nothing can be cut, and otherwise sorts
   only the tail. numpy does the compaction, the sort and the per-exponent sums when it is
   installed (its CPU kernels for these are 5-10x faster than torch's); torch otherwise.
-- Every other device (CUDA): the histogram solver (m2po_ops/histogram.py), no host sync.
+- Every other device (CUDA): the histogram solver (m2po_ops/radix_select.py), no host sync.
 """
 
 from __future__ import annotations
@@ -32,10 +32,15 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import split
-from .config import DELTA_CLAMP, OFFICIAL_EPS, OFFICIAL_NO_CONSTRAINT_HIGH, M2POConfig
-from .cut import KEEP_ALL_BITS, Cut, make_cut
+from . import radix_select, split
+from .config import M2POConfig
+from .constants import F32_INF_BITS, KEEP_ALL_BITS, OFFICIAL_EPS
+from .cut import Cut
 from .inputs import Tokens, count_true, host_reads_free
+from .metrics import metrics_dict
+from .rules import (clamped_ratio, m2_bits, official_constrained, official_cut, official_test_value,  # noqa: F401
+                    ratio_f32, trust_region, within_budget)
+from .surrogates import ppo_clip_decision, ppo_clip_surrogate, unclipped_surrogate
 
 try:
     import numpy as np
@@ -102,61 +107,6 @@ def zero_invalid_(x: Tensor, tok: Tokens, finite: Optional[bool] = None) -> Tens
     return torch.where(tok.valid, x, torch.zeros((), dtype=x.dtype, device=x.device), out=x)
 
 
-def trust_region(tok: Tokens, delta: Tensor, config: M2POConfig, ratio: Optional[Tensor] = None) -> Tensor:
-    """The tokens the rule may mask: T (paper) or the authors' "harmful" tokens (official).
-
-    delta: log_ratio(tok), 0 on padding, which puts no padding token in T (delta > 0 or < 0,
-    r > 1 or < 1 all fail at delta = 0), so no separate validity test is needed.
-    ratio: ratio_f32(delta) when the caller has it (official), so it is computed once."""
-    if config.variant == "paper":
-        # (A > 0 and delta > 0) or (A < 0 and delta < 0) (a NaN or zero A gives False; A * delta
-        # > 0 would not do: the product can underflow to 0)
-        adv = tok.advantages_compute if delta.dtype == tok.advantages_compute.dtype else tok.advantages.float()
-        if np is not None and host_reads_free(delta.device):
-            # numpy's comparisons are several times faster than torch's on CPU (no copy either way)
-            a, d = adv.numpy(), delta.numpy()
-            return torch.from_numpy(((a > 0) & (d > 0)) | ((a < 0) & (d < 0)))
-        return torch.sign(adv).mul_(delta) > 0  # one product that cannot underflow (|sign(A) delta| = |delta|)
-    # The authors compare float32 tensors with Python floats, which torch casts to float32:
-    # A > 1e-12 keeps its meaning, r > 1 + 1e-12 becomes r > 1.
-    ratio = ratio_f32(delta) if ratio is None else ratio
-    rows = tok.adv_first_rows
-    if rows is not None and np is not None and host_reads_free(delta.device):
-        # a (B, T) batch on the host: the advantage tests once per row, broadcast over its tokens
-        # (numpy compares against the same float32 constants)
-        b, t = tok.shape
-        first = rows.float().numpy()
-        r = ratio.numpy().reshape(b, t)
-        out = (r > np.float32(1.0 + OFFICIAL_EPS)) & (first > np.float32(OFFICIAL_EPS))[:, None]
-        out |= (r < np.float32(1.0 - OFFICIAL_EPS)) & (first < np.float32(-OFFICIAL_EPS))[:, None]
-        return torch.from_numpy(out.reshape(-1))
-    eps = torch.full((), OFFICIAL_EPS, dtype=torch.float32, device=delta.device)  # fills, not host copies
-    one_hi = torch.full((), 1.0 + OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
-    one_lo = torch.full((), 1.0 - OFFICIAL_EPS, dtype=torch.float32, device=delta.device)
-    adv_first = tok.adv_first.float()
-    return ((adv_first > eps) & (ratio > one_hi)) | ((adv_first < -eps) & (ratio < one_lo))
-
-
-def ratio_f32(delta: Tensor) -> Tensor:
-    """exp(delta) for float32 delta, correctly rounded (evaluated in float64, rounded once).
-
-    Used wherever the official variant compares a ratio (eligibility, the clip decision), so
-    every backend and device gets the same bits; float32 exp implementations differ by an ulp
-    (torch's CPU and CUDA expf, numpy's, libdevice's), which flips ties like r == exp(tau_c).
-    """
-    return torch.exp(delta.double()).float()
-
-
-def clamped_ratio(delta: Tensor) -> Tensor:
-    """The paper's r = exp(clamp(delta, -20, 20)) (the overflow guard)."""
-    return torch.clamp(delta, -DELTA_CLAMP, DELTA_CLAMP).exp_()
-
-
-def m2_bits(m2: Tensor) -> Tensor:
-    """The int32 bit pattern of non-negative float32 m2; orders exactly like the floats."""
-    return m2.view(torch.int32)
-
-
 def _max_or_zero(x: Tensor) -> Tensor:
     """max(0, max(x)) (0 for an empty x); numel is a shape, so no host read."""
     if not x.numel():
@@ -172,79 +122,6 @@ def _max_or_zero_host(x: Tensor) -> float:
         return 0.0
     m = float(np.max(x.numpy()) if x.is_contiguous() else x.max())
     return m if m != m else max(m, 0.0)  # (NaN stays NaN, as clamp_min leaves it)
-
-
-def _at(x: Tensor, i: Tensor) -> Tensor:
-    """x[i] for a 0-d index tensor without a host sync (``x[i]`` calls ``i.item()``)."""
-    return x.index_select(0, i.reshape(1)).reshape(())
-
-
-def within_budget(s, k, config: M2POConfig):
-    """S_k <= tau * k, evaluated as (S - k*tau_hi) <= k*tau_lo in float64 (exact tau * k).
-    s, k: float64 and integer tensors (a bool tensor back), or a Python float and int on the
-    host (a bool back: the same float64 operations)."""
-    host = not isinstance(s, Tensor)
-    if config.tau == float("inf"):
-        return True if host else torch.ones_like(s, dtype=torch.bool)
-    hi, lo = config.tau_split
-    kf = k if host else k.double()
-    return (s - kf * hi) <= kf * lo
-
-
-def official_test_value(v: Tensor, k: Tensor, c: Tensor, n: Tensor) -> Tensor:
-    """The authors' water-filling test value (v_k - 1e-12) * (n - k - 1) + c_k in float64."""
-    return (v - OFFICIAL_EPS) * (n.double() - k.double() - 1.0) + c
-
-
-def official_bounds(tau_c: Tensor, constrained: Tensor, config: M2POConfig):
-    """The authors' chain from tau_c to float32 clip bounds, in float64 tensor arithmetic.
-
-    Authors: clip_low = exp(-tau_c), clip_high = exp(tau_c) (0.0 and 100000 when unconstrained);
-    eps_lo = 1 - clip_low, floored at miniclip_low; eps_hi = clip_high - 1, floored at
-    miniclip_high (released code: ``if clip_high < miniclip_high: clip_high = miniclip_high``, on
-    eps); the clamp bounds 1 - eps_lo and 1 + eps_hi are cast to float32 by torch.
-    exp is evaluated in float64 and rounded to float32 (the authors evaluate it in float32; the
-    two agree up to one float32 ulp of the bound).
-    """
-    t = tau_c.float().double()
-    clip_low = torch.exp(-t).float().double()
-    clip_high = torch.exp(t).float().double()
-    clip_low = torch.where(constrained, clip_low, torch.zeros_like(clip_low))
-    clip_high = torch.where(constrained, clip_high, torch.full_like(clip_high, OFFICIAL_NO_CONSTRAINT_HIGH))
-    eps_lo = 1.0 - clip_low
-    eps_hi = clip_high - 1.0
-    if config.miniclip_low is not None:
-        eps_lo = torch.clamp(eps_lo, min=config.miniclip_low)
-    if config.miniclip_high is not None:
-        eps_hi = torch.clamp(eps_hi, min=config.miniclip_high)
-    return (1.0 - eps_lo).float(), (1.0 + eps_hi).float()
-
-
-def official_cut(v_prev: Tensor, c_prev: Tensor, k_star: Tensor, n: Tensor, total: Tensor, constrained: Tensor,
-                 tiny_budget: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
-    """The authors' tau_c, reported M2_after and clip bounds, from the first index k_star whose
-    test passes, the value just before it (v_prev) and the sum up to it (c_prev), all float64.
-    Shared by the host split solver, the histogram solver and the test oracle."""
-    e = OFFICIAL_EPS
-    nf = n.double()
-    at_zero = (k_star == 0) | tiny_budget  # the authors return tau_c = 0 here
-    tau_c2 = torch.where(at_zero, torch.zeros_like(v_prev), (v_prev - e).clamp_min(0))
-    m2_after = torch.where(at_zero, torch.zeros_like(v_prev),
-                           (v_prev * (nf - k_star.double()) + c_prev) / nf.clamp_min(1))
-    m2_before = total / nf.clamp_min(1)
-    lower, upper = official_bounds(torch.sqrt(tau_c2), constrained, config)
-    inf = torch.full((), float("inf"), dtype=torch.float64, device=v_prev.device)
-    return make_cut(
-        config,
-        v_prev.device,
-        lower=lower,
-        upper=upper,
-        num_valid=num_valid,
-        num_trust_region=n,
-        m2=m2_before.float(),
-        m2_after=torch.where(constrained, m2_after, m2_before).float(),
-        threshold=torch.where(constrained, tau_c2, inf).float(),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,9 +169,7 @@ def solve_keys(key: Tensor, num_valid: Tensor, config: M2POConfig) -> Cut:
     CPU: the host split solver; other devices: the histogram solver (sync-free)."""
     if host_reads_free(key.device):
         return _solve_host(_compact(key, key >= 0), num_valid, config)
-    from .histogram import solve_keys as histogram_solve  # (histogram imports this module)
-
-    return histogram_solve(key, num_valid, config)
+    return radix_select.solve_keys(key, num_valid, config)
 
 
 def solve(tok: Tokens, config: M2POConfig):
@@ -371,7 +246,7 @@ def _exact_sum(keys: Tensor) -> int:
 
 
 _FEW_KEYS = 256  # (below this, a Python loop beats bincount's fixed cost)
-_INF_KEY = 0x7F800000
+_INF_KEY = F32_INF_BITS
 
 
 @functools.lru_cache(maxsize=64)
@@ -427,13 +302,13 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig, host: Optional[H
     """The split solve on the host (CPU tensors only): tr_keys are the trust region's int32 keys
     in flat order (host: their HostTrustRegion, which records where the tail is)."""
     device = num_valid.device
-    thr = split.threshold_bits(config.variant, config.tau)
+    thr = split.threshold_bits(config.rule, config.tau)
     n = tr_keys.numel()
     tail = _above(tr_keys, thr, host)
     n_below = n - tail.numel()
     s_below = _below_sum(tr_keys, thr, tail.numel())
     total = s_below + float(tail.view(torch.float32).double().sum())  # (any order: the early exits and Cut.m2 read it)
-    if config.variant == "paper":
+    if config.rule == "paper":
         if tail.numel() == 0 or within_budget(total, n, config):  # nothing can be cut: early exit
             return _host_paper_cut(config, num_valid, n, total / max(n, 1))
         return _paper_cut(_sorted(tail), n_below, s_below, n, total, num_valid, config)
@@ -441,7 +316,7 @@ def _solve_host(tr_keys, num_valid: Tensor, config: M2POConfig, host: Optional[H
     total_t = torch.tensor(total, dtype=_F64)
     e = OFFICIAL_EPS
     target = config.tau * n
-    constrained = n > 0 and total / n > config.tau + e and target < total - e
+    constrained = official_constrained(n, total, config)
     zero = torch.zeros((), dtype=_F64)
     if not constrained or tail.numel() == 0:  # early exit: unconstrained (no tail: no test can pass)
         return official_cut(zero, zero, n_t, n_t, total_t, torch.tensor(False), torch.tensor(target <= e),
@@ -506,12 +381,13 @@ def _host_paper_cut(config: M2POConfig, num_valid: Tensor, n: int, m2: float, m2
     """A paper Cut from host numbers (the means in float64, rounded once to float32), its fields
     views of three small tensors (a tensor per field costs more than the rest of a small call)."""
     m2_after = m2 if m2_after is None else m2_after
-    f = torch.tensor([m2, m2_after, 0.0, float("inf")], dtype=torch.float32).unbind()
-    i = torch.tensor([ties_kept, n], dtype=torch.int64).unbind()
+    m2_t, m2_after_t, lower, upper = torch.tensor([m2, m2_after, 0.0, float("inf")], dtype=torch.float32).unbind()
+    ties_kept_t, n_t = torch.tensor([ties_kept, n], dtype=torch.int64).unbind()
     v = torch.tensor([value], dtype=torch.int32)
-    threshold = v.view(torch.float32).view(()) if value != KEEP_ALL_BITS else f[3]
-    return Cut(variant=config.variant, tau=config.tau, value=v.view(()), ties_kept=i[0], lower=f[2], upper=f[3],
-               num_valid=num_valid, num_trust_region=i[1], m2=f[0], m2_after=f[1], threshold=threshold)
+    threshold = v.view(torch.float32).view(()) if value != KEEP_ALL_BITS else upper  # (inf: nothing masked)
+    return Cut(variant=config.variant, tau=config.tau, value=v.view(()), ties_kept=ties_kept_t, lower=lower,
+               upper=upper, num_valid=num_valid, num_trust_region=n_t, m2=m2_t, m2_after=m2_after_t,
+               threshold=threshold)
 
 
 def _official_cut(tail_sorted, tr_keys, thr: int, n_below: int, s_below: float, n: int, total: float,
@@ -622,15 +498,13 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
     cd = compute_dtype(tok)
     valid = tok.valid
     ratio = valid_ratio(tok, delta, cut.variant) if ratio_v is None else ratio_v
-    if cut.variant == "paper":
+    if cut.surrogate == "unclipped":
         want_keep, keep = masked is None, None
         if want_keep:
             keep, masked = _keep_paper(m2, tr, valid, cut, host)
         # -A r on kept tokens, r = exp(clamp(delta)): the metrics' ratio, or float64 for float64 input
         r = ratio if cd == torch.float32 else clamped_ratio(tok.logprobs.double() - tok.old_logprobs.double())
-        loss = torch.mul(tok.advantages_compute, r)  # A r
-        if not negated:
-            loss.neg_()  # -A r
+        loss = unclipped_surrogate(tok.advantages_compute, r, negated)
         if masked is not None and cd == torch.float32 and tok.all_finite:
             # r is 0 on padding, where A is finite: only the masked tokens are left
             if np is not None:
@@ -655,33 +529,15 @@ def per_token(tok: Tokens, cut: Cut, delta: Tensor, m2: Tensor, tr: Tensor, rati
     adv = torch.where(valid, tok.advantages.to(cd), zero)
     lower32, upper32 = cut.lower, cut.upper
     adv32 = adv if cd == torch.float32 else adv.float()
-    pg1, pg2, clipped, tie, inside = _clip_decision(adv32, ratio, lower32, upper32)
+    pg1, pg2, clipped, tie, inside = ppo_clip_decision(adv32, ratio, lower32, upper32)
     keep = valid & ~clipped
     if cd == torch.float64:
         r = torch.exp(d)
         lower, upper = lower32.to(cd), upper32.to(cd)
         pg1 = -adv * r
         pg2 = -adv * torch.clamp(r, lower, upper)
-    loss, grad = _clipped_surrogate(pg1, pg2, clipped, tie, inside)
+    loss, grad = ppo_clip_surrogate(pg1, pg2, clipped, tie, inside)
     return keep, torch.where(valid, loss, zero), torch.where(valid, grad, zero)
-
-
-def _clip_decision(adv32: Tensor, r32: Tensor, lower32: Tensor, upper32: Tensor):
-    """The official rule's clip decision as the authors' torch code makes it, in float32 (ratio,
-    float32 bounds, strict comparisons): (pg1, pg2, clipped, tie, inside), pg1 = -A r and
-    pg2 = -A clamp(r, lower, upper) in float32."""
-    pg1 = -adv32 * r32
-    pg2 = -adv32 * torch.clamp(r32, lower32, upper32)
-    return pg1, pg2, pg2 > pg1, pg1 == pg2, (r32 >= lower32) & (r32 <= upper32)
-
-
-def _clipped_surrogate(pg1: Tensor, pg2: Tensor, clipped: Tensor, tie: Tensor, inside: Tensor):
-    """(loss, derivative) of max(pg1, pg2) with the decision of _clip_decision, as autograd gives
-    them: torch.maximum splits the gradient evenly on ties; clamp passes it inside [lower, upper]."""
-    half = torch.where(inside, torch.ones((), dtype=pg1.dtype, device=pg1.device),
-                       torch.full((), 0.5, dtype=pg1.dtype, device=pg1.device))
-    zero = torch.zeros((), dtype=pg1.dtype, device=pg1.device)
-    return torch.where(clipped, pg2, pg1), torch.where(clipped, zero, torch.where(tie, pg1 * half, pg1))
 
 
 def _per_token_official_host(tok: Tokens, cut: Cut, ratio: Tensor):
@@ -699,12 +555,12 @@ def _per_token_official_host(tok: Tokens, cut: Cut, ratio: Tensor):
     outside &= valid.numpy()
     at = torch.from_numpy(np.flatnonzero(outside))
     adv = tok.advantages_compute  # (finite everywhere, so A * 0 is 0 on padding)
-    loss = torch.mul(adv, ratio).neg_()  # -(A r) = (-A) r exactly
+    loss = unclipped_surrogate(adv, ratio)  # -(A r) = (-A) r exactly: inside the bounds, ppo_clip is unclipped
     if not at.numel():
         return valid, loss, loss
-    pg1, pg2, clipped, tie, inside = _clip_decision(adv[at], ratio[at], lower, upper)
+    pg1, pg2, clipped, tie, inside = ppo_clip_decision(adv[at], ratio[at], lower, upper)
     grad = loss.clone()
-    loss[at], grad[at] = _clipped_surrogate(pg1, pg2, clipped, tie, inside)
+    loss[at], grad[at] = ppo_clip_surrogate(pg1, pg2, clipped, tie, inside)
     keep = valid.clone()
     keep[at[clipped]] = False
     return keep, loss, grad
@@ -757,19 +613,4 @@ def metrics(tok: Tokens, cut: Cut, delta: Tensor, tr: Tensor, keep: Optional[Ten
         zero = torch.zeros((), dtype=torch.float32, device=tok.device)
         masked_fraction, tr_fraction = masked.float() / nv, n_tr.float() / nv
         kl, ratio_mean, nonfinite = -delta.sum() / nv, ratio_v.sum() / nv, tok.nonfinite.float()
-    out = {
-        "m2": cut.m2,
-        "m2_after": cut.m2_after,
-        "masked_fraction": masked_fraction,
-        "trust_region_fraction": tr_fraction,
-        "kl": kl,
-        "ratio_mean": ratio_mean,
-        "ratio_max": ratio_max,
-        "cut": cut.threshold,
-        "num_nonfinite": nonfinite,
-        "input_error": zero,
-    }
-    if variant == "official":
-        out["clip_low"] = cut.lower
-        out["clip_high"] = cut.upper
-    return out
+    return metrics_dict(cut, masked_fraction, tr_fraction, kl, ratio_mean, ratio_max, nonfinite, zero)

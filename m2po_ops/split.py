@@ -36,13 +36,8 @@ import struct
 import torch
 from torch import Tensor
 
-from .config import OFFICIAL_EPS
-
-LIMB_BITS = 30
-LIMB_MASK = (1 << LIMB_BITS) - 1
-# p <= 253 for finite float32 (exponent 254), plus the high half: limbs 0..9
-MAX_LIMBS = 10
-FLT_MAX_BITS = 0x7F7FFFFF
+from .constants import F32_MAX_BITS
+from .constants import LIMB_BITS, LIMB_MASK, MAX_LIMBS, OFFICIAL_EPS
 # the official threshold sits this far (relative) below tau - 1e-12: room for the float64
 # roundings of the authors' test value (prefix sums and products, each well under 2**-40)
 OFFICIAL_MARGIN = 2.0**-30
@@ -60,26 +55,26 @@ def _f32_bits(x: float) -> int:
 
 def _f32_down(x: float) -> int:
     """Bit pattern of the largest non-negative float32 <= x (x >= 0, finite)."""
-    bits = _f32_bits(x) if x <= 3.4028234663852886e38 else FLT_MAX_BITS
+    bits = _f32_bits(x) if x <= 3.4028234663852886e38 else F32_MAX_BITS
     if struct.unpack("<f", struct.pack("<i", bits))[0] > x:  # rounded up
         bits -= 1
-    return min(bits, FLT_MAX_BITS)
+    return min(bits, F32_MAX_BITS)
 
 
 @functools.lru_cache(maxsize=None)  # (every call of both backends asks; a pure function of two values)
-def threshold_bits(variant: str, tau: float) -> int:
-    """The largest key that is never cut under this rule and budget; -1 when none is safe.
+def threshold_bits(rule: str, tau: float) -> int:
+    """The largest key that is never cut under this cut rule and budget; -1 when none is safe.
 
     Never above FLT_MAX's bits, so an infinite m2 is always in the tail (it makes the sums
     infinite, which the histograms represent and limbs do not)."""
-    if variant == "paper":
+    if rule == "paper":
         bound = tau
     else:
         bound = (tau - OFFICIAL_EPS) * (1.0 - OFFICIAL_MARGIN)
     if math.isnan(bound) or bound < 0:
         return -1
     if math.isinf(bound):
-        return FLT_MAX_BITS
+        return F32_MAX_BITS
     return _f32_down(bound)
 
 

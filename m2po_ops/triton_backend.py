@@ -13,7 +13,8 @@ split's sums); every pass after it but finalize returns at once when nothing is 
 <= tau, the common case), and the passes after select2 read only the tail (the official rule:
 its wide tail, or every token when a ratio outside it leaves the solved bounds). With a given
 cut (micro-batch pre-pass) select1/level2/select2 are skipped; with a process group the sums
-are all-reduced between the passes (see m2po_ops/distributed.py).
+are all-reduced between the passes (see m2po_ops/distributed.py). ``TritonBackend`` is the
+backend protocol (m2po_ops/backend.py) over these passes.
 
 Every kernel launch goes through ``_launch`` so tests can count them and the AOT tool can see
 the arguments the JIT specialises on (``launch_log``).
@@ -35,17 +36,24 @@ import functools
 import math
 import struct
 import threading
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import constants as C
+from . import distributed
 from . import kernels as K
-from .config import OFFICIAL_EPS, OFFICIAL_NO_CONSTRAINT_HIGH, M2POConfig
+from .backend import Applied, Parts, Summary, Want
+from .config import M2POConfig
+from .constants import (BELOW_COUNT, HIST2_ROWS, KEEP_ALL_BITS, L1_BUCKETS, L2_BUCKETS, LEVEL2_CHUNK, OFFICIAL_EPS,
+                        OFFICIAL_NO_CONSTRAINT_HIGH, SELECT_CHUNK, STATE_LEN, SUMS_LEN, W_COUNT, W_NONE, W_PER_TOKEN,
+                        W_SCALAR, W_TENSOR_DENOM)
 from .cut import Cut
 from .inputs import Tokens, graph_capturing, token_weights
-from .histogram import BELOW_COUNT, LEVEL2_CHUNK, SELECT_CHUNK, STATE_LEN, SUMS_LEN
-from .kernels.common import INTERPRET, KEEP_ALL_BITS, L1_BUCKETS, L2_BUCKETS, f64_bits
+from .metrics import metrics_dict
+from .kernels.common import INTERPRET, f64_bits
 from .split import limb_count, threshold_bits
 
 # Token kernels: BLOCK tokens per program. Select kernels: one program scanning CHUNK buckets
@@ -74,7 +82,7 @@ SELECT_MAXNREG = 128
 # description and the authors' code); stats / apply_official's float64 exp polynomial and
 # finalize's reciprocal Newton steps were verified (against torch, on every count up to 2**17)
 # as the interpreter runs them, unfused; and the token terms then round as torch's CPU ops do.
-# Buckets per program of select1 / select2 on the GPU (m2po_ops/histogram.py): each program reads
+# Buckets per program of select1 / select2 on the GPU (m2po_ops/radix_select.py): each program reads
 # its chunk and the last one one more, so no program scans more than ~4096 values. Under the
 # interpreter every program and every scalar step is a Python call: one program there
 # (tests/test_kernel_properties.py counts the kernels' work with the GPU's).
@@ -128,10 +136,6 @@ def _launch(kernel, grid, *args, **meta):
         kernel[grid](*args, **meta)
 
 
-# Results' allocation (int64 words) and its float32 slots.
-RESULTS_LEN = 12
-F32_VALUE_BITS = 13
-F32_ZERO = 14
 
 
 class _Layout(NamedTuple):
@@ -151,14 +155,16 @@ def _layout(n: int) -> _Layout:
 @functools.lru_cache(maxsize=256)
 def _layout_for(n: int, select1_chunk: int, select2_chunk: int, tie_chunk: int, final_chunk: int) -> _Layout:
     nblocks = max(1, math.ceil(n / BLOCK))
-    p1, p2 = L1_BUCKETS // select1_chunk * K.PART_COLS, L2_BUCKETS // select2_chunk * K.PART_COLS
+    p1, p2 = L1_BUCKETS // select1_chunk * C.PART_COLS, L2_BUCKETS // select2_chunk * C.PART_COLS
     # sums, below_max, ratio_range (official: the extreme ratios outside the wide tail), state1,
     # part1, part2, counters, n_valid, stats_part, apply_part, ties, tie_chunks, final_chunks
-    zeroed = [SUMS_LEN, 1, 2, STATE_LEN, p1, p2, 4, 1, nblocks * K.STATS_COLS, nblocks * K.APPLY_COLS, nblocks,
-              math.ceil(nblocks / tie_chunk), math.ceil(nblocks / final_chunk) * K.FINAL_COLS]
+    zeroed = [SUMS_LEN, 1, len((C.RATIO_MIN_FLIPPED, C.RATIO_MAX)), STATE_LEN, p1, p2, C.NUM_COUNTERS, 1,
+              nblocks * C.STATS_COLS, nblocks * C.APPLY_COLS, nblocks, math.ceil(nblocks / tie_chunk),
+              math.ceil(nblocks / final_chunk) * C.FINAL_COLS]
     n_pad = nblocks * BLOCK
-    # hist2 (int64 [4, L2]), tail keys / positions / terms, tail counts, keys
-    raw = [8 * L2_BUCKETS, n_pad, n_pad, n_pad, nblocks, n]
+    # hist2 (int64 [HIST2_ROWS, L2]: two int32 words a bucket), tail keys / positions / terms,
+    # tail counts, keys
+    raw = [2 * HIST2_ROWS * L2_BUCKETS, n_pad, n_pad, n_pad, nblocks, n]
     zeroed = tuple(x for s in zeroed for x in (s, s % 2))
     raw = tuple(x for s in raw for x in (s, -s % 4))
     regions = (sum(zeroed), sum(raw) // 2)
@@ -174,21 +180,22 @@ def _memset(t: Tensor) -> None:
 
 class Results:
     """The results of one call, in their own zeroed 96-byte allocation so that the loss, cut and
-    metrics a caller holds (until backward, or longer) keep no scratch alive: cut_i64 [4]
-    (ties_kept, num_trust_region, num_valid, -), then float32 [16]: the cut (lower, upper, m2,
-    m2_after, threshold), finalize's 8 outputs, the cut's value bits, a zero."""
+    metrics a caller holds (until backward, or longer) keep no scratch alive: cut_i64
+    (ties_kept, num_trust_region, num_valid, -), then float32 slots: the cut (lower, upper, m2,
+    m2_after, threshold), finalize's 8 outputs, the cut's value bits, a zero (the CUT_*, OUT_*
+    and F32_* slots of m2po_ops/constants.py)."""
 
     __slots__ = ("cut_i64", "f32", "f", "i", "value_bits", "value", "zero")
 
     def __init__(self, device):
-        buf = torch.empty(RESULTS_LEN, dtype=torch.int64, device=device)
+        buf = torch.empty(C.RESULTS_LEN, dtype=torch.int64, device=device)
         _memset(buf)
-        self.cut_i64, f32 = buf.split((4, RESULTS_LEN - 4))
+        self.cut_i64, f32 = buf.split((C.CUT_I64_LEN, C.RESULTS_LEN - C.CUT_I64_LEN))
         self.f32 = f32.view(torch.float32)
         # the 0-d views every call hands out (the cut's fields, loss, metrics), one op per group
         self.f, self.i = self.f32.unbind(), self.cut_i64.unbind()
-        self.value_bits = f32.view(torch.int32)[F32_VALUE_BITS:F32_VALUE_BITS + 1]  # int32 [1], select2 writes it
-        self.value, self.zero = self.value_bits.view(()), self.f[F32_ZERO]
+        self.value_bits = f32.view(torch.int32)[C.F32_VALUE_BITS:C.F32_VALUE_BITS + 1]  # int32 [1], select2 writes it
+        self.value, self.zero = self.value_bits.view(()), self.f[C.F32_ZERO]
 
 
 class Workspace:
@@ -220,7 +227,7 @@ class Workspace:
         r = raw.view(torch.int32).split(lay.raw)
         hist2, ws.tail_key, ws.tail_pos, tail_term, ws.tail_cnt, ws.key = r[0::2]
         # views the kernels index as such (a reshape of a contiguous part: no copy)
-        ws.hist2 = hist2.view(torch.int64).view(4, L2_BUCKETS)
+        ws.hist2 = hist2.view(torch.int64).view(HIST2_ROWS, L2_BUCKETS)
         ws.tail_term = tail_term.view(torch.float32)
         ws.stats_part = stats_part.view(torch.float64)
         ws.apply_part = apply_part.view(torch.float64)
@@ -265,18 +272,20 @@ class Workspace:
     def cut(self, config: M2POConfig) -> Cut:
         r = self.res
         f, i = r.f, r.i
-        return Cut(variant=config.variant, tau=config.tau, value=r.value, ties_kept=i[0], lower=f[0], upper=f[1],
-                   num_valid=i[2], num_trust_region=i[1], m2=f[2], m2_after=f[3], threshold=f[4])
+        return Cut(variant=config.variant, tau=config.tau, value=r.value, ties_kept=i[C.CUT_TIES_KEPT],
+                   lower=f[C.CUT_LOWER], upper=f[C.CUT_UPPER], num_valid=i[C.CUT_NUM_VALID],
+                   num_trust_region=i[C.CUT_NUM_TRUST_REGION], m2=f[C.CUT_M2], m2_after=f[C.CUT_M2_AFTER],
+                   threshold=f[C.CUT_THRESHOLD])
 
     @property
     def out(self) -> Tensor:
-        """finalize's outputs (float32 [8], see kernels/apply.py)."""
-        return self.res.f32[5:13]
+        """finalize's outputs (float32 [OUT_LEN], the OUT_* slots)."""
+        return self.res.f32[C.F32_OUT:C.F32_OUT + C.OUT_LEN]
 
     @property
     def outputs(self) -> tuple:
         """finalize's outputs as 0-d tensors (see kernels/apply.py)."""
-        return self.res.f[5:13]
+        return self.res.f[C.F32_OUT:C.F32_OUT + C.OUT_LEN]
 
     @property
     def cut_value_bits(self) -> Tensor:
@@ -343,8 +352,8 @@ def first_valid_pass(tok: Tokens):
 
 def _weight_code(config: M2POConfig, want_loss: bool) -> int:
     if not want_loss:
-        return K.W_NONE
-    return K.W_COUNT if config.loss_agg_mode == "token-mean" else K.W_PER_TOKEN
+        return W_NONE
+    return W_COUNT if config.loss_agg_mode == "token-mean" else W_PER_TOKEN
 
 
 def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional[Tensor] = None,
@@ -359,7 +368,7 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional
     if first is None:
         first = tok.adv_src
     mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
-    code = (K.W_PER_TOKEN if weights is not None else K.W_COUNT) if grad is not None else K.W_NONE
+    code = (W_PER_TOKEN if weights is not None else W_COUNT) if grad is not None else W_NONE
     lower_u, upper_u = unconstrained_bounds(config.miniclip_low, config.miniclip_high)
     _launch(
         K.stats_kernel, (ws.nblocks,),
@@ -367,7 +376,7 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional
         weights if weights is not None else ws.zero, poison if poison is not None else ws.zero,
         grad if grad is not None else ws.zero, keep if keep is not None else ws.zero, ws.key,
         ws.tail_key, ws.tail_pos, ws.tail_term, ws.tail_cnt, ws.sums, ws.below_max, ws.ratio_range,
-        threshold_bits(config.variant, config.tau), lower_u, upper_u, ws.stats_part, ws.n_valid, n,
+        threshold_bits(config.rule, config.tau), lower_u, upper_u, ws.stats_part, ws.n_valid, n,
         OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
         FIRST_PER_ROW=tok.first_per_row, WEIGHTS=code, WRITE_KEEP=keep is not None, WRITE_KEYS=write_keys,
         NB1=L1_BUCKETS, NLIMB=_nlimb(config), BLOCK=BLOCK, INTERP=INTERPRET, num_warps=STATS_WARPS,
@@ -377,11 +386,11 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional
 
 @functools.lru_cache(maxsize=64)
 def _nlimb(config: M2POConfig) -> int:
-    return limb_count(threshold_bits(config.variant, config.tau))
+    return limb_count(threshold_bits(config.rule, config.tau))
 
 
 def select1(ws: Workspace, config: M2POConfig) -> None:
-    _launch(K.select1_kernel, (L1_BUCKETS // SELECT1_CHUNK,), ws.sums, ws.hist2, ws.part1, ws.counter[0],
+    _launch(K.select1_kernel, (L1_BUCKETS // SELECT1_CHUNK,), ws.sums, ws.hist2, ws.part1, ws.counter[C.COUNTER_SELECT1],
             ws.state1, **_tau_args(config), NB1=L1_BUCKETS, NB2=L2_BUCKETS, NLIMB=_nlimb(config),
             CHUNK=SELECT1_CHUNK, num_warps=SELECT_WARPS, maxnreg=SELECT_MAXNREG, enable_fp_fusion=False)
 
@@ -392,7 +401,7 @@ def level2(ws: Workspace, config: M2POConfig, key: Optional[Tensor] = None) -> N
     dense = key is not None
     nblocks = max(1, math.ceil(key.numel() / BLOCK)) if dense else ws.nblocks
     _launch(K.level2_kernel, (nblocks,), key if dense else ws.tail_key, ws.tail_cnt, ws.state1, ws.hist2,
-            threshold_bits(config.variant, config.tau), key.numel() if dense else 0,
+            threshold_bits(config.rule, config.tau), key.numel() if dense else 0,
             OFFICIAL=config.variant == "official", DENSE=dense, NB2=L2_BUCKETS, BLOCK=BLOCK, num_warps=TOKEN_WARPS)
 
 
@@ -401,7 +410,7 @@ def select2(ws: Workspace, config: M2POConfig, num_valid: Tensor) -> Cut:
     args = _tau_args(config)
     _launch(
         K.select2_kernel, (L2_BUCKETS // SELECT2_CHUNK,),
-        ws.hist2, ws.state1, ws.below_max, ws.part2, ws.counter[1], num_valid, ws.cut_value_bits,
+        ws.hist2, ws.state1, ws.below_max, ws.part2, ws.counter[C.COUNTER_SELECT2], num_valid, ws.cut_value_bits,
         ws.cut_i64, ws.f32,
         args["tau_hi_bits"], args["tau_lo_bits"], args["tau_bits"], args["tau_eps_bits"], args["eps_bits"],
         f64_bits(config.miniclip_low or 0.0), f64_bits(config.miniclip_high or 0.0),
@@ -417,7 +426,7 @@ def ties_pass(cut: Cut, ws: Workspace) -> None:
     _launch(K.ties_kernel, (ws.nblocks,), ws.tail_key, ws.tail_cnt, cut.value, ws.ties, KEEP_ALL=KEEP_ALL_BITS,
             BLOCK=BLOCK, num_warps=TOKEN_WARPS)
     _launch(K.tie_scan_kernel, (math.ceil(ws.nblocks / TIE_CHUNK),), cut.value, ws.ties, ws.tie_chunks,
-            ws.counter[2], ws.nblocks, KEEP_ALL=KEEP_ALL_BITS, CHUNK=TIE_CHUNK, num_warps=4)
+            ws.counter[C.COUNTER_TIE_SCAN], ws.nblocks, KEEP_ALL=KEEP_ALL_BITS, CHUNK=TIE_CHUNK, num_warps=4)
 
 
 def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Optional[Tensor],
@@ -436,7 +445,7 @@ def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Opt
         return
     lower_u, upper_u = unconstrained_bounds(config.miniclip_low, config.miniclip_high)
     mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
-    code = (K.W_PER_TOKEN if weights is not None else K.W_COUNT) if grad is not None else K.W_NONE
+    code = (W_PER_TOKEN if weights is not None else W_COUNT) if grad is not None else W_NONE
     _launch(K.apply_official_kernel, (ws.nblocks,), tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1),
             mask, weights if weights is not None else ws.zero, poison, cut.lower, cut.upper, lower_u, upper_u,
             ws.ratio_range, ws.tail_pos, ws.tail_cnt, grad if grad is not None else ws.zero,
@@ -448,37 +457,23 @@ def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Opt
 
 def finalize(config: M2POConfig, ws: Workspace, want_loss: bool, num_tokens=None,
              count: Optional[Tensor] = None) -> Tensor:
-    """Loss, metrics and the backward scale into ws.out (float32 [8], read as ws.outputs)."""
+    """Loss, metrics and the backward scale into ws.out (float32 [OUT_LEN], read as ws.outputs)."""
     weights = _weight_code(config, want_loss)
     denom, bits = (count if count is not None else ws.n_valid), 0
-    if weights == K.W_COUNT and num_tokens is not None:
+    if weights == W_COUNT and num_tokens is not None:
         if isinstance(num_tokens, Tensor):
-            weights, denom = K.W_TENSOR_DENOM, num_tokens
+            weights, denom = W_TENSOR_DENOM, num_tokens
         else:
-            weights, bits = K.W_SCALAR, f64_bits(num_tokens)
+            weights, bits = W_SCALAR, f64_bits(num_tokens)
     _launch(K.finalize_kernel, (math.ceil(ws.nblocks / FINAL_CHUNK),), ws.stats_part, ws.apply_part, ws.final_chunks,
-            ws.counter[3], denom, bits, ws.out, ws.nblocks,
-            WEIGHTS=weights, STATS_COLS=K.STATS_COLS, CHUNK=FINAL_CHUNK, enable_fp_fusion=False)
+            ws.counter[C.COUNTER_FINALIZE], denom, bits, ws.out, ws.nblocks,
+            WEIGHTS=weights, STATS_COLS=C.STATS_COLS, CHUNK=FINAL_CHUNK, enable_fp_fusion=False)
 
 
-def metrics_from(out, cut: Cut, variant: str, zero: Tensor) -> dict:
-    """The metrics dict from finalize's outputs (8 0-d float32 tensors) and the cut."""
-    m = {
-        "m2": cut.m2,
-        "m2_after": cut.m2_after,
-        "masked_fraction": out[1],
-        "trust_region_fraction": out[2],
-        "kl": out[3],
-        "ratio_mean": out[4],
-        "ratio_max": out[5],
-        "cut": cut.threshold,
-        "num_nonfinite": out[6],
-        "input_error": zero,  # replaced by the API when it checked inputs on the device
-    }
-    if variant == "official":
-        m["clip_low"] = cut.lower
-        m["clip_high"] = cut.upper
-    return m
+def metrics_from(out, cut: Cut, zero: Tensor) -> dict:
+    """The metrics dict from finalize's outputs (0-d float32 tensors, the OUT_* slots) and the cut."""
+    return metrics_dict(cut, out[C.OUT_MASKED_FRACTION], out[C.OUT_TRUST_REGION_FRACTION], out[C.OUT_KL],
+                        out[C.OUT_RATIO_MEAN], out[C.OUT_RATIO_MAX], out[C.OUT_NONFINITE], zero)
 
 
 def _contiguous(tok: Tokens) -> Tokens:
@@ -507,37 +502,114 @@ def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_loss: bool, num_tokens=None,
-                   solver=None, poison: Optional[Tensor] = None, want_keep: bool = True):
-    """Run the passes. ``solver(key, ws) -> (cut, valid count)`` replaces the local solve
-    (distributed use; the count is then the group's). ``poison`` (float32 0-d: 0 or NaN) makes
-    every valid token's term and derivative NaN.
+@dataclass
+class TritonStatistics:
+    """One call's statistics: its workspace after the stats pass, and the outputs stats wrote
+    as if nothing were cut (the derivative, keep; None where not asked), with the per-token
+    weights and the poison the fix-up passes apply again."""
 
-    Returns keep (None unless want_keep), metrics, loss (0-d) or None, the stored derivative
-    (logprobs' dtype, (N,)) or None, and the backward scale (float32 0-d: d loss / d logprobs =
-    scale * stored derivative).
-    """
-    check_device(tok)
-    tok = _contiguous(tok)
-    ws = Workspace.for_call(tok.numel, tok.device)
-    grad = torch.empty(tok.numel, dtype=_grad_dtype(tok.logprobs.dtype), device=tok.device) if want_loss else None
-    keep = torch.empty(tok.numel, dtype=torch.bool, device=tok.device) if want_keep else None
-    weights = None
-    if want_loss and config.loss_agg_mode != "token-mean":
-        weights = token_weights(tok, config, None, torch.float32)
-    stats_pass(tok, config, ws, grad=grad, keep=keep, weights=weights, poison=poison, write_keys=solver is not None)
-    count = ws.n_valid
-    if cut is None:
-        if solver is not None:
-            cut, count = solver(ws.key, ws)
-        else:
+    tok: Tokens
+    ws: Workspace
+    grad: Optional[Tensor]
+    keep: Optional[Tensor]
+    weights: Optional[Tensor]
+    poison: Optional[Tensor]
+
+
+class TritonSteps:
+    """distributed.solve_steps' histogram steps, by the Triton passes, on a workspace whose
+    mergeable sums (ws.sums, ws.below_max) the stats pass filled or a pre-pass added up."""
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+        self.sums = ws.sums
+        self.below_max = ws.below_max.reshape(1)
+
+    @classmethod
+    def from_sums(cls, sums: Tensor, below_max: Tensor, max_tokens: int) -> "TritonSteps":
+        ws = Workspace.allocate(max(max_tokens, 1), sums.device)
+        ws.sums.copy_(sums)
+        ws.below_max.copy_(below_max)
+        return cls(ws)
+
+    def select1(self, config: M2POConfig) -> Tensor:
+        select1(self.ws, config)
+        return self.ws.state1
+
+    def level2(self, keys, state1: Tensor, config: M2POConfig) -> Tensor:
+        for k in keys:  # the kernel adds into ws.hist2, so micro-batches accumulate
+            level2(self.ws, config, key=k)
+        return self.ws.hist2
+
+    def select2(self, hist2: Tensor, state1: Tensor, config: M2POConfig, num_valid: Tensor) -> Cut:
+        return select2(self.ws, config, num_valid)
+
+
+class TritonBackend:
+    """The backend protocol (m2po_ops/backend.py) by the fused passes: statistics is the stats
+    pass (and first_valid), solve the select passes, apply the tie and fix-up passes and
+    finalize. No step reads a device value on the host."""
+
+    name = "triton"
+
+    def statistics(self, tok: Tokens, config: M2POConfig, want: Want, poison: Optional[Tensor] = None):
+        check_device(tok)
+        tok = _contiguous(tok)
+        outputs = want.loss or want.keep
+        # (a keys-only pass keeps its sums beyond the call: a workspace of its own, not the reused one)
+        ws = Workspace.for_call(tok.numel, tok.device) if outputs else Workspace.allocate(tok.numel, tok.device)
+        grad = torch.empty(tok.numel, dtype=_grad_dtype(tok.logprobs.dtype), device=tok.device) if want.loss else None
+        keep = torch.empty(tok.numel, dtype=torch.bool, device=tok.device) if want.keep else None
+        weights = None
+        if want.loss and config.loss_agg_mode != "token-mean":
+            weights = token_weights(tok, config, None, torch.float32)
+        stats_pass(tok, config, ws, grad=grad, keep=keep, weights=weights, poison=poison, write_keys=want.keys)
+        return TritonStatistics(tok, ws, grad, keep, weights, poison)
+
+    def summary(self, st: TritonStatistics) -> Summary:
+        ws = st.ws
+        return Summary(ws.key.clone(), ws.n_valid.clone(), ws.sums.clone(), ws.below_max.clone())
+
+    def solve(self, st: TritonStatistics, config: M2POConfig, group) -> Cut:
+        ws = st.ws
+        if group is None:
             select1(ws, config)
             level2(ws, config)
-            cut = select2(ws, config, ws.n_valid)
-    if config.variant == "paper":
-        ties_pass(cut, ws)
-    fix_pass(tok, config, cut, ws, grad, keep, weights, poison)
-    finalize(config, ws, want_loss, num_tokens, count)
-    out = ws.outputs
-    metrics = metrics_from(out, cut, config.variant, ws.zero)
-    return keep, metrics, (out[0] if want_loss else None), grad, (out[7] if want_loss else None)
+            return select2(ws, config, ws.n_valid)
+        cut, _ = distributed.solve_steps(TritonSteps(ws), [ws.key], ws.n_valid, config, group)
+        return distributed.part_cuts([ws.key], cut, group)[0]
+
+    def solve_parts(self, parts: Parts, config: M2POConfig, group) -> Tuple[Cut, Tensor]:
+        steps = TritonSteps.from_sums(parts.sums, parts.below_max, max(k.numel() for k in parts.keys))
+        return distributed.solve_steps(steps, parts.keys, parts.num_valid, config, group)
+
+    def apply(self, st: TritonStatistics, config: M2POConfig, cut: Cut, want: Want, *, local_solve: bool,
+              num_tokens=None, num_valid: Optional[Tensor] = None, poison: Optional[Tensor] = None) -> Applied:
+        """num_valid: the group's valid count (the token-mean denominator of a process group).
+        local_solve and poison: the statistics already hold what they change here."""
+        ws = st.ws
+        if config.variant == "paper":
+            ties_pass(cut, ws)
+        fix_pass(st.tok, config, cut, ws, st.grad, st.keep, st.weights, st.poison)
+        finalize(config, ws, want.loss, num_tokens, num_valid if num_valid is not None else ws.n_valid)
+        out = ws.outputs
+        metrics = metrics_from(out, cut, ws.zero)
+        if not want.loss:
+            return Applied(st.keep, metrics, None, None, None)
+        return Applied(st.keep, metrics, out[C.OUT_LOSS], st.grad, out[C.OUT_SCALE])
+
+
+TRITON = TritonBackend()
+
+
+def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_loss: bool, num_tokens=None,
+                   poison: Optional[Tensor] = None, want_keep: bool = True) -> Applied:
+    """One local call's three steps (no process group): the passes in their launch order. With a
+    given ``cut`` the solve is skipped. ``poison`` (float32 0-d: 0 or NaN) makes every valid
+    token's term and derivative NaN."""
+    want = Want(loss=want_loss, keep=want_keep)
+    st = TRITON.statistics(tok, config, want, poison)
+    local = cut is None
+    if cut is None:
+        cut = TRITON.solve(st, config, None)
+    return TRITON.apply(st, config, cut, want, local_solve=local, num_tokens=num_tokens)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from m2po_ops.config import OFFICIAL_EPS, M2POConfig
-from m2po_ops.cut import KEEP_ALL_BITS, Cut, make_cut
-from m2po_ops.reference import official_cut, official_test_value, within_budget
+from m2po_ops.config import M2POConfig
+from m2po_ops.constants import KEEP_ALL_BITS, OFFICIAL_EPS
+from m2po_ops.cut import Cut, make_cut
+from m2po_ops.rules import official_cut, official_test_value, within_budget
 
 INT64_MAX = torch.iinfo(torch.int64).max
 

@@ -1,4 +1,4 @@
-"""The mergeable histogram solver (m2po_ops/histogram.py, used by the data-parallel and
+"""The mergeable histogram solver (m2po_ops/radix_select.py, used by the data-parallel and
 micro-batch paths and mirrored by the Triton select kernels) against the sort-based reference,
 on the random suite."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cases import case_grid, make_case
-from m2po_ops import histogram, reference
+from m2po_ops import radix_select, reference
 from m2po_ops.config import M2POConfig
 from m2po_ops.inputs import prepare
 
@@ -21,7 +21,7 @@ def test_histogram_solve_equals_the_sort_based_solve(layout, variant):
         tok = prepare(case.lp, case.olp, case.adv, case.mask, config, case.cu)
         cut, delta, m2, tr = reference.solve(tok, config)
         key = torch.where(tr, reference.m2_bits(m2), torch.full_like(reference.m2_bits(m2), -1))
-        solved = histogram.solve_keys(key, tok.valid.sum(), config)
+        solved = radix_select.solve_keys(key, tok.valid.sum(), config)
         keep_sort, _, _ = reference.per_token(tok, cut, delta, m2, tr)
         keep_hist, _, _ = reference.per_token(tok, solved, delta, m2, tr)
         assert torch.equal(keep_sort, keep_hist), case.desc

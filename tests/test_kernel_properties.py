@@ -42,13 +42,13 @@ BYTES_PER_TOKEN = 38.0
 @pytest.fixture(autouse=True)
 def _gpu_chunks(monkeypatch):
     """The select kernels' chunk sizes of the GPU (the interpreter's are larger, for speed)."""
-    from m2po_ops import histogram
+    from m2po_ops import radix_select
     from m2po_ops import triton_backend as tb
 
     from m2po_ops.kernels import common
 
-    monkeypatch.setattr(tb, "SELECT1_CHUNK", histogram.SELECT_CHUNK)
-    monkeypatch.setattr(tb, "SELECT2_CHUNK", histogram.LEVEL2_CHUNK)
+    monkeypatch.setattr(tb, "SELECT1_CHUNK", radix_select.SELECT_CHUNK)
+    monkeypatch.setattr(tb, "SELECT2_CHUNK", radix_select.LEVEL2_CHUNK)
     monkeypatch.setattr(common, "INTERP_AGGREGATE", triton.language.constexpr(False))  # the GPU's paths
 
 
@@ -151,7 +151,7 @@ def test_the_gpu_aggregation_paths_give_exact_sums(variant, regime, device):
     """The block pre-aggregation as the GPU runs it (one bucket; a few buckets one at a time;
     many, sorted and segment-scanned: "wide" puts ~half of each block in distinct tail buckets)
     gives the PyTorch description's sums and level-2 histograms bit for bit."""
-    from m2po_ops import histogram
+    from m2po_ops import radix_select
     from m2po_ops import triton_backend as tb
     from m2po_ops.config import M2POConfig
     from m2po_ops.inputs import prepare
@@ -169,11 +169,11 @@ def test_the_gpu_aggregation_paths_give_exact_sums(variant, regime, device):
     tok = prepare(*args, config, [0, args[0].numel()] if args[0].dim() == 1 and variant == "official" else None)
     ws = tb.Workspace.allocate(tok.numel, tok.device)
     tb.stats_pass(tok, config, ws, write_keys=True)
-    assert torch.equal(ws.sums, histogram.summarize(ws.key, config)), regime
+    assert torch.equal(ws.sums, radix_select.summarize(ws.key, config)), regime
     tb.select1(ws, config)
     tb.level2(ws, config)
     state = ws.state1.clone()
-    if int(state[histogram.REFINE]):
-        want = histogram.level2(ws.key, state, config).reshape(ws.hist2.shape)
+    if int(state[radix_select.REFINE]):
+        want = radix_select.level2(ws.key, state, config).reshape(ws.hist2.shape)
         slots = 4 if variant == "official" else 2
         assert torch.equal(ws.hist2[:slots], want[:slots]), regime

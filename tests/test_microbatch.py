@@ -18,7 +18,7 @@ import torch
 
 import m2po_ops
 from m2po_ops import M2POStats, m2po_loss, m2po_mask
-from m2po_ops.stats import MicroBatchCut
+from m2po_ops.microbatch import MicroBatchCut
 
 VARIANTS = ("paper", "official")
 BACKENDS = ("torch", "triton")

@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"),
                                 reason="program order is the GPU's own (this permutes the interpreter's)")
 
-from m2po_ops import histogram, m2po_loss  # noqa: E402
+from m2po_ops import radix_select, m2po_loss  # noqa: E402
 from m2po_ops import triton_backend as tb  # noqa: E402
 from m2po_ops.kernels import common  # noqa: E402
 
@@ -31,8 +31,8 @@ SHAPE = (6, 1000)  # 6 blocks of 1,024 tokens: 3 tie_scan and 3 finalize program
 def _many_programs(monkeypatch):
     # 4 programs per select kernel (the GPU runs 32 and 128; the hand-off is the same, and the
     # interpreter pays per program)
-    monkeypatch.setattr(tb, "SELECT1_CHUNK", histogram.L1_BUCKETS // 4)
-    monkeypatch.setattr(tb, "SELECT2_CHUNK", histogram.L2_BUCKETS // 4)
+    monkeypatch.setattr(tb, "SELECT1_CHUNK", radix_select.L1_BUCKETS // 4)
+    monkeypatch.setattr(tb, "SELECT2_CHUNK", radix_select.L2_BUCKETS // 4)
     monkeypatch.setattr(tb, "TIE_CHUNK", 2)
     monkeypatch.setattr(tb, "FINAL_CHUNK", 2)
     monkeypatch.setattr(common, "INTERP_AGGREGATE", triton.language.constexpr(False))  # the GPU's paths

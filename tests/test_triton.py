@@ -23,8 +23,9 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 import m2po_ops  # noqa: E402
-from m2po_ops import histogram, m2po_loss, m2po_mask, resolve_backend  # noqa: E402
+from m2po_ops import radix_select, m2po_loss, m2po_mask, resolve_backend  # noqa: E402
 from m2po_ops import triton_backend as tb  # noqa: E402
+from m2po_ops import constants as C  # noqa: E402
 from m2po_ops.config import M2POConfig  # noqa: E402
 from m2po_ops.inputs import prepare  # noqa: E402
 from m2po_ops.kernels.common import reciprocal_f32  # noqa: E402
@@ -189,13 +190,13 @@ def _apply_modes():
         fix_pass(tok, config, cut, ws, *args)
         if config.variant != "official":
             return
-        flags = ws.apply_part.view(-1, tb.K.APPLY_COLS)[:ws.nblocks, 2].tolist()
+        flags = ws.apply_part.view(-1, C.APPLY_COLS)[:ws.nblocks, C.APPLY_REDONE].tolist()
         lower_u, upper_u = tb.unconstrained_bounds(config.miniclip_low, config.miniclip_high)
         if int(cut.lower.view(torch.int32)) == lower_u and int(cut.upper.view(torch.int32)) == upper_u:
             modes.append("unconstrained")
-        elif all(f in (0.0, tb.K.APPLY_LIST) for f in flags) and tb.K.APPLY_LIST in flags:
+        elif all(f in (0.0, C.APPLY_LIST) for f in flags) and C.APPLY_LIST in flags:
             modes.append("tail")
-        elif all(f == tb.K.APPLY_WHOLE for f in flags):
+        elif all(f == C.APPLY_WHOLE for f in flags):
             modes.append("whole")
         else:
             modes.append(flags)
@@ -409,15 +410,15 @@ def test_histograms_merge_and_match_the_torch_description(variant, device):
     key_b, ws_b = stats(slice(1234, None))
     assert torch.equal(ws_a.sums + ws_b.sums, ws_all.sums)
     assert torch.equal(torch.cat([key_a, key_b]), key_all)
-    assert torch.equal(histogram.summarize(key_all, config), ws_all.sums)
-    assert int(ws_all.sums[histogram.TAIL_COUNT]) > 0 and int(ws_all.sums[histogram.BELOW_COUNT]) > 0
+    assert torch.equal(radix_select.summarize(key_all, config), ws_all.sums)
+    assert int(ws_all.sums[radix_select.TAIL_COUNT]) > 0 and int(ws_all.sums[radix_select.BELOW_COUNT]) > 0
     # the float64 total select1 derives from the exact limbs has the description's bits
     tb.select1(ws_all, config)
-    n, total, _, _ = histogram.totals(ws_all.sums, config)
-    assert int(ws_all.state1[histogram.N_TR]) == int(n)
-    assert int(ws_all.state1[histogram.TOTAL]) == int(total.double().reshape(1).view(torch.int64))
+    n, total, _, _ = radix_select.totals(ws_all.sums, config)
+    assert int(ws_all.state1[radix_select.N_TR]) == int(n)
+    assert int(ws_all.state1[radix_select.TOTAL]) == int(total.double().reshape(1).view(torch.int64))
     if variant == "official":
-        assert torch.equal(histogram.below_max(key_all, config), ws_all.below_max)
+        assert torch.equal(radix_select.below_max(key_all, config), ws_all.below_max)
         assert torch.equal(torch.maximum(ws_a.below_max, ws_b.below_max), ws_all.below_max)
     assert int(ws_a.n_valid + ws_b.n_valid) == int(mask.sum())
 
@@ -435,7 +436,7 @@ def test_nothing_to_mask_skips_the_refinement_passes(device):
     tb.stats_pass(tok, config, ws)
     tb.select1(ws, config)
     tb.level2(ws, config)
-    assert int(ws.state1[histogram.REFINE]) == 0
+    assert int(ws.state1[radix_select.REFINE]) == 0
     cut = tb.select2(ws, config, ws.n_valid)
     assert int(cut.value) == tb.KEEP_ALL_BITS
     tb.ties_pass(cut, ws)
@@ -814,15 +815,15 @@ def test_a_last_ulp_disagreement_between_levels_keeps_the_bucket(device):
     which would mask the whole bucket)."""
     import random
 
-    def chunked_ends(key, chunk=histogram.SELECT_CHUNK):
+    def chunked_ends(key, chunk=radix_select.SELECT_CHUNK):
         # level 1 as select1 walks it: the below part's sum, then chunk by chunk (0.032 splits
         # these values as the tau found below does: 0.02..0.03 below, those near 0.049 and 0.05 above)
-        sums_all = histogram.summarize(key, M2POConfig(tau=0.032))
-        _, _, n_below, s_below = histogram.totals(sums_all, M2POConfig(tau=0.032))
-        hist1 = sums_all[:2 * histogram.L1_BUCKETS].view(2, -1)
+        sums_all = radix_select.summarize(key, M2POConfig(tau=0.032))
+        _, _, n_below, s_below = radix_select.totals(sums_all, M2POConfig(tau=0.032))
+        hist1 = sums_all[:2 * radix_select.L1_BUCKETS].view(2, -1)
         cnt = hist1[0].numpy()
-        sums = hist1[1].double().numpy() * torch.where(hist1[0] > 0, histogram.bucket_scale(
-            torch.arange(histogram.L1_BUCKETS)), torch.zeros(())).numpy()
+        sums = hist1[1].double().numpy() * torch.where(hist1[0] > 0, radix_select.bucket_scale(
+            torch.arange(radix_select.L1_BUCKETS)), torch.zeros(())).numpy()
         out, carry = sums.copy(), float(s_below)
         for c in range(0, len(sums), chunk):
             out[c:c + chunk] = carry + np.cumsum(sums[c:c + chunk])

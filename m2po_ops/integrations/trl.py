@@ -46,8 +46,9 @@ from torch import Tensor
 from trl import GRPOConfig, GRPOTrainer
 
 from ..api import m2po_loss
-from ..config import BACKENDS, DEFAULT_TAU, M2POConfig
-from ..stats import M2POStats
+from ..config import BACKENDS, M2POConfig
+from ..constants import DEFAULT_TAU
+from ..microbatch import M2POStats
 
 #: where the behaviour log-probs come from (see ``_behavior``)
 BEHAVIORS = ("auto", "old", "sampling")

@@ -36,8 +36,9 @@ from torch import Tensor
 from verl.trainer.ppo.core_algos import register_policy_loss
 
 from ..api import m2po_loss, metrics_to_host
-from ..config import BACKENDS, DEFAULT_TAU
-from ..stats import M2POStats
+from ..config import BACKENDS
+from ..constants import DEFAULT_TAU
+from ..microbatch import M2POStats
 
 logger = logging.getLogger(__name__)
 

@@ -37,10 +37,12 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import reference
-from .config import DEFAULT_TAU, M2POConfig
+from . import distributed
+from .backend import Parts, Summary, Want
+from .config import M2POConfig
+from .constants import DEFAULT_TAU
 from .cut import Cut
-from .distributed import TorchSteps, TritonSteps, local_ties, rank_ties_before, solve_steps
+from .dispatch import get_backend, resolve_backend
 from .inputs import Tokens, check_group, prepare
 
 _FP_PRIME = 65521
@@ -102,21 +104,11 @@ def fingerprint(key: Tensor, num_valid: Tensor) -> Tensor:
     return torch.stack([num_valid.to(torch.int64).reshape(()), inside.sum(), k.sum(), (k * w).sum()])
 
 
-def compute_keys(tok: Tokens, config: M2POConfig, backend: str):
-    """(keys int32 (N,), valid count int64 0-d, the mergeable sums and below maximum or None)
-    with a backend's stats pass."""
-    if backend == "triton":
-        from . import triton_backend as TB
-
-        TB.check_device(tok)
-        tok = TB._contiguous(tok)
-        ws = TB.Workspace.allocate(tok.numel, tok.device)
-        TB.stats_pass(tok, config, ws, write_keys=True)
-        return ws.key.clone(), ws.n_valid.clone(), (ws.sums.clone(), ws.below_max.clone())
-    delta = reference.log_ratio(tok)
-    m2 = delta * delta
-    tr = reference.trust_region(tok, delta, config)
-    return torch.where(tr, reference.m2_bits(m2), -1), tok.num_valid, None
+def summarize_call(tok: Tokens, config: M2POConfig, backend: str) -> Summary:
+    """A backend's statistics pass over one micro-batch, kept as its Summary (the keys, the valid
+    count, and the Triton backend's mergeable sums)."""
+    be = get_backend(backend)
+    return be.summary(be.statistics(tok, config, Want(keys=True)))
 
 
 def check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Cut) -> bool:
@@ -127,16 +119,16 @@ def check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Cut) -> bool
     if not isinstance(cut, MicroBatchCut) or cut.fingerprint is None:
         raise ValueError("check_drift needs a cut from M2POStats.solve (it carries the pre-pass fingerprint)")
     with torch.no_grad():
-        key, n_valid, _ = compute_keys(tok, config, backend)
-        now = fingerprint(key, n_valid)
+        summary = summarize_call(tok, config, backend)
+        now = fingerprint(summary.keys, summary.num_valid)
     before = cut.fingerprint.to(now.device)
     if torch.equal(now, before):
         return True
-    b, n = before.tolist(), now.tolist()
+    (valid_b, trust_b, sum_b, wsum_b), (valid_n, trust_n, sum_n, wsum_n) = before.tolist(), now.tolist()
     warnings.warn(
         f"m2po: micro-batch {cut.index}: the training pass's statistics differ from the pre-pass "
-        f"(valid tokens {b[0]} -> {n[0]}, trust-region tokens {b[1]} -> {n[1]}, key sums "
-        f"{b[2]} -> {n[2]}, {b[3]} -> {n[3]}). The cut was solved on other log-probs than the loss "
+        f"(valid tokens {valid_b} -> {valid_n}, trust-region tokens {trust_b} -> {trust_n}, key sums "
+        f"{sum_b} -> {sum_n}, {wsum_b} -> {wsum_n}). The cut was solved on other log-probs than the loss "
         "sees, so the mask is not the single-call mask. The pre-pass and the training forward must "
         "give identical log-probs: disable dropout, use deterministic kernels and the same batch shapes.",
         RuntimeWarning,
@@ -172,8 +164,6 @@ class M2POStats:
         self.config = M2POConfig(
             tau=tau, variant=variant, miniclip_low=miniclip_low, miniclip_high=miniclip_high, validate=validate
         )
-        from .api import resolve_backend
-
         resolve_backend(backend, torch.device("cpu"))  # checks the name
         if not isinstance(check_drift, bool):
             raise TypeError(f"check_drift must be a bool, got {type(check_drift).__name__}")
@@ -212,18 +202,17 @@ class M2POStats:
         cu_seqlens: Union[Tensor, Sequence[int], None] = None,
     ) -> int:
         """Add one micro-batch (same arguments and layouts as ``m2po_loss``). Returns its index."""
-        from .api import resolve_backend
-
         tok = prepare(logprobs, old_logprobs, advantages, mask, self.config, cu_seqlens)
         if self._device is None:
             self._device = tok.device
             self._resolved = resolve_backend(self.backend, tok.device)
         elif tok.device != self._device:
             raise ValueError(f"micro-batch on {tok.device}, earlier ones on {self._device}")
-        key, n_valid, summary = compute_keys(tok, self.config, self._resolved)
-        if summary is not None:
-            sums, below_max = summary
-            self._sums = sums if self._sums is None else self._sums.add_(sums)
+        summary = summarize_call(tok, self.config, self._resolved)
+        key, n_valid = summary.keys, summary.num_valid
+        if summary.sums is not None:
+            self._sums = summary.sums if self._sums is None else self._sums.add_(summary.sums)
+            below_max = summary.below_max
             self._below_max = below_max if self._below_max is None else torch.maximum(self._below_max, below_max)
         self._keys.append(key)
         self._num_valid.append(n_valid.to(torch.int64).reshape(()))
@@ -242,24 +231,9 @@ class M2POStats:
             raise ValueError("M2POStats.solve: no micro-batch was added (call update first; a rank with no "
                              "tokens can add an empty micro-batch)")
         config, keys = self.config, self._keys
-        num_valid = torch.stack(self._num_valid).sum()
-        if group is None and self._resolved == "torch":
-            # Exactly the torch backend's single call: its solver on the concatenation of the keys
-            # (in update order, so the flat indices, and with them the ties, are the single call's)
-            cut = reference.solve_keys(torch.cat(keys), num_valid, config)
-            nv = num_valid
-        else:
-            if self._resolved == "triton":
-                steps = TritonSteps.from_sums(self._sums, self._below_max, max(k.numel() for k in keys))
-            else:
-                steps = TorchSteps.from_keys(keys, config, self._device)
-            cut, nv = solve_steps(steps, keys, num_valid, config, group)
-        if config.variant == "paper":
-            per_part = local_ties(keys, cut)
-            before = rank_ties_before(per_part.sum(), group) + torch.cumsum(per_part, 0) - per_part
-            parts = [cut.for_part(before[i]) for i in range(len(keys))]
-        else:
-            parts = [cut] * len(keys)
+        parts = Parts(keys, torch.stack(self._num_valid).sum(), self._sums, self._below_max)
+        cut, nv = get_backend(self._resolved).solve_parts(parts, config, group)
+        parts = distributed.part_cuts(keys, cut, group)
         base = {f.name: None for f in dataclasses.fields(Cut)}
         cuts = [
             MicroBatchCut(

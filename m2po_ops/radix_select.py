@@ -37,31 +37,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import OFFICIAL_EPS, M2POConfig
-from .cut import KEEP_ALL_BITS, Cut, make_cut
-from .reference import _at, official_cut, official_test_value, within_budget
-from .split import MAX_LIMBS, limb_count, limb_sums, limbs_to_float, threshold_bits
-
-L1_SHIFT = 16
-L1_BUCKETS = 1 << 15
-L2_BUCKETS = 1 << 16
-L2_SLOTS = 2  # level-2 histograms of the boundary bucket (slot 0) and the bucket before it (slot 1)
-SEARCH_STEPS = 32  # binary-search steps inside one value's run of ties (counts < 2**31)
-SELECT_CHUNK = 1024  # level-1 buckets per program of select1
-LEVEL2_CHUNK = 512  # level-2 buckets per program of select2 (it reads up to 3 rows of each)
-# the mergeable sums (int64, indices): the tail's level-1 histogram (count row, significand
-# row), the below part's count and limbs, the tail's count, infinite keys and finite-value limbs
-BELOW_COUNT = 2 * L1_BUCKETS
-BELOW_LIMBS = BELOW_COUNT + 1
-TAIL_COUNT = BELOW_LIMBS + MAX_LIMBS
-TAIL_INF = TAIL_COUNT + 1
-TAIL_LIMBS = TAIL_INF + 1
-SUMS_LEN = TAIL_LIMBS + MAX_LIMBS
-# the select state (int64; float64 fields as bit patterns): refine flag, boundary bucket b1,
-# previous non-empty tail bucket b0 (-1 if none), prefix count / sum before b1 and through b1,
-# trust-region count, trust-region sum
-REFINE, B1, B0, K_BASE, S_BASE, K_END, S_END, N_TR, TOTAL = range(9)
-STATE_LEN = 10
+from .config import M2POConfig
+from .constants import (B0, B1, BELOW_COUNT, BELOW_LIMBS, F32_INF_BITS, F32_MAX_BITS, K_BASE, K_END,
+                        KEEP_ALL_BITS, L1_BUCKETS, L1_SHIFT, L2_BUCKETS, L2_SLOTS, LEVEL2_CHUNK, MAX_LIMBS, N_TR,
+                        OFFICIAL_EPS, REFINE, S_BASE, S_END, SEARCH_STEPS, SELECT_CHUNK, STATE_LEN, SUMS_LEN,
+                        TAIL_COUNT, TAIL_INF, TAIL_LIMBS, TOTAL)
+from .cut import Cut, make_cut
+from .rules import _at, official_constrained, official_cut, official_test_value, within_budget
+from .split import limb_count, limb_sums, limbs_to_float, threshold_bits
 
 
 def significand(key: Tensor) -> Tensor:
@@ -92,7 +75,7 @@ def _bits_f64(x: Tensor) -> Tensor:
 
 def summarize(key: Tensor, config: M2POConfig) -> Tensor:
     """int64 [SUMS_LEN]: the tail's level-1 histogram, the below part's count and limbs."""
-    thr = threshold_bits(config.variant, config.tau)
+    thr = threshold_bits(config.rule, config.tau)
     k = key.to(torch.int64)
     tail = k > thr
     below = (k >= 0) & ~tail
@@ -104,7 +87,7 @@ def summarize(key: Tensor, config: M2POConfig) -> Tensor:
     sums[BELOW_COUNT] = below.sum()
     nlimb = limb_count(thr)
     sums[BELOW_LIMBS: BELOW_LIMBS + nlimb] = limb_sums(key, below, nlimb)
-    finite = tail & (k < 0x7F800000)
+    finite = tail & (k < F32_INF_BITS)
     sums[TAIL_COUNT] = tail.sum()
     sums[TAIL_INF] = (tail & ~finite).sum()
     sums[TAIL_LIMBS:] = limb_sums(key, finite, MAX_LIMBS)
@@ -114,7 +97,7 @@ def summarize(key: Tensor, config: M2POConfig) -> Tensor:
 def totals(sums: Tensor, config: M2POConfig):
     """(n, the trust region's count; its float64 sum from the exact limbs; the below part's
     count; its float64 sum), as the select kernels compute them."""
-    nlimb = limb_count(threshold_bits(config.variant, config.tau))
+    nlimb = limb_count(threshold_bits(config.rule, config.tau))
     n_below = sums[BELOW_COUNT]
     s_below = limbs_to_float(sums[BELOW_LIMBS: BELOW_LIMBS + nlimb]).to(sums.device)
     total = limbs_to_float(sums[BELOW_LIMBS: BELOW_LIMBS + MAX_LIMBS] + sums[TAIL_LIMBS: TAIL_LIMBS + MAX_LIMBS])
@@ -124,7 +107,7 @@ def totals(sums: Tensor, config: M2POConfig):
 
 def below_max(key: Tensor, config: M2POConfig) -> Tensor:
     """int64 0-d: the largest key of the below part (0 when it is empty)."""
-    thr = threshold_bits(config.variant, config.tau)
+    thr = threshold_bits(config.rule, config.tau)
     k = key.to(torch.int64)
     return torch.where(k <= thr, k, 0).max().clamp_min(0) if k.numel() else torch.zeros((), dtype=torch.int64,
                                                                                           device=key.device)
@@ -138,7 +121,7 @@ def level1(key: Tensor, config: M2POConfig) -> Tensor:
 def level2(key: Tensor, state: Tensor, config: M2POConfig) -> Tensor:
     """int64 [L2_SLOTS, 2, L2_BUCKETS]: level-2 histograms of the tail keys in buckets
     state[B1] and state[B0]."""
-    thr = threshold_bits(config.variant, config.tau)
+    thr = threshold_bits(config.rule, config.tau)
     hist = torch.zeros(L2_SLOTS, 2, L2_BUCKETS, dtype=torch.int64, device=key.device)
     k = key.to(torch.int64)
     inside = (k > thr) & (state[REFINE] != 0)
@@ -174,7 +157,7 @@ def _official_hit(v: Tensor, k_end: Tensor, s_end: Tensor, n: Tensor, config: M2
 
 
 def _bucket_hi(bucket: Tensor) -> Tensor:
-    return bits_to_float(((bucket + 1) << L1_SHIFT).clamp(max=0x7F7FFFFF))  # <= FLT_MAX: no inf * 0
+    return bits_to_float(((bucket + 1) << L1_SHIFT).clamp(max=F32_MAX_BITS))  # <= FLT_MAX: no inf * 0
 
 
 def select1(sums: Tensor, config: M2POConfig) -> Tensor:
@@ -192,13 +175,13 @@ def select1(sums: Tensor, config: M2POConfig) -> Tensor:
     k_end = n_below + torch.cumsum(c_cnt, 0)
     s_end = _seq_prefix(s_below, cum[:, -1])
     nf = n.double()
-    if config.variant == "paper":
+    if config.rule == "paper":
         hit = (c_cnt > 0) & ~within_budget(s_end, k_end, config)
         refine = ~within_budget(total, n, config)
     else:
         target = config.tau * nf
         hit = (c_cnt > 0) & _official_hit(_bucket_hi(c_last), k_end, s_end, n, config)
-        refine = (n > 0) & (total / nf.clamp_min(1) > config.tau + OFFICIAL_EPS) & (target < total - OFFICIAL_EPS)
+        refine = official_constrained(n, total, config)
     c_star = _first(hit)
     found = c_star < programs
     c_star = torch.where(found, c_star, 0)
@@ -210,7 +193,7 @@ def select1(sums: Tensor, config: M2POConfig) -> Tensor:
     cnt = count.index_select(0, idx)
     s_in = s_before + torch.cumsum(scaled.index_select(0, idx), 0)
     k_in = k_before + torch.cumsum(cnt, 0)
-    if config.variant == "paper":
+    if config.rule == "paper":
         pred = (cnt > 0) & ~within_budget(s_in, k_in, config)
     else:
         pred = (cnt > 0) & _official_hit(_bucket_hi(idx), k_in, s_in, n, config)
@@ -262,7 +245,7 @@ def select2(hist2: Tensor, state: Tensor, below_max_key: Tensor, config: M2POCon
     nonempty2 = count2 > 0
     m2_before = (total / nf.clamp_min(1)).float()
 
-    if config.variant == "paper":
+    if config.rule == "paper":
         k_end2 = k_base + k2_excl + count2
         s_end2 = s_base + _scaled(p_end, scale)
         fails = nonempty2 & ~within_budget(s_end2, k_end2, config)

@@ -1,4 +1,4 @@
-"""Token passes that build the mergeable statistics (see m2po_ops/histogram.py for the format).
+"""Token passes that build the mergeable statistics (see m2po_ops/radix_select.py for the format).
 
 stats_kernel: the one full read of the inputs. Per token: delta, m2, trust-region membership,
 the derivative as if nothing were masked (stored), keep and the key when asked. The threshold split (m2po_ops/split.py): trust-region tokens at or below
@@ -22,24 +22,21 @@ block; exits at once likewise.
 import triton
 import triton.language as tl
 
-from ..histogram import B0, B1, BELOW_COUNT, BELOW_LIMBS, REFINE, TAIL_COUNT, TAIL_INF, TAIL_LIMBS
-from ..split import MAX_LIMBS
-from .common import (L1_SHIFT, add_aggregated, add_limbs, clamp, exp_f32, in_bounds, is_finite, last_to_arrive,
-                     load_tokens, official_terms, ratio_f32, row_of, significand, weighted_terms)
+from .. import constants as C
+from .common import (B0, B1, BELOW_COUNT, BELOW_LIMBS, F32_INF_BITS, HIST2_B0_COUNT, HIST2_B0_SUM,
+                     HIST2_B1_COUNT, HIST2_B1_SUM, L1_SHIFT, MAX_LIMBS, RATIO_MAX, RATIO_MIN_FLIPPED,
+                     REFINE, STATS_CLIPPED, STATS_LIST_LOSS, STATS_LOSS, STATS_NEG_DELTA, STATS_NONFINITE,
+                     STATS_RATIO_MAX, STATS_RATIO_SUM, STATS_TRUST, STATS_VALID, TAIL_COUNT, TAIL_INF, TAIL_LIMBS,
+                     W_NONE, add_aggregated, add_limbs, in_bounds, is_finite, last_to_arrive, load_tokens,
+                     official_trust_region, paper_trust_region, ppo_clip_terms, ratio_f32, row_of, significand,
+                     unclipped_terms, weighted_terms)
 
-# per-block partials written by stats_kernel (float64 columns): valid tokens, trust-region
-# tokens, sum of -delta, sum of ratios, max ratio, masked-in tokens holding inf/NaN, sum of the
-# loss terms as if nothing were masked outside the compacted list, tokens clipped under those
-# assumptions (official), sum of the compacted list's terms. The list's terms are kept apart so
-# that a fix-up replaces their sum instead of subtracting from a sum that holds them: where the
-# float64 sum of the final terms is exact, so is every partial sum of them.
-STATS_COLS = 9
-_STATS_COLS = tl.constexpr(STATS_COLS)  # kernels may only read constexpr globals
-# offsets in the sums after the level-1 histogram (m2po_ops/histogram.py)
-_REFINE, _B1, _B0 = tl.constexpr(REFINE), tl.constexpr(B1), tl.constexpr(B0)
-BELOW_COUNT_C = tl.constexpr(BELOW_COUNT)
-BELOW_LIMBS, TAIL_COUNT, TAIL_INF, TAIL_LIMBS = (tl.constexpr(x) for x in (BELOW_LIMBS, TAIL_COUNT, TAIL_INF, TAIL_LIMBS))
-MAX_LIMBS_C = tl.constexpr(MAX_LIMBS)
+# per-block partials written by stats_kernel: float64 rows of C.STATS_COLS columns (the
+# STATS_* slots of m2po_ops/constants.py). The compacted list's terms are kept apart so that a
+# fix-up replaces their sum instead of subtracting from a sum that holds them: where the float64
+# sum of the final terms is exact, so is every partial sum of them.
+STATS_COLS = C.STATS_COLS
+_STATS_COLS = tl.constexpr(STATS_COLS)
 
 
 @triton.jit(do_not_specialize=["row_len", "n"], do_not_specialize_on_alignment=["cu_ptr"])
@@ -86,13 +83,13 @@ def stats_kernel(
     surrogate's under the unconstrained bounds lower_u / upper_u) and, when asked, keep and the
     keys; per block, the tail compacted in token order (tail_key / tail_pos / tail_term at the
     block's offset, tail_cnt) for the passes that only look at the tail, the split's sums
-    (sums_ptr: m2po_ops.histogram's SUMS layout) and the metric partials. Official: the
+    (sums_ptr: m2po_ops.radix_select's SUMS layout) and the metric partials. Official: the
     compacted list is the wide tail (tail_key -1 for its tokens outside the trust region, no
-    tail_term), and ratio_range_ptr[0:2] gets max(0x7F800000 - ratio bits) and max(ratio bits)
+    tail_term), and ratio_range_ptr gets max(inf bits - ratio bits) and max(ratio bits)
     over the valid tokens outside it (0: none), for apply_official_kernel.
 
-    WEIGHTS: 0 no loss (mask only); 1 token-mean (the 1 / denominator scale is applied by
-    finalize and in backward); 4 per-token weights at w_ptr. poison_ptr: float32 0-d, 0 or NaN
+    WEIGHTS: W_NONE no loss (mask only); W_COUNT token-mean (the 1 / denominator scale is
+    applied by finalize and in backward); W_PER_TOKEN per-token weights at w_ptr. poison_ptr: float32 0-d, 0 or NaN
     (invalid inputs found on the device), carried into every valid token's term."""
     # every block but the last is full: its accesses need no bounds mask (see common.in_bounds)
     pid = tl.program_id(0)
@@ -128,28 +125,23 @@ def _stats_block(
     delta = tl.where(valid, lp - olp, 0.0)
     adv = tl.where(valid, adv, 0.0)
     m2 = delta * delta
+    # the rule's trust region, and the surrogate under the bounds nothing has cut yet
     if OFFICIAL:
-        # the authors' "harmful" tokens: first-token advantage sign and ratio side, in float32.
-        # With r = exp(delta) correctly rounded to float32: r > 1 iff delta >= 2**-24 and
-        # r < 1 iff delta < -2**-25 (exp rounds to 1 in between), so no exp is needed here.
         if FIRST_PER_ROW:
             first_idx = row_of(offs, first_div).to(tl.int64) * first_mul
         else:
             first_idx = offs
         adv_first = tl.load(first_ptr + first_idx, mask=inb, other=0.0)
         adv_first = tl.where(is_finite(adv_first), adv_first.to(tl.float32), 0.0)  # garbage first position reads 0
-        trust = valid & (((adv_first > 1e-12) & (delta >= 5.9604644775390625e-08))
-                         | ((adv_first < -1e-12) & (delta < -2.9802322387695312e-08)))
+        trust = official_trust_region(adv_first, delta, valid)
         ratio = ratio_f32(delta)
         lower_u = lower_u_bits.to(tl.int32).to(tl.float32, bitcast=True)
         upper_u = upper_u_bits.to(tl.int32).to(tl.float32, bitcast=True)
-        loss, grad, clipped = official_terms(adv, ratio, valid, lower_u, upper_u)
+        loss, grad, clipped = ppo_clip_terms(adv, ratio, valid, lower_u, upper_u)
         keep = valid & ~clipped
     else:
-        trust = valid & (((adv > 0) & (delta > 0)) | ((adv < 0) & (delta < 0)))
-        ratio = exp_f32(clamp(delta, -20.0, 20.0), INTERP)
-        loss = tl.where(valid, -adv * ratio, 0.0)  # a kept token's term (the tail fix-up drops the masked)
-        grad = loss  # straight-through: d(-A r)/d logprobs = -A r
+        trust = paper_trust_region(adv, delta, valid)
+        ratio, loss, grad = unclipped_terms(adv, delta, valid, INTERP)
         keep = valid
     bits = m2.to(tl.int32, bitcast=True)
     if WRITE_KEYS:
@@ -157,77 +149,105 @@ def _stats_block(
     if WRITE_KEEP:
         tl.store(keep_ptr + offs, keep, mask=inb)
     term = loss
-    if WEIGHTS != 0:
+    if WEIGHTS != W_NONE:
         term, grad = weighted_terms(loss, grad, valid, w_ptr, offs, inb, tl.load(poison_ptr), WEIGHTS)
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inb)
-
     # the threshold split: the tail, compacted in token order, and its histogram; the sums
     tail = trust & (bits > thr)
-    n_tail = tl.sum(tail.to(tl.int32))
     if OFFICIAL:
-        # The compacted list is the *wide* tail: every valid token above the threshold, in the
-        # trust region or not. A token outside it has m2 <= thr, so its ratio is near 1 and the
-        # solved clip bounds normally leave it inside [lower, upper], where its outputs are
-        # those written here; apply_official then redoes only this list (and checks the
-        # "normally" with the ratio extremes below). Keys -1 mark the wide tail's tokens
-        # outside the trust region, which level2 skips like any key <= thr.
-        wide = valid & (bits > thr)
-        listed = wide
-        n_wide = tl.sum(wide.to(tl.int32))
-        tl.store(tail_cnt_ptr + pid, n_wide)
-        if n_wide > 0:
-            at = pid.to(tl.int64) * BLOCK + tl.cumsum(wide.to(tl.int32), 0) - 1
-            tl.store(tail_key_ptr + at, tl.where(trust, bits, -1), mask=wide)
-            tl.store(tail_pos_ptr + at, tl.arange(0, BLOCK), mask=wide)
-        # the smallest and largest ratio outside the wide tail, as two int64 maxima that the
-        # scratch memset's 0 leaves at "no token" (ratios are >= 0: their bits order as ints)
-        narrow = valid & (bits <= thr)
-        if tl.sum(narrow.to(tl.int32)) > 0:
-            rbits = ratio.to(tl.int32, bitcast=True)
-            tl.atomic_max(ratio_range_ptr, tl.max(tl.where(narrow, 0x7F800000 - rbits, 0)).to(tl.int64),
-                          sem="relaxed")
-            tl.atomic_max(ratio_range_ptr + 1, tl.max(tl.where(narrow, rbits, 0)).to(tl.int64), sem="relaxed")
+        listed = _compact_wide_tail(bits, trust, valid, ratio, thr, tail_key_ptr, tail_pos_ptr, tail_cnt_ptr,
+                                    ratio_range_ptr, pid, BLOCK)
     else:
-        listed = tail
-        tl.store(tail_cnt_ptr + pid, n_tail)
-        if n_tail > 0:
-            at = pid.to(tl.int64) * BLOCK + tl.cumsum(tail.to(tl.int32), 0) - 1
-            tl.store(tail_key_ptr + at, bits, mask=tail)
-            tl.store(tail_pos_ptr + at, tl.arange(0, BLOCK), mask=tail)
-            tl.store(tail_term_ptr + at, term, mask=tail)
+        listed = _compact_tail(bits, tail, term, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr, pid, BLOCK)
+    _add_split_sums(bits, trust, tail, thr, sums_ptr, below_max_ptr, OFFICIAL, NLIMB, INTERP)
+    n_valid = tl.sum(valid.to(tl.int64))
+    tl.atomic_add(n_valid_ptr, n_valid, sem="relaxed")
+    _store_partials(part_ptr + pid.to(tl.int64) * _STATS_COLS, n_valid, trust, delta, tl.where(valid, ratio, 0.0),
+                    nonfinite, term, listed, valid & ~keep)
+    return bits, tail
+
+
+@triton.jit
+def _compact_tail(bits, tail, term, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr, pid, BLOCK: tl.constexpr):
+    """The paper rule: the block's tail (trust-region keys above the threshold) in token order,
+    with its terms. Returns the listed tokens."""
+    n_tail = tl.sum(tail.to(tl.int32))
+    tl.store(tail_cnt_ptr + pid, n_tail)
     if n_tail > 0:
-        finite = tail & (bits < 0x7F800000)
+        at = pid.to(tl.int64) * BLOCK + tl.cumsum(tail.to(tl.int32), 0) - 1
+        tl.store(tail_key_ptr + at, bits, mask=tail)
+        tl.store(tail_pos_ptr + at, tl.arange(0, BLOCK), mask=tail)
+        tl.store(tail_term_ptr + at, term, mask=tail)
+    return tail
+
+
+@triton.jit
+def _compact_wide_tail(bits, trust, valid, ratio, thr, tail_key_ptr, tail_pos_ptr, tail_cnt_ptr, ratio_range_ptr,
+                       pid, BLOCK: tl.constexpr):
+    """The official rule: the compacted list is the *wide* tail, every valid token above the
+    threshold, in the trust region or not. A token outside it has m2 <= thr, so its ratio is
+    near 1 and the solved clip bounds normally leave it inside [lower, upper], where its
+    outputs are those stats wrote; apply_official then redoes only this list (and checks the
+    "normally" with the ratio extremes recorded here). Keys -1 mark the wide tail's tokens
+    outside the trust region, which level2 skips like any key <= thr. Returns the listed
+    tokens."""
+    wide = valid & (bits > thr)
+    n_wide = tl.sum(wide.to(tl.int32))
+    tl.store(tail_cnt_ptr + pid, n_wide)
+    if n_wide > 0:
+        at = pid.to(tl.int64) * BLOCK + tl.cumsum(wide.to(tl.int32), 0) - 1
+        tl.store(tail_key_ptr + at, tl.where(trust, bits, -1), mask=wide)
+        tl.store(tail_pos_ptr + at, tl.arange(0, BLOCK), mask=wide)
+    # the smallest and largest ratio outside the wide tail, as two int64 maxima that the
+    # scratch memset's 0 leaves at "no token" (ratios are >= 0: their bits order as ints)
+    narrow = valid & (bits <= thr)
+    if tl.sum(narrow.to(tl.int32)) > 0:
+        rbits = ratio.to(tl.int32, bitcast=True)
+        tl.atomic_max(ratio_range_ptr + RATIO_MIN_FLIPPED,
+                      tl.max(tl.where(narrow, -rbits + F32_INF_BITS, 0)).to(tl.int64), sem="relaxed")
+        tl.atomic_max(ratio_range_ptr + RATIO_MAX, tl.max(tl.where(narrow, rbits, 0)).to(tl.int64), sem="relaxed")
+    return wide
+
+
+@triton.jit
+def _add_split_sums(bits, trust, tail, thr, sums_ptr, below_max_ptr, OFFICIAL: tl.constexpr, NLIMB: tl.constexpr,
+                    INTERP: tl.constexpr):
+    """The mergeable sums of the threshold split but the level-1 histogram: the tail's count,
+    infinite keys and exact limbs; the below part's count, exact limbs and (official) largest
+    key."""
+    n_tail = tl.sum(tail.to(tl.int32))
+    if n_tail > 0:
+        finite = tail & (bits < F32_INF_BITS)
         tl.atomic_add(sums_ptr + TAIL_COUNT, n_tail.to(tl.int64), sem="relaxed")
         n_inf = tl.sum((tail & ~finite).to(tl.int64))
         if n_inf > 0:
             tl.atomic_add(sums_ptr + TAIL_INF, n_inf, sem="relaxed")
-        add_limbs(sums_ptr + TAIL_LIMBS, bits, finite, MAX_LIMBS_C, INTERP)
+        add_limbs(sums_ptr + TAIL_LIMBS, bits, finite, MAX_LIMBS, INTERP)
     below = trust & (bits <= thr)
     n_below = tl.sum(below.to(tl.int64))
     if n_below > 0:
-        tl.atomic_add(sums_ptr + BELOW_COUNT_C, n_below, sem="relaxed")
+        tl.atomic_add(sums_ptr + BELOW_COUNT, n_below, sem="relaxed")
         add_limbs(sums_ptr + BELOW_LIMBS, bits, below, NLIMB, INTERP)
         if OFFICIAL:  # the value before the first hit when that hit is the tail's first token
             tl.atomic_max(below_max_ptr, tl.max(tl.where(below, bits, -1)).to(tl.int64), sem="relaxed")
 
-    ratio = tl.where(valid, ratio, 0.0)
-    n_valid = tl.sum(valid.to(tl.int64))
-    tl.atomic_add(n_valid_ptr, n_valid, sem="relaxed")
-    row = part_ptr + pid.to(tl.int64) * _STATS_COLS
-    tl.store(row + 0, n_valid.to(tl.float64))
-    tl.store(row + 1, tl.sum(trust.to(tl.int64)).to(tl.float64))
-    tl.store(row + 2, tl.sum(-delta).to(tl.float64))
-    tl.store(row + 3, tl.sum(ratio).to(tl.float64))
-    tl.store(row + 4, tl.max(ratio).to(tl.float64))
-    tl.store(row + 5, tl.sum(nonfinite.to(tl.int64)).to(tl.float64))
-    # float64 sums of the float32 terms, as the torch backend sums them: where that sum is exact
-    # the loss has the same bits whatever the order (README, "Float details"); the compacted
-    # list's apart, for the fix-up passes to replace
+
+@triton.jit
+def _store_partials(row, n_valid, trust, delta, ratio, nonfinite, term, listed, clipped):
+    """The block's metric and loss partials (float64 row, STATS_* columns). The terms are summed
+    in float64 as the torch backend sums them: where that sum is exact the loss has the same
+    bits whatever the order (README, "Float details"); the compacted list's apart, for the
+    fix-up passes to replace."""
+    tl.store(row + STATS_VALID, n_valid.to(tl.float64))
+    tl.store(row + STATS_TRUST, tl.sum(trust.to(tl.int64)).to(tl.float64))
+    tl.store(row + STATS_NEG_DELTA, tl.sum(-delta).to(tl.float64))
+    tl.store(row + STATS_RATIO_SUM, tl.sum(ratio).to(tl.float64))
+    tl.store(row + STATS_RATIO_MAX, tl.max(ratio).to(tl.float64))
+    tl.store(row + STATS_NONFINITE, tl.sum(nonfinite.to(tl.int64)).to(tl.float64))
     term64 = term.to(tl.float64)
-    tl.store(row + 6, tl.sum(tl.where(listed, 0.0, term64)))
-    tl.store(row + 7, tl.sum((valid & ~keep).to(tl.int64)).to(tl.float64))
-    tl.store(row + 8, tl.sum(tl.where(listed, term64, 0.0)))
-    return bits, tail
+    tl.store(row + STATS_LOSS, tl.sum(tl.where(listed, 0.0, term64)))
+    tl.store(row + STATS_CLIPPED, tl.sum(clipped.to(tl.int64)).to(tl.float64))
+    tl.store(row + STATS_LIST_LOSS, tl.sum(tl.where(listed, term64, 0.0)))
 
 
 @triton.jit
@@ -248,7 +268,7 @@ def level2_kernel(key_ptr, cnt_ptr, state_ptr, hist2_ptr, thr: tl.int64, n: tl.i
     micro-batch and process-group paths keep those), of which the tail is key > thr (so the
     official wide tail's -1 keys, tokens outside the trust region, never count; thr >= -1)."""
     pid = tl.program_id(0)
-    if tl.load(state_ptr + _REFINE) != 0:
+    if tl.load(state_ptr + REFINE) != 0:
         j = tl.arange(0, BLOCK)
         if DENSE:
             cnt = tl.minimum(n - pid.to(tl.int64) * BLOCK, BLOCK)
@@ -260,10 +280,11 @@ def level2_kernel(key_ptr, cnt_ptr, state_ptr, hist2_ptr, thr: tl.int64, n: tl.i
             bucket = (key >> L1_SHIFT).to(tl.int64)
             low = key & (NB2 - 1)
             sig = significand(key)
-            add_aggregated(hist2_ptr, hist2_ptr + NB2, low, sig, tail & (bucket == tl.load(state_ptr + _B1)), BLOCK)
+            add_aggregated(hist2_ptr + HIST2_B1_COUNT * NB2, hist2_ptr + HIST2_B1_SUM * NB2, low, sig,
+                           tail & (bucket == tl.load(state_ptr + B1)), BLOCK)
             if OFFICIAL:
-                add_aggregated(hist2_ptr + 2 * NB2, hist2_ptr + 3 * NB2, low, sig,
-                               tail & (bucket == tl.load(state_ptr + _B0)), BLOCK)
+                add_aggregated(hist2_ptr + HIST2_B0_COUNT * NB2, hist2_ptr + HIST2_B0_SUM * NB2, low, sig,
+                               tail & (bucket == tl.load(state_ptr + B0)), BLOCK)
 
 
 @triton.jit(do_not_specialize_on_alignment=["value_ptr"])
