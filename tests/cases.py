@@ -4,19 +4,35 @@
 data style and dtype; ``make_case(**settings)`` builds the inputs (ties common on the grid
 styles, 0 to 100% padding, 2-D / packed / packed with cu_seqlens, per-token or per-sequence
 advantages, every mask dtype).
+
+For parametrised tests: ``BACKENDS`` (the ``backend`` parameter of a test of an op both backends
+implement), ``case_param(spec)`` (a case with a readable id such as
+``seed1003-2d-B3xT63-fine-fp32-tau0.04-mask-int``), ``shape_id``. Fixed batches:
+``regime_batch`` (flat, in a regime: nothing to mask, some, ties) and ``batch_2d``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
+import pytest
 import torch
 
 TAUS = (0.0, 0.01, 0.04, 1.0, math.inf)
 STYLES = ("grid", "fine", "no_tr", "all_above")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASK_KINDS = ("bool", "int", "float", "none")
+LAYOUTS = ("2d", "packed", "packed_cu")
+VARIANTS = ("paper", "official")
+MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="the Triton backend needs triton")
+# The ``backend`` parameter of a test that checks an op both backends implement. The Triton
+# backend runs where the ``device`` fixture says (conftest.py): such a test takes ``device``.
+BACKENDS = [pytest.param("torch", id="torch"), pytest.param("triton", id="triton", marks=needs_triton)]
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,3 +174,58 @@ def case_grid(layout, chunk, count=60):
             )
         )
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Readable ids for parametrised cases
+
+
+def shape_id(seed, layout, per_seq=False, max_tokens=300):
+    """The case's layout as make_case draws it: ``B3xT63`` (2-D), ``N250`` (packed), ``N250-S4``
+    (packed with 4 sequences in cu_seqlens; ``-with-empty-seq`` when one of them has no token)."""
+    shape, cu, _, num_seqs = _layout(np.random.default_rng(seed), layout, max_tokens, per_seq)
+    if layout == "2d":
+        return f"B{shape[0]}xT{shape[1]}"
+    if layout == "packed":
+        return f"N{shape[0]}"
+    empty = "-with-empty-seq" if any(b == a for a, b in zip(cu, cu[1:])) else ""
+    return f"N{shape[0]}-S{num_seqs}{empty}"
+
+
+def case_id(spec):
+    """``seed1003-2d-B3xT63-fine-fp32-tau0.04-mask-int[-per-seq]`` for make_case(**spec)."""
+    layout = spec["layout"]
+    parts = [f"seed{spec['seed']}", "cu" if layout == "packed_cu" else layout,
+             shape_id(spec["seed"], layout, spec["per_seq"], spec.get("max_tokens", 300)), spec["style"],
+             DTYPE_IDS[spec["dtype"]], f"tau{spec['tau']:g}", f"mask-{spec['mask_kind']}"]
+    if spec["per_seq"]:
+        parts.append("per-seq")
+    return "-".join(parts)
+
+
+def case_param(spec, *extra_values, suffix=""):
+    """pytest.param(spec, *extra_values) with the case's readable id (plus ``suffix``)."""
+    return pytest.param(spec, *extra_values, id=case_id(spec) + suffix)
+
+
+def regime_batch(regime, n=3000, seed=0, device="cpu"):
+    """Flat (N,) inputs in a regime: "none" (|delta| ~ 0.01: nothing to mask at tau 0.04), "some"
+    (|delta| ~ 0.2) or "ties" (delta on a 0.5 grid), per-token advantages, ~10% padding."""
+    g = torch.Generator().manual_seed(seed)
+    olp = -torch.rand(n, generator=g) * 3
+    noise = {"none": 0.01, "some": 0.2, "ties": 0.0}[regime]
+    delta = torch.randn(n, generator=g) * noise
+    if regime == "ties":
+        delta = torch.randint(-2, 3, (n,), generator=g).float() * 0.5
+    adv = torch.randn(n, generator=g)
+    return tuple(x.to(device) for x in ((olp + delta), olp, adv, torch.rand(n, generator=g) < 0.9))
+
+
+def batch_2d(device, b=4, t=50, seed=0):
+    """A (B, T) float32 batch: |delta| ~ 0.4, per-token advantages, ~10% padding."""
+    g = torch.Generator().manual_seed(seed)
+    olp = -torch.rand(b, t, generator=g) * 3
+    lp = olp + torch.randn(b, t, generator=g) * 0.4
+    adv = torch.randn(b, t, generator=g)
+    mask = torch.rand(b, t, generator=g) < 0.9
+    return tuple(x.to(device) for x in (lp, olp, adv, mask))

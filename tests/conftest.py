@@ -113,4 +113,10 @@ def device() -> torch.device:
 
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    """Every test starts from torch's seed 0. Without CUDA the tests' tensors live on the CPU and
+    seeding its generator is enough: torch.manual_seed would also queue lazy CUDA / XPU seeding
+    calls that never run, each recording a stack trace (about 4 ms a test inside pytest)."""
+    if DEVICE.type == "cuda":
+        torch.manual_seed(0)
+    else:
+        torch.default_generator.manual_seed(0)

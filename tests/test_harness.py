@@ -14,19 +14,26 @@ import pathlib
 import pytest
 
 TESTS = pathlib.Path(__file__).resolve().parent
-FILES = ("test_triton.py", "test_microbatch.py", "test_contract.py")
+FILES = ("test_triton.py", "test_microbatch.py", "test_mask.py", "test_loss.py", "test_inputs.py")
 # CPU tensors on purpose: checks that backend="auto" keeps CPU tensors off the Triton path
 CPU_ONLY = {"test_auto_backend_picks_triton_for_cuda_and_torch_on_cpu"}
 
 
 def _names_holding_triton(tree: ast.Module) -> set:
-    """Module-level names bound to a value that contains "triton" (e.g. BACKENDS = (..., "triton"))."""
+    """Module-level names bound to a value that contains "triton" (e.g. BACKENDS = (..., "triton")),
+    and names imported from a helper module of tests/ (``from cases import BACKENDS``, ``from calls
+    import assert_backends_agree``) that holds triton there or is a helper running the Triton backend."""
     out = set()
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(
             isinstance(n, ast.Constant) and n.value == "triton" for n in ast.walk(node.value)
         ):
             out |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        if isinstance(node, ast.ImportFrom) and node.module and (TESTS / f"{node.module}.py").is_file():
+            helper = ast.parse((TESTS / f"{node.module}.py").read_text())
+            theirs = _names_holding_triton(helper)
+            theirs |= _helpers_running_triton(helper, theirs)
+            out |= {a.asname or a.name for a in node.names if a.name in theirs}
     return out
 
 
@@ -96,3 +103,14 @@ def test_the_rule_sees_a_cpu_only_triton_test():
     tree = ast.parse(src)
     names = _helpers_running_triton(tree, _names_holding_triton(tree))
     assert names == {"agree"} and _runs_triton(tree.body[1], names)
+    # through names imported from the helper modules of tests/: the backend list and the helpers
+    # that run the Triton backend (not the others)
+    src = (
+        "from cases import BACKENDS, make_case\n"
+        "from calls import assert_backends_agree, run_loss\n"
+        "def test_z():\n    assert_backends_agree(make_case(seed=0), 'paper', '', torch.device('cpu'))\n"
+    )
+    tree = ast.parse(src)
+    names = _names_holding_triton(tree)
+    assert {"BACKENDS", "assert_backends_agree"} <= names and not {"make_case", "run_loss"} & names
+    assert _runs_triton(tree.body[2], names)
