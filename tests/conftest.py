@@ -85,6 +85,35 @@ def _skip_repatching_in_device_calls() -> None:
 
 _skip_repatching_in_device_calls()
 
+
+def _sort_with_numpy_in_the_interpreter() -> None:
+    """tl.sort under the interpreter as one numpy sort instead of Triton's bitonic network run op by
+    op (55 compare-and-swap stages over a 10-dimensional reshape: about a second per 1,024-element
+    block, most of the time of the tests that run the GPU's aggregation paths). The contract the
+    kernels rely on is the same: the values in ascending order along the last axis. A GPU compiles
+    Triton's own sort (tests/test_aot.py), and tests/test_kernel_properties.py checks the sorted
+    aggregation's sums against integer sums."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.language import standard
+    from triton.runtime import interpreter
+
+    def sort(x, dim=None, descending=tl.core.CONSTEXPR_0):
+        dim = tl.core._unwrap_if_constexpr(dim)
+        if dim is not None and dim not in (-1, len(x.shape) - 1):
+            raise ValueError("tl.sort sorts along the last dimension only")
+        out = np.sort(x.handle.data, axis=-1)
+        if tl.core._unwrap_if_constexpr(descending):
+            out = out[..., ::-1]
+        return tl.core.tensor(interpreter.TensorHandle(np.ascontiguousarray(out), x.handle.dtype), x.type)
+
+    tl.sort = standard.sort = sort
+
+
+_sort_with_numpy_in_the_interpreter()
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
