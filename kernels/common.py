@@ -28,13 +28,17 @@ RATIO_ABOVE_ONE_DELTA = tl.constexpr(C.RATIO_ABOVE_ONE_DELTA)
 RATIO_BELOW_ONE_DELTA = tl.constexpr(C.RATIO_BELOW_ONE_DELTA)
 W_NONE, W_COUNT, W_SCALAR = tl.constexpr(C.W_NONE), tl.constexpr(C.W_COUNT), tl.constexpr(C.W_SCALAR)
 W_TENSOR_DENOM, W_PER_TOKEN = tl.constexpr(C.W_TENSOR_DENOM), tl.constexpr(C.W_PER_TOKEN)
+WRITE_GRAD, WRITE_KEEP, WRITE_KEYS = tl.constexpr(C.WRITE_GRAD), tl.constexpr(C.WRITE_KEEP), tl.constexpr(C.WRITE_KEYS)
+READ_MASK, READ_ADV_PER_ROW = tl.constexpr(C.READ_MASK), tl.constexpr(C.READ_ADV_PER_ROW)
+READ_FIRST_PER_ROW, READ_WEIGHTS = tl.constexpr(C.READ_FIRST_PER_ROW), tl.constexpr(C.READ_WEIGHTS)
 MAX_LIMBS = tl.constexpr(C.MAX_LIMBS)
 SEARCH_STEPS = tl.constexpr(C.SEARCH_STEPS)
 # buffer slots (offsets into the workspace's parts)
 BELOW_COUNT, BELOW_LIMBS = tl.constexpr(C.BELOW_COUNT), tl.constexpr(C.BELOW_LIMBS)
 TAIL_COUNT, TAIL_INF, TAIL_LIMBS = tl.constexpr(C.TAIL_COUNT), tl.constexpr(C.TAIL_INF), tl.constexpr(C.TAIL_LIMBS)
 REFINE, B1, B0 = tl.constexpr(C.REFINE), tl.constexpr(C.B1), tl.constexpr(C.B0)
-K_BASE, S_BASE, K_END, S_END = tl.constexpr(C.K_BASE), tl.constexpr(C.S_BASE), tl.constexpr(C.K_END), tl.constexpr(C.S_END)
+K_BASE, S_BASE = tl.constexpr(C.K_BASE), tl.constexpr(C.S_BASE)
+K_END, S_END = tl.constexpr(C.K_END), tl.constexpr(C.S_END)
 N_TR, TOTAL = tl.constexpr(C.N_TR), tl.constexpr(C.TOTAL)
 HIST2_B1_COUNT, HIST2_B1_SUM = tl.constexpr(C.HIST2_B1_COUNT), tl.constexpr(C.HIST2_B1_SUM)
 HIST2_B0_COUNT, HIST2_B0_SUM = tl.constexpr(C.HIST2_B0_COUNT), tl.constexpr(C.HIST2_B0_SUM)
@@ -47,7 +51,8 @@ STATS_NEG_DELTA, STATS_RATIO_SUM = tl.constexpr(C.STATS_NEG_DELTA), tl.constexpr
 STATS_RATIO_MAX, STATS_NONFINITE = tl.constexpr(C.STATS_RATIO_MAX), tl.constexpr(C.STATS_NONFINITE)
 STATS_LOSS, STATS_CLIPPED = tl.constexpr(C.STATS_LOSS), tl.constexpr(C.STATS_CLIPPED)
 STATS_LIST_LOSS = tl.constexpr(C.STATS_LIST_LOSS)
-APPLY_LOSS, APPLY_MASKED, APPLY_REDONE = tl.constexpr(C.APPLY_LOSS), tl.constexpr(C.APPLY_MASKED), tl.constexpr(C.APPLY_REDONE)
+APPLY_LOSS, APPLY_MASKED = tl.constexpr(C.APPLY_LOSS), tl.constexpr(C.APPLY_MASKED)
+APPLY_REDONE = tl.constexpr(C.APPLY_REDONE)
 APPLY_WHOLE, APPLY_LIST = tl.constexpr(C.APPLY_WHOLE), tl.constexpr(C.APPLY_LIST)
 FINAL_LOSS, FINAL_MASKED = tl.constexpr(C.FINAL_LOSS), tl.constexpr(C.FINAL_MASKED)
 CUT_TIES_KEPT, CUT_NUM_TRUST_REGION = tl.constexpr(C.CUT_TIES_KEPT), tl.constexpr(C.CUT_NUM_TRUST_REGION)
@@ -221,19 +226,19 @@ def clamp(x, lo, hi):
 
 
 @triton.jit
-def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK: tl.constexpr,
-                ADV_PER_ROW: tl.constexpr, FULL: tl.constexpr):
+def load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK, ADV_PER_ROW, FULL: tl.constexpr):
     """Load one block of tokens as float32 and decide validity in the kernel: the mask is
     nonzero (any dtype) and log-probs and advantage are finite. Returns
     (lp, olp, adv, valid, nonfinite) where nonfinite marks masked-in tokens with inf/NaN.
-    ADV_PER_ROW: advantages hold one value per row of adv_div tokens (else one per token)."""
+    ADV_PER_ROW: advantages hold one value per row of adv_div tokens (else one per token).
+    HAS_MASK and ADV_PER_ROW are constexpr in most kernels, runtime flags (a uniform branch) in
+    stats_kernel, whose variants they would otherwise multiply."""
     return gather_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, in_bounds(offs, n, FULL), HAS_MASK,
                          ADV_PER_ROW)
 
 
 @triton.jit
-def gather_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, inb, HAS_MASK: tl.constexpr,
-                  ADV_PER_ROW: tl.constexpr):
+def gather_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, inb, HAS_MASK, ADV_PER_ROW):
     """load_tokens at any token positions ``offs`` (lanes where ``inb`` is false load nothing
     and are not valid): apply_official's gather of the compacted tail."""
     lp = tl.load(lp_ptr + offs, mask=inb, other=0.0)
@@ -420,7 +425,7 @@ def ppo_clip_terms(adv, ratio, valid, lower, upper):
 
 
 @triton.jit
-def weighted_terms(loss, grad, valid, w_ptr, offs, inb, poison, WEIGHTS: tl.constexpr):
+def weighted_terms(loss, grad, valid, w_ptr, offs, inb, poison, WEIGHTS):
     """(term, derivative) of tokens as every pass weights them: W_PER_TOKEN, per-token weights
     plus the poison; else (token-mean: the scale comes in finalize) times 1 + poison, which is
     exactly 1, or NaN."""

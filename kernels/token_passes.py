@@ -23,11 +23,12 @@ import triton
 import triton.language as tl
 
 from .. import constants as C
-from .common import (B0, B1, BELOW_COUNT, BELOW_LIMBS, F32_INF_BITS, HIST2_B0_COUNT, HIST2_B0_SUM,
-                     HIST2_B1_COUNT, HIST2_B1_SUM, L1_SHIFT, MAX_LIMBS, RATIO_MAX, RATIO_MIN_FLIPPED,
-                     REFINE, STATS_CLIPPED, STATS_LIST_LOSS, STATS_LOSS, STATS_NEG_DELTA, STATS_NONFINITE,
-                     STATS_RATIO_MAX, STATS_RATIO_SUM, STATS_TRUST, STATS_VALID, TAIL_COUNT, TAIL_INF, TAIL_LIMBS,
-                     W_NONE, add_aggregated, add_limbs, in_bounds, is_finite, last_to_arrive, load_tokens,
+from .common import (B0, B1, BELOW_COUNT, BELOW_LIMBS, F32_INF_BITS, HIST2_B0_COUNT, HIST2_B0_SUM, HIST2_B1_COUNT,
+                     HIST2_B1_SUM, L1_SHIFT, MAX_LIMBS, RATIO_MAX, RATIO_MIN_FLIPPED, REFINE, STATS_CLIPPED,
+                     STATS_LIST_LOSS, STATS_LOSS, STATS_NEG_DELTA, STATS_NONFINITE, STATS_RATIO_MAX, STATS_RATIO_SUM,
+                     STATS_TRUST, STATS_VALID, TAIL_COUNT, TAIL_INF, TAIL_LIMBS, W_COUNT, W_PER_TOKEN, WRITE_GRAD,
+                     WRITE_KEEP, WRITE_KEYS, READ_ADV_PER_ROW, READ_FIRST_PER_ROW, READ_MASK, READ_WEIGHTS,
+                     add_aggregated, add_limbs, in_bounds, is_finite, last_to_arrive, load_tokens,
                      official_trust_region, paper_trust_region, ppo_clip_terms, ratio_f32, row_of, significand,
                      unclipped_terms, weighted_terms)
 
@@ -67,16 +68,15 @@ def first_valid_kernel(
     tl.store(first_ptr + seq, adv)
 
 
-@triton.jit(do_not_specialize=["adv_div", "first_div", "first_mul", "thr", "lower_u_bits", "upper_u_bits", "n"],
+@triton.jit(do_not_specialize=["adv_div", "first_div", "first_mul", "thr", "lower_u_bits", "upper_u_bits", "n",
+                               "layout", "outputs"],
             do_not_specialize_on_alignment=["poison_ptr", "n_valid_ptr", "below_max_ptr", "ratio_range_ptr"])
 def stats_kernel(
     lp_ptr, olp_ptr, adv_ptr, adv_div: tl.int64, first_ptr, first_div: tl.int64, first_mul: tl.int64, mask_ptr,
     w_ptr, poison_ptr, grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr,
     sums_ptr, below_max_ptr, ratio_range_ptr, thr: tl.int64, lower_u_bits: tl.int64, upper_u_bits: tl.int64,
-    part_ptr, n_valid_ptr, n: tl.int64,
-    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
-    WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr, WRITE_KEYS: tl.constexpr, NB1: tl.constexpr,
-    NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
+    part_ptr, n_valid_ptr, n: tl.int64, layout: tl.int32, outputs: tl.int32,
+    OFFICIAL: tl.constexpr, NB1: tl.constexpr, NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr,
 ):
     """The one full read of the inputs. Writes, per token, the derivative as if nothing were
     masked (grad_ptr, the input dtype; paper: the straight-through -A r; official: the clipped
@@ -88,23 +88,31 @@ def stats_kernel(
     tail_term), and ratio_range_ptr gets max(inf bits - ratio bits) and max(ratio bits)
     over the valid tokens outside it (0: none), for apply_official_kernel.
 
-    WEIGHTS: W_NONE no loss (mask only); W_COUNT token-mean (the 1 / denominator scale is
-    applied by finalize and in backward); W_PER_TOKEN per-token weights at w_ptr. poison_ptr: float32 0-d, 0 or NaN
-    (invalid inputs found on the device), carried into every valid token's term."""
+    layout: how to read (READ_* bits): a mask at mask_ptr, one advantage per row of adv_div
+    tokens, the official rule's first advantage per row, per-token weights at w_ptr (else
+    token-mean: the 1 / denominator scale is applied by finalize and in backward). outputs: which
+    of the derivative, keep and the keys to write (WRITE_* bits). Both are runtime bit sets (each
+    a uniform branch): one compiled variant serves every layout and kind of call of a dtype.
+    poison_ptr: float32 0-d, 0 or NaN (invalid inputs found on the device), carried into every
+    valid token's term."""
     # every block but the last is full: its accesses need no bounds mask (see common.in_bounds)
     pid = tl.program_id(0)
+    has_mask = (layout & READ_MASK) != 0
+    adv_per_row = (layout & READ_ADV_PER_ROW) != 0
+    first_per_row = (layout & READ_FIRST_PER_ROW) != 0
+    weights = tl.where((layout & READ_WEIGHTS) != 0, W_PER_TOKEN, W_COUNT)
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
         bits, tail = _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr,
                                   poison_ptr, grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr,
                                   tail_cnt_ptr, sums_ptr, below_max_ptr, ratio_range_ptr, thr, lower_u_bits,
-                                  upper_u_bits, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW,
-                                  FIRST_PER_ROW, WEIGHTS, WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP, True)
+                                  upper_u_bits, part_ptr, n_valid_ptr, n, outputs, pid, has_mask, adv_per_row,
+                                  first_per_row, weights, OFFICIAL, NB1, NLIMB, BLOCK, INTERP, True)
     else:
         bits, tail = _stats_block(lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr,
                                   poison_ptr, grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr,
                                   tail_cnt_ptr, sums_ptr, below_max_ptr, ratio_range_ptr, thr, lower_u_bits,
-                                  upper_u_bits, part_ptr, n_valid_ptr, n, pid, OFFICIAL, HAS_MASK, ADV_PER_ROW,
-                                  FIRST_PER_ROW, WEIGHTS, WRITE_KEEP, WRITE_KEYS, NB1, NLIMB, BLOCK, INTERP, False)
+                                  upper_u_bits, part_ptr, n_valid_ptr, n, outputs, pid, has_mask, adv_per_row,
+                                  first_per_row, weights, OFFICIAL, NB1, NLIMB, BLOCK, INTERP, False)
     # the tail's level-1 histogram, once for both block kinds (the in-block sort is large code)
     add_aggregated(sums_ptr, sums_ptr + NB1, bits >> L1_SHIFT, significand(bits), tail, BLOCK)
 
@@ -113,21 +121,20 @@ def stats_kernel(
 def _stats_block(
     lp_ptr, olp_ptr, adv_ptr, adv_div, first_ptr, first_div, first_mul, mask_ptr, w_ptr, poison_ptr,
     grad_ptr, keep_ptr, key_ptr, tail_key_ptr, tail_pos_ptr, tail_term_ptr, tail_cnt_ptr, sums_ptr,
-    below_max_ptr, ratio_range_ptr, thr, lower_u_bits, upper_u_bits, part_ptr, n_valid_ptr, n, pid,
-    OFFICIAL: tl.constexpr, HAS_MASK: tl.constexpr, ADV_PER_ROW: tl.constexpr, FIRST_PER_ROW: tl.constexpr,
-    WEIGHTS: tl.constexpr, WRITE_KEEP: tl.constexpr, WRITE_KEYS: tl.constexpr, NB1: tl.constexpr,
-    NLIMB: tl.constexpr, BLOCK: tl.constexpr, INTERP: tl.constexpr, FULL: tl.constexpr,
+    below_max_ptr, ratio_range_ptr, thr, lower_u_bits, upper_u_bits, part_ptr, n_valid_ptr, n, outputs, pid,
+    has_mask, adv_per_row, first_per_row, weights, OFFICIAL: tl.constexpr, NB1: tl.constexpr, NLIMB: tl.constexpr,
+    BLOCK: tl.constexpr, INTERP: tl.constexpr, FULL: tl.constexpr,
 ):
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = in_bounds(offs, n, FULL)
-    lp, olp, adv, valid, nonfinite = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, HAS_MASK,
-                                                 ADV_PER_ROW, FULL)
+    lp, olp, adv, valid, nonfinite = load_tokens(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, offs, n, has_mask,
+                                                 adv_per_row, FULL)
     delta = tl.where(valid, lp - olp, 0.0)
     adv = tl.where(valid, adv, 0.0)
     m2 = delta * delta
     # the rule's trust region, and the surrogate under the bounds nothing has cut yet
     if OFFICIAL:
-        if FIRST_PER_ROW:
+        if first_per_row:
             first_idx = row_of(offs, first_div).to(tl.int64) * first_mul
         else:
             first_idx = offs
@@ -144,13 +151,13 @@ def _stats_block(
         ratio, loss, grad = unclipped_terms(adv, delta, valid, INTERP)
         keep = valid
     bits = m2.to(tl.int32, bitcast=True)
-    if WRITE_KEYS:
+    # (uniform branches on a runtime bit set: one compiled variant serves every kind of call)
+    if (outputs & WRITE_KEYS) != 0:
         tl.store(key_ptr + offs, tl.where(trust, bits, -1), mask=inb)
-    if WRITE_KEEP:
+    if (outputs & WRITE_KEEP) != 0:
         tl.store(keep_ptr + offs, keep, mask=inb)
-    term = loss
-    if WEIGHTS != W_NONE:
-        term, grad = weighted_terms(loss, grad, valid, w_ptr, offs, inb, tl.load(poison_ptr), WEIGHTS)
+    term, grad = weighted_terms(loss, grad, valid, w_ptr, offs, inb, tl.load(poison_ptr), weights)
+    if (outputs & WRITE_GRAD) != 0:
         tl.store(grad_ptr + offs, grad.to(grad_ptr.dtype.element_ty), mask=inb)
     # the threshold split: the tail, compacted in token order, and its histogram; the sums
     tail = trust & (bits > thr)

@@ -102,6 +102,14 @@ FINAL_COLS = 8
 # per-token weights (the sequence modes).
 W_NONE, W_COUNT, W_SCALAR, W_TENSOR_DENOM, W_PER_TOKEN = range(5)
 
+# What stats_kernel writes per token (a runtime bit set, not a specialisation, so a mask, a loss, a
+# micro-batch pre-pass and a process group's call share one compiled variant): the derivative as
+# if nothing were cut, keep, the keys.
+WRITE_GRAD, WRITE_KEEP, WRITE_KEYS = 1, 2, 4
+# How stats_kernel reads its inputs (a runtime bit set too, for the same reason): a mask to load,
+# one advantage per row, the official rule's first advantage per row, per-token loss weights.
+READ_MASK, READ_ADV_PER_ROW, READ_FIRST_PER_ROW, READ_WEIGHTS = 1, 2, 4, 8
+
 # ---------------------------------------------------------------------------------------------
 # A fused call's results (m2po_ops/triton_backend.py: Results): int64 [RESULTS_LEN], of which
 # the first CUT_I64_LEN words are the cut's integers, the rest float32 slots.

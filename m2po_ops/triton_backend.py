@@ -138,6 +138,11 @@ def _launch(kernel, grid, *args, **meta):
 
 
 
+# int64 words of the sink: 16 bytes, so that a view of it as any dtype starts on the 16-byte
+# boundary real outputs start on (the JIT specialises pointers on it)
+SINK_WORDS = 2
+
+
 class _Layout(NamedTuple):
     nblocks: int
     total: int  # int64 words
@@ -157,10 +162,11 @@ def _layout_for(n: int, select1_chunk: int, select2_chunk: int, tie_chunk: int, 
     nblocks = max(1, math.ceil(n / BLOCK))
     p1, p2 = L1_BUCKETS // select1_chunk * C.PART_COLS, L2_BUCKETS // select2_chunk * C.PART_COLS
     # sums, below_max, ratio_range (official: the extreme ratios outside the wide tail), state1,
-    # part1, part2, counters, n_valid, stats_part, apply_part, ties, tie_chunks, final_chunks
+    # part1, part2, counters, n_valid, stats_part, apply_part, ties, tie_chunks, final_chunks,
+    # sink (16 bytes: what a pass is handed for an output it does not write)
     zeroed = [SUMS_LEN, 1, len((C.RATIO_MIN_FLIPPED, C.RATIO_MAX)), STATE_LEN, p1, p2, C.NUM_COUNTERS, 1,
               nblocks * C.STATS_COLS, nblocks * C.APPLY_COLS, nblocks, math.ceil(nblocks / tie_chunk),
-              math.ceil(nblocks / final_chunk) * C.FINAL_COLS]
+              math.ceil(nblocks / final_chunk) * C.FINAL_COLS, SINK_WORDS]
     n_pad = nblocks * BLOCK
     # hist2 (int64 [HIST2_ROWS, L2]: two int32 words a bucket), tail keys / positions / terms,
     # tail counts, keys
@@ -211,7 +217,7 @@ class Workspace:
 
     __slots__ = ("zeroed", "sums", "below_max", "ratio_range", "state1", "part1", "part2", "counters", "n_valid",
                  "stats_part", "apply_part", "ties", "tie_chunks", "final_chunks", "hist2", "tail_key", "tail_pos",
-                 "tail_term", "tail_cnt", "key", "nblocks", "counter", "res", "layout")
+                 "tail_term", "tail_cnt", "key", "sink", "nblocks", "counter", "res", "layout")
 
     @staticmethod
     def allocate(n: int, device) -> "Workspace":
@@ -223,7 +229,7 @@ class Workspace:
         _memset(ws.zeroed)
         z = ws.zeroed.split(lay.zeroed)  # with a padding part after every part
         (ws.sums, ws.below_max, ws.ratio_range, ws.state1, ws.part1, ws.part2, ws.counters, ws.n_valid, stats_part,
-         apply_part, ws.ties, ws.tie_chunks, final_chunks) = z[0::2]
+         apply_part, ws.ties, ws.tie_chunks, final_chunks, ws.sink) = z[0::2]
         r = raw.view(torch.int32).split(lay.raw)
         hist2, ws.tail_key, ws.tail_pos, tail_term, ws.tail_cnt, ws.key = r[0::2]
         # views the kernels index as such (a reshape of a contiguous part: no copy)
@@ -367,20 +373,29 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional
         first, first_div, first_mul = first_valid_pass(tok)
     if first is None:
         first = tok.adv_src
-    mask = tok.mask_src if tok.mask_src is not None else tok.logprobs
-    code = (W_PER_TOKEN if weights is not None else W_COUNT) if grad is not None else W_NONE
+    mask = tok.mask_src if tok.mask_src is not None else ws.sink.view(torch.bool)
+    # Outputs not asked for get the sink, viewed in the output's dtype: a mask's call, a loss's,
+    # a pre-pass's and a process group's then pass the same pointer types, and share one compiled
+    # variant (the WRITE_* bits say what is written)
+    outputs = ((C.WRITE_GRAD if grad is not None else 0) | (C.WRITE_KEEP if keep is not None else 0)
+               | (C.WRITE_KEYS if write_keys else 0))
+    if grad is None:
+        grad = ws.sink.view(_grad_dtype(tok.logprobs.dtype))
+    if keep is None:
+        keep = ws.sink.view(torch.bool)
+    # how to read, likewise a runtime bit set; the sink stands in for an absent mask or weights
+    layout = ((C.READ_MASK if tok.mask_src is not None else 0) | (C.READ_ADV_PER_ROW if tok.adv_per_row else 0)
+              | (C.READ_FIRST_PER_ROW if tok.first_per_row else 0) | (C.READ_WEIGHTS if weights is not None else 0))
     lower_u, upper_u = unconstrained_bounds(config.miniclip_low, config.miniclip_high)
     _launch(
         K.stats_kernel, (ws.nblocks,),
         tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), first, first_div, first_mul, mask,
-        weights if weights is not None else ws.zero, poison if poison is not None else ws.zero,
-        grad if grad is not None else ws.zero, keep if keep is not None else ws.zero, ws.key,
-        ws.tail_key, ws.tail_pos, ws.tail_term, ws.tail_cnt, ws.sums, ws.below_max, ws.ratio_range,
-        threshold_bits(config.rule, config.tau), lower_u, upper_u, ws.stats_part, ws.n_valid, n,
-        OFFICIAL=config.variant == "official", HAS_MASK=tok.mask_src is not None, ADV_PER_ROW=tok.adv_per_row,
-        FIRST_PER_ROW=tok.first_per_row, WEIGHTS=code, WRITE_KEEP=keep is not None, WRITE_KEYS=write_keys,
-        NB1=L1_BUCKETS, NLIMB=_nlimb(config), BLOCK=BLOCK, INTERP=INTERPRET, num_warps=STATS_WARPS,
-        maxnreg=STATS_MAXNREG, enable_fp_fusion=False,
+        weights if weights is not None else ws.sink.view(torch.float32), poison if poison is not None else ws.zero,
+        grad, keep, ws.key, ws.tail_key, ws.tail_pos, ws.tail_term, ws.tail_cnt, ws.sums, ws.below_max,
+        ws.ratio_range,
+        threshold_bits(config.rule, config.tau), lower_u, upper_u, ws.stats_part, ws.n_valid, n, layout, outputs,
+        OFFICIAL=config.variant == "official", NB1=L1_BUCKETS, NLIMB=_nlimb(config), BLOCK=BLOCK, INTERP=INTERPRET,
+        num_warps=STATS_WARPS, maxnreg=STATS_MAXNREG, enable_fp_fusion=False,
     )
 
 

@@ -84,7 +84,8 @@ def _find_cycle(graph: dict):
 
 def test_the_import_walk_sees_every_module_and_function_level_imports():
     """The walk is not vacuous: it lists the modules and finds imports inside functions."""
-    assert {"m2po_ops", "m2po_ops.api", "m2po_ops.constants", "m2po_ops.kernels", "m2po_ops.kernels.common"} <= set(MODULES)
+    assert {"m2po_ops", "m2po_ops.api", "m2po_ops.constants", "m2po_ops.kernels",
+            "m2po_ops.kernels.common"} <= set(MODULES)
     graph = {name: _imports(name, *info) for name, info in MODULES.items()}
     assert "m2po_ops.constants" in graph["m2po_ops.kernels.common"]
     # a cycle made only of function-level imports is found too
