@@ -75,6 +75,11 @@ def _maybe_check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Optio
         microbatch.check_drift(tok, config, backend, cut)
 
 
+# (loss, keys) -> what the call wants: a loss builds no keep; a solve over a group reads every
+# token's key (made once: the host path is the cost of small calls)
+_WANTS = {(loss, keys): Want(loss=loss, keep=not loss, keys=keys) for loss in (False, True) for keys in (False, True)}
+
+
 def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool,
              num_tokens=None) -> Applied:
     """The backend's three steps (m2po_ops/backend.py): statistics, solve (unless a cut is given),
@@ -83,8 +88,7 @@ def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], 
     error = input_error(tok, num_tokens, config)
     poison = poison_of(error) if error is not None and want_loss else None
     be = get_backend(backend)
-    # (a loss builds no keep; a solve over a group reads every token's key)
-    want = Want(loss=want_loss, keep=not want_loss, keys=group is not None and cut is None)
+    want = _WANTS[want_loss, group is not None and cut is None]
     statistics = be.statistics(tok, config, want, poison)
     local_solve = cut is None and group is None
     if cut is None:

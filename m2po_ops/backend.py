@@ -30,8 +30,7 @@ from .cut import Cut
 from .inputs import Tokens
 
 
-@dataclass(frozen=True)
-class Want:
+class Want(NamedTuple):
     """What a call needs from the passes: the loss (and its derivative), the keep mask, and the
     keys of every token (for a solve over a group, or a micro-batch pre-pass)."""
 

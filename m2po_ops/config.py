@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from .constants import DEFAULT_TAU
@@ -63,11 +63,18 @@ class M2POConfig:
     miniclip_low: Optional[float] = None
     miniclip_high: Optional[float] = None
     validate: bool = True
+    # the variant's cut rule ("paper": Algorithm 1, "official": water-filling) and the surrogate
+    # that applies its cut ("unclipped": -A r on kept tokens, "ppo_clip"): PRESETS[variant]
+    rule: str = field(init=False, repr=False, compare=False)
+    surrogate: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         object.__setattr__(self, "tau", _check_float("tau", self.tau, allow_inf=True))
         if not isinstance(self.variant, str) or self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        rule, surrogate = PRESETS[self.variant]
+        object.__setattr__(self, "rule", rule)
+        object.__setattr__(self, "surrogate", surrogate)
         if not isinstance(self.loss_agg_mode, str) or self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
         object.__setattr__(
@@ -83,16 +90,6 @@ class M2POConfig:
                 if getattr(self, name) is not None:
                     # the paper's rule has no clip: a floor there would be silently ignored
                     raise ValueError(f"{name} applies to variant='official' only (the paper's rule has no clip)")
-
-    @property
-    def rule(self) -> str:
-        """The cut rule of the variant: "paper" (Algorithm 1) or "official" (water-filling)."""
-        return PRESETS[self.variant][0]
-
-    @property
-    def surrogate(self) -> str:
-        """The surrogate that applies the cut: "unclipped" (-A r on kept tokens) or "ppo_clip"."""
-        return PRESETS[self.variant][1]
 
     @property
     def tau_split(self) -> tuple[float, float]:

@@ -217,7 +217,7 @@ class Workspace:
 
     __slots__ = ("zeroed", "sums", "below_max", "ratio_range", "state1", "part1", "part2", "counters", "n_valid",
                  "stats_part", "apply_part", "ties", "tie_chunks", "final_chunks", "hist2", "tail_key", "tail_pos",
-                 "tail_term", "tail_cnt", "key", "sink", "nblocks", "counter", "res", "layout")
+                 "tail_term", "tail_cnt", "key", "sink", "sinks", "nblocks", "counter", "res", "layout")
 
     @staticmethod
     def allocate(n: int, device) -> "Workspace":
@@ -230,6 +230,7 @@ class Workspace:
         z = ws.zeroed.split(lay.zeroed)  # with a padding part after every part
         (ws.sums, ws.below_max, ws.ratio_range, ws.state1, ws.part1, ws.part2, ws.counters, ws.n_valid, stats_part,
          apply_part, ws.ties, ws.tie_chunks, final_chunks, ws.sink) = z[0::2]
+        ws.sinks = {}
         r = raw.view(torch.int32).split(lay.raw)
         hist2, ws.tail_key, ws.tail_pos, tail_term, ws.tail_cnt, ws.key = r[0::2]
         # views the kernels index as such (a reshape of a contiguous part: no copy)
@@ -261,6 +262,14 @@ class Workspace:
         _memset(ws.zeroed)
         ws.res = Results(device)
         return ws
+
+    def sink_as(self, dtype: torch.dtype) -> Tensor:
+        """The sink viewed in ``dtype`` (made once per workspace: the reused scratch of small calls
+        keeps its views)."""
+        view = self.sinks.get(dtype)
+        if view is None:
+            view = self.sinks[dtype] = self.sink.view(dtype)
+        return view
 
     @property
     def hist1(self) -> Tensor:
@@ -373,16 +382,16 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional
         first, first_div, first_mul = first_valid_pass(tok)
     if first is None:
         first = tok.adv_src
-    mask = tok.mask_src if tok.mask_src is not None else ws.sink.view(torch.bool)
+    mask = tok.mask_src if tok.mask_src is not None else ws.sink_as(torch.bool)
     # Outputs not asked for get the sink, viewed in the output's dtype: a mask's call, a loss's,
     # a pre-pass's and a process group's then pass the same pointer types, and share one compiled
     # variant (the WRITE_* bits say what is written)
     outputs = ((C.WRITE_GRAD if grad is not None else 0) | (C.WRITE_KEEP if keep is not None else 0)
                | (C.WRITE_KEYS if write_keys else 0))
     if grad is None:
-        grad = ws.sink.view(_grad_dtype(tok.logprobs.dtype))
+        grad = ws.sink_as(_grad_dtype(tok.logprobs.dtype))
     if keep is None:
-        keep = ws.sink.view(torch.bool)
+        keep = ws.sink_as(torch.bool)
     # how to read, likewise a runtime bit set; the sink stands in for an absent mask or weights
     layout = ((C.READ_MASK if tok.mask_src is not None else 0) | (C.READ_ADV_PER_ROW if tok.adv_per_row else 0)
               | (C.READ_FIRST_PER_ROW if tok.first_per_row else 0) | (C.READ_WEIGHTS if weights is not None else 0))
@@ -390,7 +399,7 @@ def stats_pass(tok: Tokens, config: M2POConfig, ws: Workspace, *, grad: Optional
     _launch(
         K.stats_kernel, (ws.nblocks,),
         tok.logprobs, tok.old_logprobs, tok.adv_src, max(tok.adv_div, 1), first, first_div, first_mul, mask,
-        weights if weights is not None else ws.sink.view(torch.float32), poison if poison is not None else ws.zero,
+        weights if weights is not None else ws.sink_as(torch.float32), poison if poison is not None else ws.zero,
         grad, keep, ws.key, ws.tail_key, ws.tail_pos, ws.tail_term, ws.tail_cnt, ws.sums, ws.below_max,
         ws.ratio_range,
         threshold_bits(config.rule, config.tau), lower_u, upper_u, ws.stats_part, ws.n_valid, n, layout, outputs,
