@@ -70,8 +70,8 @@ def _skip_repatching_in_device_calls() -> None:
     def call_helper(self, *args, **kwargs):
         need = langs(self.fn)
         if not running or not need <= (running[-1] | kept):
-            if running:
-                kept.update(need)
+            if running:  # (what the kernel patched it restores at its end: not kept)
+                kept.update(need - running[-1])
             return device_call(self, *args, **kwargs)
         fn = self.rewrite()
         try:

@@ -115,7 +115,8 @@ BIT_PATTERNS = {0x7F800000: "F32_INF_BITS", 0x7F7FFFFF: "F32_MAX_BITS", 0x7FFFFF
 # names that hold a buffer layout: a pointer, a partial row, an output row; the Python views of
 # the results and the workspace's parts
 BUFFER_NAMES = ("row", "arow", "out")
-SLOTTED = ("f", "i", "f32", "cut_i64", "res", "out", "outputs", "counter", "sums", "state", "state1", "hist2")
+SLOTTED = ("f", "i", "f32", "cut_i64", "res", "out", "outputs", "counter", "counters", "sums", "state", "state1",
+           "hist2", "ratio_range", "stats_part", "apply_part", "part1", "part2", "final_chunks")
 # pointers indexed by element, not by slot: cu_seqlens[seq + 1] is the next sequence's start
 ELEMENT_POINTERS = ("cu_ptr",)
 
@@ -144,26 +145,50 @@ def _int_constant(node) -> bool:
     return isinstance(node, ast.Constant) and type(node.value) is int
 
 
+def _folded(node):
+    """The value of an arithmetic expression of number literals (2.0 ** -24, -(1 << 30)), else
+    None."""
+    if not isinstance(node, (ast.BinOp, ast.UnaryOp)):
+        return None
+    if not all(isinstance(n, (ast.BinOp, ast.UnaryOp, ast.Constant, ast.operator, ast.unaryop))
+               for n in ast.walk(node)):
+        return None
+    if not all(type(n.value) in (int, float) for n in ast.walk(node) if isinstance(n, ast.Constant)):
+        return None
+    try:
+        return eval(compile(ast.Expression(body=node), "<literal>", "eval"), {"__builtins__": {}})
+    except Exception:  # (an overflow, a division by zero: not a constant we look for)
+        return None
+
+
+WEIGHT_NAMES = ("WEIGHTS", "weights")
+
+
 def _literal_violations(path: Path) -> list:
     tree = ast.parse(path.read_text())
     rel = path.relative_to(ROOT)
     bad = []
     for node in ast.walk(tree):
         where = f"{rel}:{getattr(node, 'lineno', '?')}"
-        if isinstance(node, ast.Constant) and type(node.value) is float:
-            for value, name in RULE_FLOATS.items():
-                if math.isclose(abs(node.value), value, rel_tol=1e-15):
-                    bad.append(f"{where}: {node.value!r} is constants.{name}")
+        value = node.value if isinstance(node, ast.Constant) and type(node.value) is float else _folded(node)
+        if isinstance(value, float):
+            for rule_value, name in RULE_FLOATS.items():
+                if math.isclose(abs(value), rule_value, rel_tol=1e-15):
+                    bad.append(f"{where}: {value!r} is constants.{name}")
         if _int_constant(node) and node.value in BIT_PATTERNS:
             bad.append(f"{where}: {node.value:#x} is constants.{BIT_PATTERNS[node.value]}")
-        # weight codes: compared by name
-        if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "WEIGHTS":
+        # weight codes: compared, or passed to a kernel, by name
+        # (in the kernels a lower-case ``weights`` is the code too; elsewhere it is a tensor)
+        names = WEIGHT_NAMES if rel.parts[0] == "kernels" else WEIGHT_NAMES[:1]
+        if isinstance(node, ast.Compare) and _name(node.left) in names:
             if any(_int_constant(c) for c in node.comparators):
                 bad.append(f"{where}: a weight code written as a number (constants.W_*)")
-        # buffer offsets: a pointer or row plus a number
+        if isinstance(node, ast.keyword) and node.arg in names and _int_constant(node.value):
+            bad.append(f"{where}: a weight code written as a number (constants.W_*)")
+        # buffer offsets: a pointer or row plus a number (slot 0 too: it has a name)
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
             leaves = _leaves(node)
-            if any(_is_buffer(x) for x in leaves) and any(_int_constant(x) and x.value != 0 for x in leaves):
+            if any(_is_buffer(x) for x in leaves) and any(_int_constant(x) for x in leaves):
                 bad.append(f"{where}: a buffer offset written as a number (a constants slot)")
         # slots of a results or partials tensor read by number (x[3], x[5:13])
         if isinstance(node, ast.Subscript) and _name(node.value) in SLOTTED:
@@ -178,10 +203,10 @@ def test_the_literal_scan_finds_what_it_looks_for(tmp_path):
     """The scan is not vacuous: each kind of literal is reported in a file that holds it."""
     probe = tmp_path / "triton_backend.py"
     probe.write_text(
-        "x = 1e-12\ny = -20.0\nz = 100_000.0\nk = 0x7F800000\n"
-        "if WEIGHTS == 4:\n    pass\n"
-        "tl.store(row + 6, v)\ntl.load(part_ptr + c * COLS + 1)\ntl.load(cu_ptr + seq + 1)\n"
-        "a = res.f[5:13]\nb = out[7]\nc = parts[0]\n"
+        "x = 1e-12\ny = -20.0\nz = 100_000.0\nk = 0x7F800000\nd = -(2.0 ** -25)\n"
+        "if WEIGHTS == 4:\n    pass\nf(WEIGHTS=1)\n"
+        "tl.store(row + 6, v)\ntl.load(part_ptr + c * COLS + 1)\ntl.store(out + 0, v)\ntl.load(cu_ptr + seq + 1)\n"
+        "a = res.f[5:13]\nb = out[7]\nc = parts[0]\ne = ws.ratio_range[1]\n"
     )
     global ROOT
     saved, ROOT = ROOT, tmp_path
@@ -190,9 +215,10 @@ def test_the_literal_scan_finds_what_it_looks_for(tmp_path):
     finally:
         ROOT = saved
     kinds = "\n".join(found)
-    for part in ("OFFICIAL_EPS", "DELTA_CLAMP", "OFFICIAL_NO_CONSTRAINT_HIGH", "F32_INF_BITS", "weight code"):
+    for part in ("OFFICIAL_EPS", "DELTA_CLAMP", "OFFICIAL_NO_CONSTRAINT_HIGH", "F32_INF_BITS", "RATIO_BELOW_ONE_DELTA"):
         assert part in kinds, part
-    assert kinds.count("buffer offset") == 2 and kinds.count("slot read by number") == 2
+    assert kinds.count("weight code") == 2
+    assert kinds.count("buffer offset") == 3 and kinds.count("slot read by number") == 3
 
 
 def test_shared_constants_are_written_only_in_the_constants_module():
