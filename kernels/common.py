@@ -17,52 +17,27 @@ from .. import constants as C
 # libdevice calls fail under the interpreter; use the plain tl.* forms there.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# The shared constants (m2po_ops/constants.py) as the kernels read them: a kernel may only read
-# constexpr globals. Float ones are exact in float32 (a float constexpr is materialised as fp32).
-L1_SHIFT = tl.constexpr(C.L1_SHIFT)
-LIMB_BITS, LIMB_MASK = tl.constexpr(C.LIMB_BITS), tl.constexpr(C.LIMB_MASK)
-F32_INF_BITS, F32_MAX_BITS = tl.constexpr(C.F32_INF_BITS), tl.constexpr(C.F32_MAX_BITS)
-DELTA_CLAMP, OFFICIAL_EPS = tl.constexpr(C.DELTA_CLAMP), tl.constexpr(C.OFFICIAL_EPS)
-OFFICIAL_NO_CONSTRAINT_HIGH = tl.constexpr(C.OFFICIAL_NO_CONSTRAINT_HIGH)
-RATIO_ABOVE_ONE_DELTA = tl.constexpr(C.RATIO_ABOVE_ONE_DELTA)
-RATIO_BELOW_ONE_DELTA = tl.constexpr(C.RATIO_BELOW_ONE_DELTA)
-W_NONE, W_COUNT, W_SCALAR = tl.constexpr(C.W_NONE), tl.constexpr(C.W_COUNT), tl.constexpr(C.W_SCALAR)
-W_TENSOR_DENOM, W_PER_TOKEN = tl.constexpr(C.W_TENSOR_DENOM), tl.constexpr(C.W_PER_TOKEN)
-WRITE_GRAD, WRITE_KEEP, WRITE_KEYS = tl.constexpr(C.WRITE_GRAD), tl.constexpr(C.WRITE_KEEP), tl.constexpr(C.WRITE_KEYS)
-READ_MASK, READ_ADV_PER_ROW = tl.constexpr(C.READ_MASK), tl.constexpr(C.READ_ADV_PER_ROW)
-READ_FIRST_PER_ROW, READ_WEIGHTS = tl.constexpr(C.READ_FIRST_PER_ROW), tl.constexpr(C.READ_WEIGHTS)
-MAX_LIMBS = tl.constexpr(C.MAX_LIMBS)
-SEARCH_STEPS = tl.constexpr(C.SEARCH_STEPS)
-# buffer slots (offsets into the workspace's parts)
-BELOW_COUNT, BELOW_LIMBS = tl.constexpr(C.BELOW_COUNT), tl.constexpr(C.BELOW_LIMBS)
-TAIL_COUNT, TAIL_INF, TAIL_LIMBS = tl.constexpr(C.TAIL_COUNT), tl.constexpr(C.TAIL_INF), tl.constexpr(C.TAIL_LIMBS)
-REFINE, B1, B0 = tl.constexpr(C.REFINE), tl.constexpr(C.B1), tl.constexpr(C.B0)
-K_BASE, S_BASE = tl.constexpr(C.K_BASE), tl.constexpr(C.S_BASE)
-K_END, S_END = tl.constexpr(C.K_END), tl.constexpr(C.S_END)
-N_TR, TOTAL = tl.constexpr(C.N_TR), tl.constexpr(C.TOTAL)
-HIST2_B1_COUNT, HIST2_B1_SUM = tl.constexpr(C.HIST2_B1_COUNT), tl.constexpr(C.HIST2_B1_SUM)
-HIST2_B0_COUNT, HIST2_B0_SUM = tl.constexpr(C.HIST2_B0_COUNT), tl.constexpr(C.HIST2_B0_SUM)
-HIST2_ROWS = tl.constexpr(C.HIST2_ROWS)
-PART_COUNT, PART_SUM = tl.constexpr(C.PART_COUNT), tl.constexpr(C.PART_SUM)
-PART_LAST, PART_LAST_B0 = tl.constexpr(C.PART_LAST), tl.constexpr(C.PART_LAST_B0)
-RATIO_MIN_FLIPPED, RATIO_MAX = tl.constexpr(C.RATIO_MIN_FLIPPED), tl.constexpr(C.RATIO_MAX)
-STATS_VALID, STATS_TRUST = tl.constexpr(C.STATS_VALID), tl.constexpr(C.STATS_TRUST)
-STATS_NEG_DELTA, STATS_RATIO_SUM = tl.constexpr(C.STATS_NEG_DELTA), tl.constexpr(C.STATS_RATIO_SUM)
-STATS_RATIO_MAX, STATS_NONFINITE = tl.constexpr(C.STATS_RATIO_MAX), tl.constexpr(C.STATS_NONFINITE)
-STATS_LOSS, STATS_CLIPPED = tl.constexpr(C.STATS_LOSS), tl.constexpr(C.STATS_CLIPPED)
-STATS_LIST_LOSS = tl.constexpr(C.STATS_LIST_LOSS)
-APPLY_LOSS, APPLY_MASKED = tl.constexpr(C.APPLY_LOSS), tl.constexpr(C.APPLY_MASKED)
-APPLY_REDONE = tl.constexpr(C.APPLY_REDONE)
-APPLY_WHOLE, APPLY_LIST = tl.constexpr(C.APPLY_WHOLE), tl.constexpr(C.APPLY_LIST)
-FINAL_LOSS, FINAL_MASKED = tl.constexpr(C.FINAL_LOSS), tl.constexpr(C.FINAL_MASKED)
-CUT_TIES_KEPT, CUT_NUM_TRUST_REGION = tl.constexpr(C.CUT_TIES_KEPT), tl.constexpr(C.CUT_NUM_TRUST_REGION)
-CUT_NUM_VALID = tl.constexpr(C.CUT_NUM_VALID)
-CUT_LOWER, CUT_UPPER, CUT_M2 = tl.constexpr(C.CUT_LOWER), tl.constexpr(C.CUT_UPPER), tl.constexpr(C.CUT_M2)
-CUT_M2_AFTER, CUT_THRESHOLD = tl.constexpr(C.CUT_M2_AFTER), tl.constexpr(C.CUT_THRESHOLD)
-OUT_LOSS, OUT_MASKED_FRACTION = tl.constexpr(C.OUT_LOSS), tl.constexpr(C.OUT_MASKED_FRACTION)
-OUT_TRUST_REGION_FRACTION, OUT_KL = tl.constexpr(C.OUT_TRUST_REGION_FRACTION), tl.constexpr(C.OUT_KL)
-OUT_RATIO_MEAN, OUT_RATIO_MAX = tl.constexpr(C.OUT_RATIO_MEAN), tl.constexpr(C.OUT_RATIO_MAX)
-OUT_NONFINITE, OUT_SCALE = tl.constexpr(C.OUT_NONFINITE), tl.constexpr(C.OUT_SCALE)
+# The shared constants (m2po_ops/constants.py) the kernels read, as constexpr globals of this
+# module (a kernel may only read constexpr globals; the kernel files import them from here by
+# name). Float ones are exact in float32 (a float constexpr is materialised as fp32).
+KERNEL_CONSTANTS = (
+    "L1_SHIFT", "LIMB_BITS", "LIMB_MASK", "F32_INF_BITS", "F32_MAX_BITS", "DELTA_CLAMP", "OFFICIAL_EPS",
+    "OFFICIAL_NO_CONSTRAINT_HIGH", "RATIO_ABOVE_ONE_DELTA", "RATIO_BELOW_ONE_DELTA", "W_NONE", "W_COUNT",
+    "W_SCALAR", "W_TENSOR_DENOM", "W_PER_TOKEN", "WRITE_GRAD", "WRITE_KEEP", "WRITE_KEYS", "READ_MASK",
+    "READ_ADV_PER_ROW", "READ_FIRST_PER_ROW", "READ_WEIGHTS", "MAX_LIMBS", "SEARCH_STEPS", "BELOW_COUNT",
+    "BELOW_LIMBS", "TAIL_COUNT", "TAIL_INF", "TAIL_LIMBS", "REFINE", "B1", "B0", "K_BASE", "S_BASE", "K_END",
+    "S_END", "N_TR", "TOTAL", "HIST2_B1_COUNT", "HIST2_B1_SUM", "HIST2_B0_COUNT", "HIST2_B0_SUM",
+    "HIST2_ROWS", "PART_COUNT", "PART_SUM", "PART_LAST", "PART_LAST_B0", "RATIO_MIN_FLIPPED", "RATIO_MAX",
+    "STATS_VALID", "STATS_TRUST", "STATS_NEG_DELTA", "STATS_RATIO_SUM", "STATS_RATIO_MAX", "STATS_NONFINITE",
+    "STATS_LOSS", "STATS_CLIPPED", "STATS_LIST_LOSS", "APPLY_LOSS", "APPLY_MASKED", "APPLY_REDONE",
+    "APPLY_WHOLE", "APPLY_LIST", "FINAL_LOSS", "FINAL_MASKED", "CUT_TIES_KEPT", "CUT_NUM_TRUST_REGION",
+    "CUT_NUM_VALID", "CUT_LOWER", "CUT_UPPER", "CUT_M2", "CUT_M2_AFTER", "CUT_THRESHOLD", "OUT_LOSS",
+    "OUT_MASKED_FRACTION", "OUT_TRUST_REGION_FRACTION", "OUT_KL", "OUT_RATIO_MEAN", "OUT_RATIO_MAX",
+    "OUT_NONFINITE", "OUT_SCALE",
+)
+for _name in KERNEL_CONSTANTS:
+    globals()[_name] = tl.constexpr(getattr(C, _name))
+del _name
 
 if not INTERPRET:  # pragma: no cover - GPU only
     from triton.language.extra import libdevice

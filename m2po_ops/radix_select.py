@@ -39,8 +39,8 @@ from torch import Tensor
 
 from .config import M2POConfig
 from .constants import (B0, B1, BELOW_COUNT, BELOW_LIMBS, F32_INF_BITS, F32_MAX_BITS, K_BASE, K_END,
-                        KEEP_ALL_BITS, L1_BUCKETS, L1_SHIFT, L2_BUCKETS, L2_SLOTS, LEVEL2_CHUNK, MAX_LIMBS, N_TR,
-                        OFFICIAL_EPS, REFINE, S_BASE, S_END, SEARCH_STEPS, SELECT_CHUNK, STATE_LEN, SUMS_LEN,
+                        KEEP_ALL_BITS, L1_BUCKETS, L1_SHIFT, L2_BUCKETS, L2_SLOTS, MAX_LIMBS, N_TR,
+                        OFFICIAL_EPS, REFINE, S_BASE, S_END, SEARCH_STEPS, SELECT_CHUNK, SUMS_LEN,
                         TAIL_COUNT, TAIL_INF, TAIL_LIMBS, TOTAL)
 from .cut import Cut, make_cut
 from .rules import _at, official_constrained, official_cut, official_test_value, within_budget

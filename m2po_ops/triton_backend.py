@@ -624,16 +624,3 @@ class TritonBackend:
 
 
 TRITON = TritonBackend()
-
-
-def triton_forward(tok: Tokens, config: M2POConfig, cut: Optional[Cut], want_loss: bool, num_tokens=None,
-                   poison: Optional[Tensor] = None, want_keep: bool = True) -> Applied:
-    """One local call's three steps (no process group): the passes in their launch order. With a
-    given ``cut`` the solve is skipped. ``poison`` (float32 0-d: 0 or NaN) makes every valid
-    token's term and derivative NaN."""
-    want = Want(loss=want_loss, keep=want_keep)
-    st = TRITON.statistics(tok, config, want, poison)
-    local = cut is None
-    if cut is None:
-        cut = TRITON.solve(st, config, None)
-    return TRITON.apply(st, config, cut, want, local_solve=local, num_tokens=num_tokens)

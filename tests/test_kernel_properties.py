@@ -42,13 +42,13 @@ BYTES_PER_TOKEN = 38.0
 @pytest.fixture(autouse=True)
 def _gpu_chunks(monkeypatch):
     """The select kernels' chunk sizes of the GPU (the interpreter's are larger, for speed)."""
-    from m2po_ops import radix_select
     from m2po_ops import triton_backend as tb
+    from m2po_ops.constants import LEVEL2_CHUNK, SELECT_CHUNK
 
     from m2po_ops.kernels import common
 
-    monkeypatch.setattr(tb, "SELECT1_CHUNK", radix_select.SELECT_CHUNK)
-    monkeypatch.setattr(tb, "SELECT2_CHUNK", radix_select.LEVEL2_CHUNK)
+    monkeypatch.setattr(tb, "SELECT1_CHUNK", SELECT_CHUNK)
+    monkeypatch.setattr(tb, "SELECT2_CHUNK", LEVEL2_CHUNK)
     monkeypatch.setattr(common, "INTERP_AGGREGATE", triton.language.constexpr(False))  # the GPU's paths
 
 
