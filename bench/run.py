@@ -29,7 +29,7 @@ import torch
 
 import m2po_ops
 
-from . import baselines, competitors, host_path, report, syncs
+from . import baselines, compile_time, competitors, host_path, report, syncs
 from .timing import gc_paused
 from .inputs import BASE_SIGMA, DTYPES, OUTLIER_RANGE, REGIME_RANGES, REGIMES, ROW_LEN, make_batch, tail_fraction
 
@@ -451,6 +451,10 @@ def run(opts) -> dict:
         host = host_path.measure(calls=100 if opts.quick else host_path.CALLS)
     except Exception as exc:  # triton missing on this machine
         host = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    try:
+        compiled = compile_time.measure(device.type)
+    except Exception as exc:  # noqa: BLE001 (reported, not fatal: the tables stand alone)
+        compiled = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     info["loadavg_at_end"] = _loadavg()
     report.add_ratios(results)
     not_timed = []
@@ -510,6 +514,7 @@ def run(opts) -> dict:
         "inputs": inputs,
         "results": results,
         "host_path": host,
+        "compile": compiled,
     }
 
 
@@ -561,7 +566,8 @@ def main(argv=None) -> int:
     os.makedirs(opts.out_dir, exist_ok=True)
     path_json = os.path.join(opts.out_dir, stem + ".json")
     tables = report.tables(data)
-    host_line = report.host_path_line(data)
+    host_line = report.host_path_line(data) + ("\n\n" + compile_time.line(data["compile"]) if data.get("compile")
+                                               else "")
     print(tables + "\n\n" + host_line)
     with open(path_json, "w") as f:
         json.dump(data, f, indent=1)

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .. import constants as C
 from .common import (APPLY_LIST, APPLY_LOSS, APPLY_MASKED, APPLY_REDONE, APPLY_WHOLE, F32_INF_BITS, FINAL_LOSS,
-                     FINAL_MASKED, OUT_KL, OUT_LOSS, OUT_MASKED_FRACTION, OUT_NONFINITE, OUT_RATIO_MAX,
+                     FINAL_MASKED, OUT_KL, OUT_MASKED_FRACTION, OUT_NONFINITE, OUT_RATIO_MAX,
                      OUT_RATIO_MEAN, OUT_SCALE, OUT_TRUST_REGION_FRACTION, RATIO_MAX, RATIO_MIN_FLIPPED,
                      STATS_CLIPPED, STATS_LIST_LOSS, STATS_LOSS, STATS_NEG_DELTA, STATS_NONFINITE, STATS_RATIO_MAX,
                      STATS_RATIO_SUM, STATS_TRUST, STATS_VALID, W_COUNT, W_NONE, W_PER_TOKEN, W_SCALAR,
@@ -186,12 +186,14 @@ def _official_block(lp_ptr, olp_ptr, adv_ptr, adv_div, mask_ptr, w_ptr, poison_p
 
 
 @triton.jit(do_not_specialize=["denom_bits", "nblocks"],
-            do_not_specialize_on_alignment=["denom_ptr", "out_ptr", "counter_ptr"])
+            do_not_specialize_on_alignment=["denom_ptr", "out_ptr", "loss_ptr", "counter_ptr"])
 def finalize_kernel(stats_ptr, apply_ptr, chunk_ptr, counter_ptr, denom_ptr, denom_bits: tl.int64, out_ptr,
-                    nblocks: tl.int64, WEIGHTS: tl.constexpr, STATS_COLS: tl.constexpr, CHUNK: tl.constexpr):
-    """out (float32): loss, masked_fraction, trust_region_fraction, kl, ratio_mean, ratio_max,
+                    loss_ptr, nblocks: tl.int64, WEIGHTS: tl.constexpr, STATS_COLS: tl.constexpr,
+                    CHUNK: tl.constexpr):
+    """out (float32): masked_fraction, trust_region_fraction, kl, ratio_mean, ratio_max,
     num_nonfinite, and the backward scale (token-mean: the float32 1 / denominator, as torch's
-    division rounds it; else 1). The loss: token-mean, the float64 sum of the float32 terms times
+    division rounds it; else 1); loss (float32 0-d, its own allocation: an op's outputs share
+    no memory). The loss: token-mean, the float64 sum of the float32 terms times
     that scale, rounded once; per-token weights, the float64 sum of the weighted terms.
 
     Per block, by what the fix-up redid (apply column APPLY_REDONE): nothing, stats' two sums (outside and
@@ -221,11 +223,12 @@ def finalize_kernel(stats_ptr, apply_ptr, chunk_ptr, counter_ptr, denom_ptr, den
     tl.store(out + FINAL_MASKED, tl.sum(masked))
     programs = tl.num_programs(0)
     if last_to_arrive(counter_ptr, programs):
-        _finish(chunk_ptr, denom_ptr, denom_bits, out_ptr, programs, WEIGHTS, CHUNK)
+        _finish(chunk_ptr, denom_ptr, denom_bits, out_ptr, loss_ptr, programs, WEIGHTS, CHUNK)
 
 
 @triton.jit
-def _finish(chunk_ptr, denom_ptr, denom_bits, out_ptr, programs, WEIGHTS: tl.constexpr, CHUNK: tl.constexpr):
+def _finish(chunk_ptr, denom_ptr, denom_bits, out_ptr, loss_ptr, programs, WEIGHTS: tl.constexpr,
+            CHUNK: tl.constexpr):
     n_valid = tl.zeros((), tl.float64)
     n_trust = tl.zeros((), tl.float64)
     neg_delta = tl.zeros((), tl.float64)
@@ -264,7 +267,7 @@ def _finish(chunk_ptr, denom_ptr, denom_bits, out_ptr, programs, WEIGHTS: tl.con
         loss32 = tl.where(loss == 0.0, loss, loss * scale.to(tl.float64)).to(tl.float32)
         scale = tl.where((scale - scale) == 0.0, scale, 0.0)
     denom = tl.maximum(n_valid, 1.0)
-    tl.store(out_ptr + OUT_LOSS, loss32)
+    tl.store(loss_ptr, loss32)
     tl.store(out_ptr + OUT_MASKED_FRACTION, (masked / denom).to(tl.float32))
     tl.store(out_ptr + OUT_TRUST_REGION_FRACTION, (n_trust / denom).to(tl.float32))
     tl.store(out_ptr + OUT_KL, (neg_delta / denom).to(tl.float32))

@@ -8,35 +8,13 @@ import torch
 from torch import Tensor
 
 from . import microbatch
-from .backend import Applied, Want
 from .config import M2POConfig
 from .constants import DEFAULT_TAU
 from .cut import Cut
-from .dispatch import get_backend, resolve_backend
-from .inputs import Tokens, check_group, check_num_tokens, input_error, poison_of, prepare
-from .metrics import metrics_to_host  # noqa: F401 (public)
-
-
-class AttachGrad(torch.autograd.Function):
-    """Returns ``loss`` with d loss / d logprobs = ``scale * grad`` (both computed in forward by
-    a backend: ``grad`` per token in logprobs' dtype, ``scale`` a 0-d tensor or None for 1).
-
-    Backward is one multiply: grad * (grad_output * scale), into logprobs' dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, logprobs: Tensor, loss: Tensor, grad: Tensor, scale: Optional[Tensor]):
-        ctx.save_for_backward(grad, scale)
-        ctx.shape, ctx.dtype = logprobs.shape, logprobs.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad, scale = ctx.saved_tensors
-        if scale is not None:
-            grad_output = grad_output * scale
-        # one rounding into logprobs' dtype (the product is formed in float32 or wider)
-        return grad.mul(grad_output).to(ctx.dtype).view(ctx.shape), None, None, None
+from .dispatch import resolve_backend
+from .inputs import check_group, check_num_tokens, check_types, prepare
+from .metrics import metrics_of, metrics_to_host  # noqa: F401 (public)
+from .ops import LOSS, MASK, call, config_of, cut_tensors
 
 
 def _resolve_tau(tau, cut):
@@ -61,8 +39,10 @@ def _check_cut(cut, config: M2POConfig, device: torch.device) -> Optional[Cut]:
     return cut
 
 
-def _maybe_check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], check_drift) -> None:
-    """The opt-in pre-pass drift check (see M2POStats): None follows the cut's setting."""
+def _maybe_check_drift(logprobs, old_logprobs, advantages, mask, config: M2POConfig, backend: str, cu_seqlens,
+                       cut: Optional[Cut], check_drift) -> None:
+    """The opt-in pre-pass drift check (see M2POStats): None follows the cut's setting. A
+    debugging aid that reads on the host: not inside torch.compile (it raises there)."""
     if check_drift is not None and not isinstance(check_drift, bool):
         raise TypeError(f"check_drift must be None or a bool, got {type(check_drift).__name__}")
     if check_drift is False:
@@ -72,35 +52,38 @@ def _maybe_check_drift(tok: Tokens, config: M2POConfig, backend: str, cut: Optio
             raise ValueError("check_drift=True needs cut= (a cut from M2POStats.solve)")
         return
     if check_drift or getattr(cut, "check_drift", False):
+        if torch.compiler.is_compiling():
+            raise RuntimeError("check_drift reads the fingerprints on the host, which torch.compile cannot trace: "
+                               "check drift in eager runs (M2POStats(check_drift=False) for compiled steps)")
+        tok = prepare(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
         microbatch.check_drift(tok, config, backend, cut)
 
 
-# (loss, keys) -> what the call wants: a loss builds no keep; a solve over a group reads every
-# token's key (made once: the host path is the cost of small calls)
-_WANTS = {(loss, keys): Want(loss=loss, keep=not loss, keys=keys) for loss in (False, True) for keys in (False, True)}
+def _split_cu_seqlens(cu_seqlens):
+    """The operators' two forms of cu_seqlens: (tensor, None) or (None, list of ints)."""
+    if cu_seqlens is None or isinstance(cu_seqlens, Tensor):
+        return cu_seqlens, None
+    if isinstance(cu_seqlens, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in cu_seqlens):
+            raise TypeError("cu_seqlens must hold integers")
+        return None, list(cu_seqlens)
+    raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}")
 
 
-def _forward(tok: Tokens, config: M2POConfig, backend: str, cut: Optional[Cut], group, want_loss: bool,
-             num_tokens=None) -> Applied:
-    """The backend's three steps (m2po_ops/backend.py): statistics, solve (unless a cut is given),
-    apply. Inputs that validate=False found wrong on the device (input_error) give a NaN loss and
-    gradient."""
-    error = input_error(tok, num_tokens, config)
-    poison = poison_of(error) if error is not None and want_loss else None
-    be = get_backend(backend)
-    want = _WANTS[want_loss, group is not None and cut is None]
-    statistics = be.statistics(tok, config, want, poison)
-    local_solve = cut is None and group is None
-    if cut is None:
-        cut = be.solve(statistics, config, group)
-    # over a group, token-mean divides by the group's valid count (the cut's)
-    out = be.apply(statistics, config, cut, want, local_solve=local_solve, num_tokens=num_tokens,
-                   num_valid=cut.num_valid if group is not None else None, poison=poison)
-    if error is not None:
-        out.metrics["input_error"] = error.to(torch.float32)
-        if out.loss is not None:  # NaN even when no token is valid (nothing for the weights to carry it)
-            out = out._replace(loss=out.loss + poison.to(out.loss.dtype))
-    return out
+def _operator_args(logprobs, old_logprobs, advantages, mask, config: M2POConfig, backend: str, cu_seqlens, cut,
+                   group, check_drift):
+    """The checks made outside the operators (the Python objects their schema cannot carry:
+    the cut, the group, a list cu_seqlens, the drift check), and the operators' common
+    arguments."""
+    check_group(group)
+    check_types(logprobs, old_logprobs, advantages, mask)
+    cut = _check_cut(cut, config, logprobs.device)
+    be = resolve_backend(backend, logprobs.device)
+    cu_tensor, cu_list = _split_cu_seqlens(cu_seqlens)
+    _maybe_check_drift(logprobs, old_logprobs, advantages, mask, config, be, cu_seqlens, cut, check_drift)
+    return (logprobs, old_logprobs, advantages, mask, cu_tensor, cu_list, cut_tensors(cut), config.tau,
+            config.variant, config.miniclip_low, config.miniclip_high, config.validate, be,
+            None if group is None else group.group_name)
 
 
 def m2po_mask(
@@ -127,17 +110,11 @@ def m2po_mask(
     metrics: dict of 0-d float32 tensors on the input's device (see README, "Metrics").
     See ``m2po_loss`` for the arguments.
     """
-    config = M2POConfig(tau=_resolve_tau(tau, cut), variant=variant, miniclip_low=miniclip_low,
-                        miniclip_high=miniclip_high, validate=validate)
-    check_group(group)
-    tok = prepare(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
-    cut = _check_cut(cut, config, tok.device)
-    be = resolve_backend(backend, tok.device)
-    _maybe_check_drift(tok, config, be, cut, check_drift)
-    keep, metrics, _, _, _ = _forward(tok, config, be, cut, group, want_loss=False)
-    if mask is not None and keep.data_ptr() == mask.data_ptr():  # (tok.valid may be the caller's mask)
-        keep = keep.clone()
-    return keep.reshape(tok.shape), metrics
+    config = config_of(_resolve_tau(tau, cut), variant, "token-mean", miniclip_low, miniclip_high, validate)
+    args = _operator_args(logprobs, old_logprobs, advantages, mask, config, backend, cu_seqlens, cut, group,
+                          check_drift)
+    keep, values = call(MASK, *args)
+    return keep, metrics_of(values, config.surrogate)
 
 
 def m2po_loss(
@@ -195,19 +172,12 @@ def m2po_loss(
         call's statistics and warn if they differ (a host sync; for debugging). None follows
         ``M2POStats(check_drift=...)``.
     """
-    config = M2POConfig(
-        tau=_resolve_tau(tau, cut),
-        variant=variant,
-        loss_agg_mode=loss_agg_mode,
-        miniclip_low=miniclip_low,
-        miniclip_high=miniclip_high,
-        validate=validate,
-    )
-    check_group(group)
-    tok = prepare(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
-    num_tokens = check_num_tokens(num_tokens, config, tok.device)
-    cut = _check_cut(cut, config, tok.device)
-    be = resolve_backend(backend, tok.device)
-    _maybe_check_drift(tok, config, be, cut, check_drift)
-    _, metrics, loss, grad, scale = _forward(tok, config, be, cut, group, want_loss=True, num_tokens=num_tokens)
-    return AttachGrad.apply(logprobs, loss, grad, scale), metrics
+    config = config_of(_resolve_tau(tau, cut), variant, loss_agg_mode, miniclip_low, miniclip_high, validate)
+    args = _operator_args(logprobs, old_logprobs, advantages, mask, config, backend, cu_seqlens, cut, group,
+                          check_drift)
+    if num_tokens is not None and not isinstance(num_tokens, Tensor):  # (a number: checked here, no tensor made)
+        num_tokens = check_num_tokens(num_tokens, config, logprobs.device)
+        loss, _, values = call(LOSS, *args, config.loss_agg_mode, None, num_tokens)
+    else:
+        loss, _, values = call(LOSS, *args, config.loss_agg_mode, num_tokens, None)
+    return loss, metrics_of(values, config.surrogate)

@@ -62,15 +62,20 @@ class Parts(NamedTuple):
 
 
 class Applied(NamedTuple):
-    """apply's outputs: keep (bool, flat; None unless asked), the metrics (0-d tensors), the loss
-    (0-d; None for a mask), the stored derivative (logprobs' dtype, flat) and the backward scale
-    (0-d, or None for 1): d loss / d logprobs = scale * derivative."""
+    """apply's outputs: keep (bool, flat; None unless asked), the metrics (0-d tensors; None where
+    ``values`` holds them), the loss
+    (0-d; None for a mask), the stored derivative (flat; logprobs' dtype, or float32 for a half
+    type under the Triton interpreter) and the backward scale (0-d, or None for 1): d loss /
+    d logprobs = scale * derivative. values: the metrics and the scale as the ops' float32
+    values vector (the V_* slots of m2po_ops/constants.py), where the backend already holds
+    them so (the Triton backend's Results); None: m2po_ops/ops.py stacks them."""
 
     keep: Optional[Tensor]
     metrics: dict
     loss: Optional[Tensor]
     grad: Optional[Tensor]
     scale: Optional[Tensor]
+    values: Optional[Tensor] = None
 
 
 class Backend(Protocol):

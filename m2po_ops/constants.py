@@ -111,21 +111,37 @@ WRITE_GRAD, WRITE_KEEP, WRITE_KEYS = 1, 2, 4
 READ_MASK, READ_ADV_PER_ROW, READ_FIRST_PER_ROW, READ_WEIGHTS = 1, 2, 4, 8
 
 # ---------------------------------------------------------------------------------------------
-# A fused call's results (m2po_ops/triton_backend.py: Results): int64 [RESULTS_LEN], of which
-# the first CUT_I64_LEN words are the cut's integers, the rest float32 slots.
+# A fused call's results (m2po_ops/triton_backend.py: Results): int64 [RESULTS_LEN], whose first
+# F32_LEN / 2 words are float32 slots and the rest the cut's integers. The first VALUES_LEN
+# float32 slots are also the ops' values vector (m2po_ops/ops.py): the cut's floats, finalize's
+# outputs (OUT_*, from F32_OUT), the input error; then the cut's value bits. (The loss is not
+# among them: an op's outputs may share no memory, so finalize stores it apart.)
 
-CUT_TIES_KEPT, CUT_NUM_TRUST_REGION, CUT_NUM_VALID = range(3)
-CUT_I64_LEN = 4
-RESULTS_LEN = 12
-# float32 slots: the cut's floats, finalize's outputs (OUT_*, from F32_OUT), the cut's value
-# bits, a zero
 CUT_LOWER, CUT_UPPER, CUT_M2, CUT_M2_AFTER, CUT_THRESHOLD = range(5)
 F32_OUT = 5
-(OUT_LOSS, OUT_MASKED_FRACTION, OUT_TRUST_REGION_FRACTION, OUT_KL, OUT_RATIO_MEAN, OUT_RATIO_MAX, OUT_NONFINITE,
- OUT_SCALE) = range(8)
-OUT_LEN = 8
-F32_VALUE_BITS = F32_OUT + OUT_LEN
-F32_ZERO = F32_VALUE_BITS + 1
+(OUT_MASKED_FRACTION, OUT_TRUST_REGION_FRACTION, OUT_KL, OUT_RATIO_MEAN, OUT_RATIO_MAX, OUT_NONFINITE,
+ OUT_SCALE) = range(7)
+OUT_LEN = 7
+# metrics["input_error"]: a zero unless validate=False found an error (also the zero pointer the
+# kernels get for arguments a variant does not read: it is written only after the last pass)
+F32_INPUT_ERROR = F32_OUT + OUT_LEN
+VALUES_LEN = F32_INPUT_ERROR + 1
+F32_VALUE_BITS = VALUES_LEN
+F32_LEN = (F32_VALUE_BITS + 2) // 2 * 2  # (an even count: the int64 words after it stay 8-byte aligned)
+CUT_TIES_KEPT, CUT_NUM_TRUST_REGION, CUT_NUM_VALID = range(3)
+CUT_I64_LEN = 4
+RESULTS_LEN = F32_LEN // 2 + CUT_I64_LEN
+
+# The ops' values vector by name: the slots of the metrics dict and the backward scale.
+V_CLIP_LOW, V_CLIP_HIGH, V_M2, V_M2_AFTER, V_CUT = CUT_LOWER, CUT_UPPER, CUT_M2, CUT_M2_AFTER, CUT_THRESHOLD
+V_MASKED_FRACTION = F32_OUT + OUT_MASKED_FRACTION
+V_TRUST_REGION_FRACTION = F32_OUT + OUT_TRUST_REGION_FRACTION
+V_KL = F32_OUT + OUT_KL
+V_RATIO_MEAN = F32_OUT + OUT_RATIO_MEAN
+V_RATIO_MAX = F32_OUT + OUT_RATIO_MAX
+V_NUM_NONFINITE = F32_OUT + OUT_NONFINITE
+V_SCALE = F32_OUT + OUT_SCALE
+V_INPUT_ERROR = F32_INPUT_ERROR
 
 # The workspace's arrival counters (one per chunked kernel).
 COUNTER_SELECT1, COUNTER_SELECT2, COUNTER_TIE_SCAN, COUNTER_FINALIZE = range(4)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -42,6 +43,26 @@ class Cut:
     # the budget it was solved for (applied with another tau the cut would be silently wrong);
     # last and defaulted so that existing keyword or positional constructions keep working
     tau: float = DEFAULT_TAU
+
+    # the tensor fields, in the order the operators take them (m2po_ops/ops.py)
+    TENSORS = ("value", "ties_kept", "lower", "upper", "num_valid", "num_trust_region", "m2", "m2_after", "threshold")
+
+    def tensors(self) -> list:
+        """The tensor fields in ``TENSORS`` order (the operators' ``cut`` argument)."""
+        return [self.value, self.ties_kept, self.lower, self.upper, self.num_valid, self.num_trust_region, self.m2,
+                self.m2_after, self.threshold]
+
+    @classmethod
+    def from_tensors(cls, tensors, config, device: torch.device) -> Optional["Cut"]:
+        """The Cut of an operator's ``cut`` argument (None for []), solved under ``config``."""
+        if not tensors:
+            return None
+        if len(tensors) != len(cls.TENSORS):
+            raise ValueError(f"cut must hold the {len(cls.TENSORS)} tensors of a Cut {cls.TENSORS}, got "
+                             f"{len(tensors)}")
+        if tensors[0].device != device:
+            raise ValueError(f"cut is on {tensors[0].device} but logprobs is on {device}")
+        return cls(config.variant, *tensors, tau=config.tau)
 
     def for_part(self, ties_before: Tensor) -> "Cut":
         """The cut as seen by one part whose earlier parts hold ``ties_before`` tied tokens."""

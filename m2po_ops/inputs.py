@@ -356,7 +356,7 @@ def prepare(
 ) -> Tokens:
     """Check every argument and build the flat token view. Raises ValueError/TypeError naming the
     argument at fault."""
-    logprobs, old_logprobs, advantages, mask = _check_arguments(logprobs, old_logprobs, advantages, mask, config,
+    logprobs, old_logprobs, advantages, mask = check_arguments(logprobs, old_logprobs, advantages, mask, config,
                                                                 cu_seqlens)
     # a sequence's first position may not be valid: padding or holes (a mask), or a non-finite
     # value that validate=False turns into padding
@@ -378,7 +378,18 @@ def prepare(
     return tok
 
 
-def _check_arguments(logprobs, old_logprobs, advantages, mask, config: M2POConfig, cu_seqlens):
+def check_types(logprobs, old_logprobs, advantages, mask) -> None:
+    """The tensor arguments' types, checked before the operators (m2po_ops/ops.py) so that a
+    wrong one gets this module's error naming it, not the dispatcher's (the operators check
+    the rest)."""
+    for name, x in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if mask is not None and not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+
+
+def check_arguments(logprobs, old_logprobs, advantages, mask, config: M2POConfig, cu_seqlens):
     """Types, devices, shapes and the token count: every check that reads no values."""
     logprobs = _check_tensor("logprobs", logprobs, floating=True)
     old_logprobs = _check_tensor("old_logprobs", old_logprobs, floating=True)
@@ -392,6 +403,8 @@ def _check_arguments(logprobs, old_logprobs, advantages, mask, config: M2POConfi
             raise TypeError(f"mask must be bool, integer or float 0/1, got {mask.dtype}")
         _check_device("mask", mask, device)
 
+    if isinstance(cu_seqlens, Tensor):
+        _check_device("cu_seqlens", cu_seqlens, device)
     _check_capture(config, cu_seqlens, device)
     if logprobs.dim() not in (1, 2):
         raise ValueError(f"logprobs must be (B, T) or 1-D packed tokens, got shape {tuple(logprobs.shape)}")
@@ -537,15 +550,22 @@ def poison_of(error: Tensor) -> Tensor:
     return torch.where(error != 0, float("nan"), 0.0).to(torch.float32)
 
 
+def check_num_tokens_meta(num_tokens, config: M2POConfig, device: torch.device) -> None:
+    """The checks of check_num_tokens that read no value."""
+    if num_tokens is None:
+        return
+    if config.loss_agg_mode != "token-mean":
+        raise ValueError(f"num_tokens only applies to loss_agg_mode='token-mean', got {config.loss_agg_mode!r}")
+    if isinstance(num_tokens, Tensor) and num_tokens.device != device:
+        raise ValueError(f"num_tokens is on {num_tokens.device} but logprobs is on {device}")
+
+
 def check_num_tokens(num_tokens, config: M2POConfig, device: torch.device):
     """num_tokens: the token-mean denominator override (a positive number or a 0-d tensor on
     ``device``; with validate=False a tensor is checked on the device, see input_error)."""
     if num_tokens is None:
         return None
-    if config.loss_agg_mode != "token-mean":
-        raise ValueError(f"num_tokens only applies to loss_agg_mode='token-mean', got {config.loss_agg_mode!r}")
-    if isinstance(num_tokens, Tensor) and num_tokens.device != device:
-        raise ValueError(f"num_tokens is on {num_tokens.device} but logprobs is on {device}")
+    check_num_tokens_meta(num_tokens, config, device)
     if not isinstance(num_tokens, Tensor) and graph_capturing(device):
         # a replay would keep scaling by the number seen at capture, whatever the step's count
         raise ValueError(f"num_tokens={num_tokens!r} is a Python number, which a captured CUDA graph bakes in: "

@@ -52,7 +52,7 @@ from .constants import (BELOW_COUNT, HIST2_ROWS, KEEP_ALL_BITS, L1_BUCKETS, L2_B
                         W_SCALAR, W_TENSOR_DENOM)
 from .cut import Cut
 from .inputs import Tokens, graph_capturing, token_weights
-from .metrics import metrics_dict
+from .metrics import with_views
 from .kernels.common import INTERPRET, f64_bits
 from .split import limb_count, threshold_bits
 
@@ -185,23 +185,27 @@ def _memset(t: Tensor) -> None:
 
 
 class Results:
-    """The results of one call, in their own zeroed 96-byte allocation so that the loss, cut and
-    metrics a caller holds (until backward, or longer) keep no scratch alive: cut_i64
-    (ties_kept, num_trust_region, num_valid, -), then float32 slots: the cut (lower, upper, m2,
-    m2_after, threshold), finalize's 8 outputs, the cut's value bits, a zero (the CUT_*, OUT_*
-    and F32_* slots of m2po_ops/constants.py)."""
+    """The results of one call, in their own zeroed allocation so that the cut and metrics a
+    caller holds (until backward, or longer) keep no scratch alive: float32 slots first, the
+    first VALUES_LEN of them the ops' values vector (the cut's floats, finalize's outputs, the
+    input error), then the cut's value bits; then cut_i64 (ties_kept, num_trust_region,
+    num_valid, -). The F32_*, CUT_*, OUT_* and V_* slots of m2po_ops/constants.py. The loss is a
+    0-d float32 of its own (finalize)."""
 
-    __slots__ = ("cut_i64", "f32", "f", "i", "value_bits", "value", "zero")
+    __slots__ = ("cut_i64", "f32", "f", "i", "value_bits", "value", "zero", "values")
 
     def __init__(self, device):
         buf = torch.empty(C.RESULTS_LEN, dtype=torch.int64, device=device)
         _memset(buf)
-        self.cut_i64, f32 = buf.split((C.CUT_I64_LEN, C.RESULTS_LEN - C.CUT_I64_LEN))
+        f32, self.cut_i64 = buf.split((C.F32_LEN // 2, C.CUT_I64_LEN))
         self.f32 = f32.view(torch.float32)
-        # the 0-d views every call hands out (the cut's fields, loss, metrics), one op per group
-        self.f, self.i = self.f32.unbind(), self.cut_i64.unbind()
-        self.value_bits = f32.view(torch.int32)[C.F32_VALUE_BITS:C.F32_VALUE_BITS + 1]  # int32 [1], select2 writes it
-        self.value, self.zero = self.value_bits.view(()), self.f[C.F32_ZERO]
+        self.values = self.f32[:C.VALUES_LEN]
+        # 0-d views, one op per group: the values slots (the cut's floats, the zero, the scale and
+        # the metrics the operators hand out: kept with the vector, see metrics.with_views) and
+        # the cut's integers
+        self.f, self.i = with_views(self.values), self.cut_i64.unbind()
+        self.value_bits = self.f32.view(torch.int32)[C.F32_VALUE_BITS:C.F32_VALUE_BITS + 1]  # int32 [1], select2 writes it
+        self.value, self.zero = self.value_bits.view(()), self.f[C.F32_INPUT_ERROR]
 
 
 class Workspace:
@@ -296,11 +300,6 @@ class Workspace:
     def out(self) -> Tensor:
         """finalize's outputs (float32 [OUT_LEN], the OUT_* slots)."""
         return self.res.f32[C.F32_OUT:C.F32_OUT + C.OUT_LEN]
-
-    @property
-    def outputs(self) -> tuple:
-        """finalize's outputs as 0-d tensors (see kernels/apply.py)."""
-        return self.res.f[C.F32_OUT:C.F32_OUT + C.OUT_LEN]
 
     @property
     def cut_value_bits(self) -> Tensor:
@@ -480,8 +479,9 @@ def fix_pass(tok: Tokens, config: M2POConfig, cut: Cut, ws: Workspace, grad: Opt
 
 
 def finalize(config: M2POConfig, ws: Workspace, want_loss: bool, num_tokens=None,
-             count: Optional[Tensor] = None) -> Tensor:
-    """Loss, metrics and the backward scale into ws.out (float32 [OUT_LEN], read as ws.outputs)."""
+             count: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Metrics and the backward scale into ws.out (float32 [OUT_LEN]); the
+    loss (float32 0-d, returned when asked; a mask call's lands in the sink)."""
     weights = _weight_code(config, want_loss)
     denom, bits = (count if count is not None else ws.n_valid), 0
     if weights == W_COUNT and num_tokens is not None:
@@ -489,15 +489,11 @@ def finalize(config: M2POConfig, ws: Workspace, want_loss: bool, num_tokens=None
             weights, denom = W_TENSOR_DENOM, num_tokens
         else:
             weights, bits = W_SCALAR, f64_bits(num_tokens)
+    loss = torch.empty((), dtype=torch.float32, device=ws.sink.device) if want_loss else None
     _launch(K.finalize_kernel, (math.ceil(ws.nblocks / FINAL_CHUNK),), ws.stats_part, ws.apply_part, ws.final_chunks,
-            ws.counter[C.COUNTER_FINALIZE], denom, bits, ws.out, ws.nblocks,
-            WEIGHTS=weights, STATS_COLS=C.STATS_COLS, CHUNK=FINAL_CHUNK, enable_fp_fusion=False)
-
-
-def metrics_from(out, cut: Cut, zero: Tensor) -> dict:
-    """The metrics dict from finalize's outputs (0-d float32 tensors, the OUT_* slots) and the cut."""
-    return metrics_dict(cut, out[C.OUT_MASKED_FRACTION], out[C.OUT_TRUST_REGION_FRACTION], out[C.OUT_KL],
-                        out[C.OUT_RATIO_MEAN], out[C.OUT_RATIO_MAX], out[C.OUT_NONFINITE], zero)
+            ws.counter[C.COUNTER_FINALIZE], denom, bits, ws.out, loss if want_loss else ws.sink_as(torch.float32),
+            ws.nblocks, WEIGHTS=weights, STATS_COLS=C.STATS_COLS, CHUNK=FINAL_CHUNK, enable_fp_fusion=False)
+    return loss
 
 
 def _contiguous(tok: Tokens) -> Tokens:
@@ -615,12 +611,14 @@ class TritonBackend:
         if config.variant == "paper":
             ties_pass(cut, ws)
         fix_pass(st.tok, config, cut, ws, st.grad, st.keep, st.weights, st.poison)
-        finalize(config, ws, want.loss, num_tokens, num_valid if num_valid is not None else ws.n_valid)
-        out = ws.outputs
-        metrics = metrics_from(out, cut, ws.zero)
+        loss = finalize(config, ws, want.loss, num_tokens, num_valid if num_valid is not None else ws.n_valid)
+        res = ws.res
+        if cut.m2 is not res.f[C.CUT_M2]:  # a cut solved elsewhere: its floats into the values vector
+            torch.stack([cut.lower, cut.upper, cut.m2, cut.m2_after, cut.threshold], out=res.f32[:C.F32_OUT])
+        # (the metrics are the values vector's slots: no dict here, the operators build it once)
         if not want.loss:
-            return Applied(st.keep, metrics, None, None, None)
-        return Applied(st.keep, metrics, out[C.OUT_LOSS], st.grad, out[C.OUT_SCALE])
+            return Applied(st.keep, None, None, None, None, res.values)
+        return Applied(st.keep, None, loss, st.grad, res.f[C.V_SCALE], res.values)
 
 
 TRITON = TritonBackend()
