@@ -37,7 +37,9 @@ OFFICIAL_TEST = "tests/test_triton.py::test_official_bounds_keep_and_loss_are_bi
 # name -> (what it checks, the real sizes on the GPU). Printed by `list` and in dry-run.
 STEPS = {
     "tests": ("the GPU tests (pytest -m gpu): sync-free under set_sync_debug_mode('error'), "
-              "CUDA-graph replay on new data, both variants, and the official clip bounds, keep, loss and "
+              "CUDA-graph replay on new data, both variants, torch.compile(fullgraph=True) of a training step "
+              "(Inductor and mode='reduce-overhead': eager's loss and gradients), and the official clip bounds, "
+              "keep, loss and "
               f"gradient bit-identity test ({OFFICIAL_TEST}; run on its own if -m gpu does not select it)",
               "the tests' own sizes"),
     "histogram": ("the stats and level2 kernels' histograms equal torch's scatter_add histograms exactly, "

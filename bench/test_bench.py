@@ -115,6 +115,18 @@ def test_host_path_measure_runs():
     assert 0 < h["function_floor_us"] and h["function_floor_ratio"] == h["function_floor_us"] / h["eager_us"]
 
 
+def test_compile_time_measure_runs():
+    """bench/compile_time.py compiles the step cold then warm in two processes and reports one
+    graph with no break (the times are measurements: only their presence is checked)."""
+    from . import compile_time
+
+    c = compile_time.measure("cpu")
+    for run in (c["cold"], c["warm"]):
+        assert (run["graphs"], run["graph_breaks"]) == (1, 0)
+        assert run["first_call_s"] > 0 and run["compiled_step_ms"] > 0 and run["eager_step_ms"] > 0
+    assert "cold" in compile_time.line(c) and "warm" in compile_time.line(c)
+
+
 def test_round_robin_timing_and_load_are_recorded(tmp_path):
     """A tiny run: every timed cell has at least 7 calls, each input its load before and after,
     the tail fraction, and the verdict states the sorted-eager target."""

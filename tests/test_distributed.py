@@ -7,6 +7,7 @@ concatenation in rank order:
 - the rank's gradient equals its slice of the single-process gradient (the sum over ranks of
   the per-rank gradients is the single-process one), and the summed losses match;
 - the micro-batch pre-pass with group= (uneven micro-batches per rank) gives the same;
+- the call compiled with torch.compile(fullgraph=True) gives the eager call's loss and gradient;
 - (2 ranks) the bytes sent per solve are the same for 1e3 and 1e5 tokens.
 torch backend in float64 (1e-6 relative), Triton (interpreter) in float32 (bit-identical masks,
 gradients within 1e-5). One spawn per world size runs every check, to keep the test fast.
@@ -24,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
+from m2po_ops import m2po_loss  # noqa: E402
 from m2po_ops.split import MAX_LIMBS  # noqa: E402
 from test_microbatch import concat, flat, loss_and_grad, make_pieces, mask_of, prepass, run_micro, split_piece  # noqa: E402
 
@@ -49,6 +51,21 @@ def _tol(backend):
     return dict(rtol=1e-6, atol=1e-12) if backend == "torch" else dict(rtol=1e-5, atol=1e-8)
 
 
+def _check_compiled(mine, variant, group, loss, grad):
+    """torch.compile(fullgraph=True) of the call with group=: the collectives run inside the
+    operator (the group travels by name) and give the eager call's loss and gradient."""
+    args = {k: v for k, v in mine.items() if k != "logprobs"}
+
+    def f(x):
+        return m2po_loss(x * 1.0, **args, variant=variant, backend="torch", group=group)[0]
+
+    torch._dynamo.reset()
+    x = mine["logprobs"].clone().requires_grad_()
+    loss_c = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    loss_c.backward()
+    assert torch.equal(loss_c.detach(), loss) and torch.equal(x.grad, grad), (variant, dist.get_rank(group))
+
+
 def _check_case(group, backend, variant, layout, seed, seqs, stats):
     rank = dist.get_rank(group)
     dtype = torch.float64 if backend == "torch" else torch.float32
@@ -68,6 +85,9 @@ def _check_case(group, backend, variant, layout, seed, seqs, stats):
     total = loss.clone()
     dist.all_reduce(total, group=group)
     torch.testing.assert_close(total, loss0, **_tol(backend))
+
+    if backend == "torch" and layout == "padded":
+        _check_compiled(mine, variant, group, loss, grad)
 
     if backend == "torch":  # the local (per-rank) mask is another mask: count where it differs
         local = flat(mask_of(mine, variant=variant, backend=backend))
