@@ -21,9 +21,10 @@ Outputs (each its own memory):
   m2po_ops/constants.py (``metrics.METRICS`` names them).
 
 Backward is one multiply, ``grad * (grad_loss * values[V_SCALE])``. The autograd kernel is a
-plain ``autograd.Function`` registered for the Autograd key: ``torch.library.register_autograd``
-does the same through generic argument handling that costs about 70 us a call on the CPU
-thread, more than the whole budget of a small call's host path (README, "torch.compile").
+plain ``autograd.Function`` registered for the Autograd key: ``torch.library.custom_op`` with
+``register_autograd`` does the same through generic argument handling that measured about 75 us
+a call on the CPU thread, when a small call's whole host path is about 0.2 ms (README, "Inside
+torch.compile").
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ _WANTS = {(loss, keys): Want(loss=loss, keep=not loss, keys=keys) for loss in (F
 def _outputs(tok: Tokens, cut: Cut, out: Applied, error: Optional[Tensor], poison: Optional[Tensor]) -> Result:
     grad, scale = out.grad, out.scale
     if scale is not None and scale.dtype == torch.float64:
-        # (values are float32: a float64 scale goes into the float64 derivative instead)
+        # values are float32: a float64 scale goes into the float64 derivative instead (backward
+        # then rounds (grad * scale) * g, not grad * (g * scale): the last bit may differ)
         grad, scale = grad * scale, None
     values = out.values if out.values is not None else values_of(out.metrics, cut, scale)
     loss = out.loss
@@ -164,7 +166,9 @@ def _mask_impl(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_
 def _loss_fake(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_list, cut, tau, variant,
                miniclip_low, miniclip_high, validate, backend, group_name, loss_agg_mode, num_tokens,
                num_tokens_value):
-    """Shapes and dtypes only, after the checks that read no values (the same errors at trace time)."""
+    """Shapes and dtypes only, after the checks of types, devices and the shapes of logprobs,
+    old_logprobs and mask (their errors at trace time; the others, advantages' shape and
+    cu_seqlens among them, raise when the compiled code runs)."""
     config = config_of(tau, variant, loss_agg_mode, miniclip_low, miniclip_high, validate)
     check_arguments(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
     check_num_tokens_meta(num_tokens, config, logprobs.device)
@@ -189,10 +193,20 @@ def _mask_fake(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_
 def _plain(args) -> bool:
     """Whether an operator call may run its implementation directly instead of through the
     dispatcher: plain tensors (no FakeTensor, functional or other subclass) and no dispatch
-    mode, which the dispatcher would route elsewhere. The dispatcher's boxing of the 17
-    arguments costs about 15 us a call on the CPU thread, which every small call pays."""
-    return (type(args[0]) is Tensor and type(args[1]) is Tensor and type(args[2]) is Tensor
-            and (args[3] is None or type(args[3]) is Tensor) and torch._C._len_torch_dispatch_stack() == 0)
+    mode (pre-dispatch ones included), which the dispatcher would route elsewhere. The
+    dispatcher's boxing of the 17 arguments costs about 15 us a call on the CPU thread, which
+    every small call pays."""
+    if torch._C._len_torch_dispatch_stack() or torch._ops._len_torch_dispatch_stack_pre_dispatch():
+        return False
+    for t in args[:5]:  # logprobs, old_logprobs, advantages, mask, cu_seqlens
+        if t is not None and type(t) is not Tensor:
+            return False
+    if len(args) > _NUM_TOKENS and args[_NUM_TOKENS] is not None and type(args[_NUM_TOKENS]) is not Tensor:
+        return False
+    return all(type(t) is Tensor for t in args[_CUT])
+
+
+_CUT, _NUM_TOKENS = 6, 15  # (the operators' argument positions: cut, and the loss's num_tokens)
 
 
 def _below_autograd(op, args, plain: bool):
@@ -208,7 +222,11 @@ class LossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs, args, plain):
         loss, grad, values = _below_autograd(LOSS, args, plain)
-        ctx.save_for_backward(grad, values)
+        ctx.save_for_backward(grad)
+        # the metrics are views of values: kept as an attribute, not saved, so that a caller may
+        # change a metric in place (an all-reduce for logging) before backward, which reads only
+        # the scale slot, never handed out (values has no grad_fn: no reference cycle)
+        ctx.values = values
         ctx.mark_non_differentiable(grad, values)
         ctx.set_materialize_grads(False)  # (no zero tensors made for the outputs backward ignores)
         return loss, grad, values
@@ -217,7 +235,7 @@ class LossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad, _values):
         if grad_loss is None:  # (only the non-differentiable outputs were used)
             return None, None, None
-        grad, values = ctx.saved_tensors
+        (grad,), values = ctx.saved_tensors, ctx.values
         if not torch.is_grad_enabled():  # (one rounding into logprobs' dtype: the product is formed in float32 or wider)
             return grad.mul(grad_loss * values[C.V_SCALE]), None, None
         with torch.no_grad():  # create_graph=True: differentiating d must fail loudly, not give 0
@@ -248,6 +266,8 @@ LIBRARY.impl("loss", _loss_impl, "CompositeExplicitAutograd")
 LIBRARY.impl("mask", _mask_impl, "CompositeExplicitAutograd")
 LIBRARY.impl("loss", _loss_autograd, "Autograd")
 LIBRARY.impl("mask", _mask_autograd, "Autograd")
+
+
 def _no_transforms(*args, **kwargs):
     raise RuntimeError(FUNC_TRANSFORMS)
 

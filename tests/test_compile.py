@@ -98,6 +98,39 @@ def test_metrics_and_loss_outputs():
         assert all(m.dim() == 0 and m.dtype == torch.float32 and not m.requires_grad for m in metrics.values())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_metrics_may_change_in_place_before_backward(backend, device):
+    """A metric changed in place before backward (an all-reduce for logging) leaves backward
+    working and its gradient unchanged."""
+    inp = _inputs("padded", device)
+    grads = []
+    for touch in (False, True):
+        leaf = inp["lp"].clone().requires_grad_(True)
+        loss, metrics = m2po_loss(leaf, inp["olp"], inp["adv"], inp["mask"], backend=backend)
+        if touch:
+            for m in metrics.values():
+                m.mul_(2.0)
+        loss.backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_tracing_records_the_operator():
+    """make_fx (pre-dispatch too) on real tensors records one m2po_ops.loss node: the eager
+    shortcut steps aside under tracing modes."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    inp = _inputs("padded", "cpu")
+
+    def f(lp):
+        return m2po_loss(lp, inp["olp"], inp["adv"], inp["mask"])[0]
+
+    for pre_dispatch in (False, True):
+        graph = make_fx(f, pre_dispatch=pre_dispatch)(inp["lp"]).graph
+        targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+        assert targets.count("m2po_ops.loss.default") == 1, (pre_dispatch, targets)
+
+
 def test_double_backward_raises():
     """create_graph=True gives the first derivative; differentiating it raises DOUBLE_BACKWARD
     (the second derivative is not implemented: it must not silently be 0)."""

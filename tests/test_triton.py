@@ -611,7 +611,7 @@ def test_no_pytorch_compute_ops_beside_the_kernels(variant, device):
             loss, _ = m2po_loss(leaf, olp, adv, mask, variant=variant, backend="triton", validate=False)
             loss.backward()
         # zero_, zero_: the scratch and results memsets (Workspace); ones_like: autograd's
-        # seed of loss.backward() (any loss has it); mul, mul: AttachGrad's backward
+        # seed of loss.backward() (any loss has it); mul, mul: the loss operator's backward
         # (grad_output x the 1 / denominator scale, then x the stored derivative)
         assert sorted(rec.ops) == ["mul", "mul", "ones_like", "zero_", "zero_"], rec.ops
     finally:
