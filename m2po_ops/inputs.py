@@ -299,25 +299,33 @@ def _check_device(name: str, x: Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {x.device} but logprobs is on {device}; all tensors must share a device")
 
 
-def _as_cu_seqlens(cu_seqlens, device: torch.device, n: int) -> Tensor:
+def _cu_seqlens_count(cu_seqlens, n: int) -> int:
+    """The number of sequences of a cu_seqlens argument, after the checks that read no device
+    value: its type, dtype and shape (a tensor), or its values (a list: host numbers, checked
+    whatever validate says, as that costs no sync)."""
     if isinstance(cu_seqlens, Tensor):
         if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
             raise TypeError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
-        _check_device("cu_seqlens", cu_seqlens, device)
-        cu = cu_seqlens
+        shape = tuple(cu_seqlens.shape)
     elif isinstance(cu_seqlens, (list, tuple)):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in cu_seqlens):
             raise TypeError("cu_seqlens must hold integers")
-        # host values: checked here whatever validate says (it costs no sync)
         if len(cu_seqlens) > 1 and (any(b < a for a, b in zip(cu_seqlens, cu_seqlens[1:])) or cu_seqlens[0] < 0
                                     or cu_seqlens[-1] > n):
             raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
-        cu = torch.tensor(cu_seqlens, dtype=torch.int64, device=device)
+        shape = (len(cu_seqlens),)
     else:
         raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}")
-    if cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D with at least one entry, got shape {tuple(cu.shape)}")
-    return cu.to(torch.int64).contiguous()  # the kernels index it flat
+    if len(shape) != 1 or shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D with at least one entry, got shape {shape}")
+    return shape[0] - 1
+
+
+def _as_cu_seqlens(cu_seqlens, device: torch.device) -> Tensor:
+    """cu_seqlens (checked by _cu_seqlens_count) as the int64 tensor the kernels index flat."""
+    if isinstance(cu_seqlens, Tensor):
+        return cu_seqlens.to(torch.int64).contiguous()
+    return torch.tensor(cu_seqlens, dtype=torch.int64, device=device)
 
 
 def graph_capturing(device: torch.device) -> bool:
@@ -366,11 +374,9 @@ def prepare(
     mask_src = None if mask is None else mask.reshape(-1)
     advantages = advantages.detach()
     if logprobs.dim() == 2:
-        if cu_seqlens is not None:
-            raise ValueError("cu_seqlens is only for 1-D packed logprobs; got (B, T) logprobs")
         tok = _padded_tokens(common, advantages, mask_src, config, may_skip)
     elif cu_seqlens is None:
-        tok = _packed_tokens_without_sequences(common, advantages, mask_src, config)
+        tok = _packed_tokens_without_sequences(common, advantages, mask_src)
     else:
         tok = _packed_tokens(common, advantages, mask, mask_src, config, cu_seqlens, may_skip)
     if config.validate:
@@ -417,7 +423,33 @@ def check_arguments(logprobs, old_logprobs, advantages, mask, config: M2POConfig
     if n >= MAX_TOKENS:
         raise ValueError(f"logprobs holds {n} tokens; at most {MAX_TOKENS - 1} per call (split the batch into "
                          "micro-batches with M2POStats)")
+    _check_layout(shape, advantages, config, cu_seqlens, n)
     return logprobs, old_logprobs, advantages, mask
+
+
+def _check_layout(shape, advantages: Tensor, config: M2POConfig, cu_seqlens, n: int) -> None:
+    """The layout's checks, none reading a value: cu_seqlens only with 1-D logprobs, what 1-D
+    tokens without sequences allow, and the advantages' shape (per token or per sequence)."""
+    if len(shape) == 2:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is only for 1-D packed logprobs; got (B, T) logprobs")
+        b = shape[0]
+        if advantages.shape != shape and advantages.shape != (b,):
+            raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) or "
+                             f"({b},) (per sequence)")
+    elif cu_seqlens is None:  # no sequences: only the paper rule with token-mean
+        if config.rule == "official" or config.loss_agg_mode != "token-mean":
+            what = ("variant='official' (it reads each sequence's first advantage)" if config.rule == "official"
+                    else f"loss_agg_mode={config.loss_agg_mode!r}")
+            raise ValueError(f"1-D packed logprobs need cu_seqlens for {what}")
+        if advantages.shape != shape:
+            raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} like 1-D "
+                             "logprobs (per-sequence advantages need cu_seqlens)")
+    else:
+        num_seqs = _cu_seqlens_count(cu_seqlens, n)
+        if advantages.shape != shape and advantages.shape != (num_seqs,):
+            raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) or "
+                             f"({num_seqs},) (per sequence of cu_seqlens)")
 
 
 def _padded_tokens(common: dict, advantages: Tensor, mask_src, config: M2POConfig, may_skip: bool) -> Tokens:
@@ -430,33 +462,17 @@ def _padded_tokens(common: dict, advantages: Tensor, mask_src, config: M2POConfi
         # to the first valid token where padding or non-finite tokens may come first
         adv = dict(adv_src=advantages.reshape(-1), adv_div=1, first_src=advantages.reshape(-1),
                    first_div=max(t, 1), first_mul=t, first_scan=official and may_skip)
-    elif advantages.shape == (b,):
+    else:  # (B,): one per row (check_arguments allows no other shape)
         adv = dict(adv_src=advantages, adv_div=t, first_src=advantages, first_div=max(t, 1), first_mul=1,
                    adv_per_row=True)
-    else:
-        raise ValueError(
-            f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) or ({b},) (per sequence)"
-        )
     if not official:
         adv["first_src"] = None
     return Tokens(**common, **adv, mask_src=mask_src, num_seqs=b, row_len=t)
 
 
-def _packed_tokens_without_sequences(common: dict, advantages: Tensor, mask_src, config: M2POConfig) -> Tokens:
-    """1-D tokens without cu_seqlens: no sequences, so only the paper rule with token-mean."""
-    shape = common["shape"]
-    if config.rule == "official" or config.loss_agg_mode != "token-mean":
-        what = (
-            "variant='official' (it reads each sequence's first advantage)"
-            if config.rule == "official"
-            else f"loss_agg_mode={config.loss_agg_mode!r}"
-        )
-        raise ValueError(f"1-D packed logprobs need cu_seqlens for {what}")
-    if advantages.shape != shape:
-        raise ValueError(
-            f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} like 1-D logprobs "
-            "(per-sequence advantages need cu_seqlens)"
-        )
+def _packed_tokens_without_sequences(common: dict, advantages: Tensor, mask_src) -> Tokens:
+    """1-D tokens without cu_seqlens: no sequences (check_arguments allows only the paper rule
+    with token-mean and per-token advantages)."""
     return Tokens(**common, adv_src=advantages.reshape(-1), adv_div=1, first_src=None, first_div=1, first_mul=1,
                   mask_src=mask_src, num_seqs=0)
 
@@ -468,7 +484,7 @@ def _packed_tokens(common: dict, advantages: Tensor, mask, mask_src, config: M2P
     device = common["logprobs"].device
     n = common["logprobs"].numel()
     official = config.rule == "official"
-    cu = _as_cu_seqlens(cu_seqlens, device, n)
+    cu = _as_cu_seqlens(cu_seqlens, device)
     num_seqs = cu.numel() - 1
     input_error = None
     if isinstance(cu_seqlens, Tensor) and num_seqs > 0:
@@ -487,14 +503,9 @@ def _packed_tokens(common: dict, advantages: Tensor, mask, mask_src, config: M2P
         adv_tok = advantages.reshape(-1)
         starts = cu[:-1].clamp(min=0, max=max(n - 1, 0))  # (a bad cu under validate=False must not index out)
         adv_seq_first = adv_tok[starts] if n > 0 else adv_tok.new_zeros(num_seqs)
-    elif advantages.shape == (num_seqs,):
+    else:  # (num_seqs,): one per sequence (check_arguments allows no other shape)
         adv_seq_first = advantages
         adv_tok = advantages[safe_seq] if num_seqs > 0 else advantages.new_zeros(n)
-    else:
-        raise ValueError(
-            f"advantages has shape {tuple(advantages.shape)}, expected {tuple(shape)} (per token) "
-            f"or ({num_seqs},) (per sequence of cu_seqlens)"
-        )
     first = (adv_seq_first[safe_seq] if num_seqs > 0 else adv_tok.new_zeros(n)) if official else None
     return Tokens(**common, adv_src=adv_tok, adv_div=1, first_src=first, first_div=1, first_mul=1,
                   mask_src=inside if mask is None else (_mask_to_bool(mask_src) & inside),

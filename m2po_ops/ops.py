@@ -166,11 +166,12 @@ def _mask_impl(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_
 def _loss_fake(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_list, cut, tau, variant,
                miniclip_low, miniclip_high, validate, backend, group_name, loss_agg_mode, num_tokens,
                num_tokens_value):
-    """Shapes and dtypes only, after the checks of types, devices and the shapes of logprobs,
-    old_logprobs and mask (their errors at trace time; the others, advantages' shape and
-    cu_seqlens among them, raise when the compiled code runs)."""
+    """Shapes and dtypes only, after every check that reads no value (types, devices, shapes,
+    the layout, a list cu_seqlens: the same errors at trace time). The value checks (validate,
+    a cu_seqlens tensor's order) run in the implementation when the compiled code runs."""
     config = config_of(tau, variant, loss_agg_mode, miniclip_low, miniclip_high, validate)
-    check_arguments(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
+    check_arguments(logprobs, old_logprobs, advantages, mask, config,
+                    cu_seqlens if cu_seqlens is not None else cu_seqlens_list)
     check_num_tokens_meta(num_tokens, config, logprobs.device)
     Cut.from_tensors(cut, config, logprobs.device)
     be = resolve_backend(backend, logprobs.device)
@@ -183,7 +184,8 @@ def _loss_fake(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_
 def _mask_fake(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_list, cut, tau, variant,
                miniclip_low, miniclip_high, validate, backend, group_name):
     config = config_of(tau, variant, "token-mean", miniclip_low, miniclip_high, validate)
-    check_arguments(logprobs, old_logprobs, advantages, mask, config, cu_seqlens)
+    check_arguments(logprobs, old_logprobs, advantages, mask, config,
+                    cu_seqlens if cu_seqlens is not None else cu_seqlens_list)
     Cut.from_tensors(cut, config, logprobs.device)
     resolve_backend(backend, logprobs.device)
     return (logprobs.new_empty(logprobs.shape, dtype=torch.bool),

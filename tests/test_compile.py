@@ -86,6 +86,30 @@ def test_eager_entry_and_dispatcher_agree(variant, backend, device):
     assert torch.equal(keep, MASK(*_common(inp, variant, backend, None))[0])
 
 
+def test_fake_implementations_raise_naming_the_argument():
+    """The fake implementations (what torch.compile traces) raise every argument error that
+    reads no value: a wrong advantages shape, 1-D official input without cu_seqlens, a float or
+    decreasing-list cu_seqlens, a mismatched mask."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def args(lp, adv, mask=None, cu=None, cu_list=None, variant="paper"):
+        return (lp, lp, adv, mask, cu, cu_list, [], 0.04, variant, None, None, True, "torch", None)
+
+    with FakeTensorMode():
+        b2, flat = torch.zeros(3, 40), torch.zeros(12)
+        cases = [
+            (ValueError, "^advantages has shape", LOSS, args(b2, torch.zeros(5)) + ("token-mean", None, None)),
+            (ValueError, "^advantages has shape", MASK, args(flat, torch.zeros(4), cu=torch.tensor([0, 6, 12]))),
+            (ValueError, "cu_seqlens for variant='official'", MASK, args(flat, flat, variant="official")),
+            (TypeError, "^cu_seqlens must hold integers", MASK, args(flat, flat, cu=torch.zeros(3))),
+            (ValueError, "^cu_seqlens must be non-decreasing", MASK, args(flat, flat, cu_list=[0, 8, 6])),
+            (ValueError, "^mask has shape", MASK, args(b2, b2, mask=torch.ones(3, 4, dtype=torch.bool))),
+        ]
+        for error, match, op, a in cases:
+            with pytest.raises(error, match=match):
+                op(*a)
+
+
 def test_metrics_and_loss_outputs():
     """The metrics are 0-d float32 tensors that do not require grad, with the official variant's
     clip bounds; the loss alone carries the graph."""
