@@ -568,13 +568,13 @@ def main(argv=None) -> int:
     os.makedirs(opts.out_dir, exist_ok=True)
     path_json = os.path.join(opts.out_dir, stem + ".json")
     tables = report.tables(data)
-    host_line = report.host_path_line(data) + ("\n\n" + compile_time.line(data["compile"]) if data.get("compile")
-                                               else "")
-    print(tables + "\n\n" + host_line)
+    # (after the tables: the host path, then torch.compile's compile time when measured)
+    tail = report.host_path_line(data) + ("\n\n" + compile_time.line(data["compile"]) if data.get("compile") else "")
+    print(tables + "\n\n" + tail)
     with open(path_json, "w") as f:
         json.dump(data, f, indent=1)
     with open(os.path.join(opts.out_dir, stem + ".md"), "w") as f:
-        f.write(tables + "\n\n" + host_line + "\n\n" + report.verdict(data) + "\n")
+        f.write(tables + "\n\n" + tail + "\n\n" + report.verdict(data) + "\n")
     if not opts.no_plot:
         try:
             report.plot(data, os.path.join(opts.out_dir, stem + ".png"))

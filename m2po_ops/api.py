@@ -12,7 +12,7 @@ from .config import M2POConfig
 from .constants import DEFAULT_TAU
 from .cut import Cut
 from .dispatch import resolve_backend
-from .inputs import check_group, check_num_tokens, check_types, prepare
+from .inputs import check_group, check_num_tokens, check_types, prepare, split_cu_seqlens
 from .metrics import metrics_of, metrics_to_host  # noqa: F401 (public)
 from .ops import LOSS, MASK, call, config_of, cut_tensors
 
@@ -59,17 +59,6 @@ def _maybe_check_drift(logprobs, old_logprobs, advantages, mask, config: M2POCon
         microbatch.check_drift(tok, config, backend, cut)
 
 
-def _split_cu_seqlens(cu_seqlens):
-    """The operators' two forms of cu_seqlens: (tensor, None) or (None, list of ints)."""
-    if cu_seqlens is None or isinstance(cu_seqlens, Tensor):
-        return cu_seqlens, None
-    if isinstance(cu_seqlens, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in cu_seqlens):
-            raise TypeError("cu_seqlens must hold integers")
-        return None, list(cu_seqlens)
-    raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}")
-
-
 def _operator_args(logprobs, old_logprobs, advantages, mask, config: M2POConfig, backend: str, cu_seqlens, cut,
                    group, check_drift):
     """The checks made outside the operators (the Python objects their schema cannot carry:
@@ -79,7 +68,7 @@ def _operator_args(logprobs, old_logprobs, advantages, mask, config: M2POConfig,
     check_types(logprobs, old_logprobs, advantages, mask)
     cut = _check_cut(cut, config, logprobs.device)
     be = resolve_backend(backend, logprobs.device)
-    cu_tensor, cu_list = _split_cu_seqlens(cu_seqlens)
+    cu_tensor, cu_list = split_cu_seqlens(cu_seqlens)
     _maybe_check_drift(logprobs, old_logprobs, advantages, mask, config, be, cu_seqlens, cut, check_drift)
     return (logprobs, old_logprobs, advantages, mask, cu_tensor, cu_list, cut_tensors(cut), config.tau,
             config.variant, config.miniclip_low, config.miniclip_high, config.validate, be,

@@ -49,8 +49,7 @@ class Cut:
 
     def tensors(self) -> list:
         """The tensor fields in ``TENSORS`` order (the operators' ``cut`` argument)."""
-        return [self.value, self.ties_kept, self.lower, self.upper, self.num_valid, self.num_trust_region, self.m2,
-                self.m2_after, self.threshold]
+        return [getattr(self, name) for name in self.TENSORS]
 
     @classmethod
     def from_tensors(cls, tensors, config, device: torch.device) -> Optional["Cut"]:

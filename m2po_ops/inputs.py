@@ -299,23 +299,33 @@ def _check_device(name: str, x: Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {x.device} but logprobs is on {device}; all tensors must share a device")
 
 
+def split_cu_seqlens(cu_seqlens):
+    """cu_seqlens's type checked (an integer tensor, or a list of ints), in the operators' two
+    forms: (tensor, None) or (None, list)."""
+    if cu_seqlens is None:
+        return None, None
+    if isinstance(cu_seqlens, Tensor):
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
+            raise TypeError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
+        return cu_seqlens, None
+    if isinstance(cu_seqlens, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in cu_seqlens):
+            raise TypeError("cu_seqlens must hold integers")
+        return None, list(cu_seqlens)
+    raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}")
+
+
 def _cu_seqlens_count(cu_seqlens, n: int) -> int:
     """The number of sequences of a cu_seqlens argument, after the checks that read no device
     value: its type, dtype and shape (a tensor), or its values (a list: host numbers, checked
     whatever validate says, as that costs no sync)."""
-    if isinstance(cu_seqlens, Tensor):
-        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool or cu_seqlens.is_complex():
-            raise TypeError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
-        shape = tuple(cu_seqlens.shape)
-    elif isinstance(cu_seqlens, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in cu_seqlens):
-            raise TypeError("cu_seqlens must hold integers")
-        if len(cu_seqlens) > 1 and (any(b < a for a, b in zip(cu_seqlens, cu_seqlens[1:])) or cu_seqlens[0] < 0
-                                    or cu_seqlens[-1] > n):
-            raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
-        shape = (len(cu_seqlens),)
+    tensor, values = split_cu_seqlens(cu_seqlens)
+    if tensor is not None:
+        shape = tuple(tensor.shape)
     else:
-        raise TypeError(f"cu_seqlens must be a 1-D integer tensor or a list of ints, got {type(cu_seqlens).__name__}")
+        if len(values) > 1 and (any(b < a for a, b in zip(values, values[1:])) or values[0] < 0 or values[-1] > n):
+            raise ValueError(f"cu_seqlens must be non-decreasing offsets within [0, {n}]")
+        shape = (len(values),)
     if len(shape) != 1 or shape[0] < 1:
         raise ValueError(f"cu_seqlens must be 1-D with at least one entry, got shape {shape}")
     return shape[0] - 1
@@ -389,10 +399,9 @@ def check_types(logprobs, old_logprobs, advantages, mask) -> None:
     wrong one gets this module's error naming it, not the dispatcher's (the operators check
     the rest)."""
     for name, x in (("logprobs", logprobs), ("old_logprobs", old_logprobs), ("advantages", advantages)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if mask is not None and not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        _check_tensor(name, x, floating=False)
+    if mask is not None:
+        _check_tensor("mask", mask, floating=False)
 
 
 def check_arguments(logprobs, old_logprobs, advantages, mask, config: M2POConfig, cu_seqlens):

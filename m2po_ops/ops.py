@@ -163,18 +163,25 @@ def _mask_impl(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_
     return keep.view(tok.shape), out.values
 
 
-def _loss_fake(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_list, cut, tau, variant,
-               miniclip_low, miniclip_high, validate, backend, group_name, loss_agg_mode, num_tokens,
-               num_tokens_value):
-    """Shapes and dtypes only, after every check that reads no value (types, devices, shapes,
-    the layout, a list cu_seqlens: the same errors at trace time). The value checks (validate,
-    a cu_seqlens tensor's order) run in the implementation when the compiled code runs."""
+def _fake_checks(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_list, cut, tau, variant,
+                 miniclip_low, miniclip_high, validate, backend, loss_agg_mode="token-mean") -> tuple:
+    """What the fake implementations check before giving shapes: every check that reads no value
+    (types, devices, shapes, the layout, a list cu_seqlens: the same errors at trace time). The
+    value checks (validate, a cu_seqlens tensor's order) run in the implementation when the
+    compiled code runs. Returns (config, resolved backend)."""
     config = config_of(tau, variant, loss_agg_mode, miniclip_low, miniclip_high, validate)
     check_arguments(logprobs, old_logprobs, advantages, mask, config,
                     cu_seqlens if cu_seqlens is not None else cu_seqlens_list)
-    check_num_tokens_meta(num_tokens, config, logprobs.device)
     Cut.from_tensors(cut, config, logprobs.device)
-    be = resolve_backend(backend, logprobs.device)
+    return config, resolve_backend(backend, logprobs.device)
+
+
+def _loss_fake(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_list, cut, tau, variant,
+               miniclip_low, miniclip_high, validate, backend, group_name, loss_agg_mode, num_tokens,
+               num_tokens_value):
+    config, be = _fake_checks(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_list, cut, tau,
+                              variant, miniclip_low, miniclip_high, validate, backend, loss_agg_mode)
+    check_num_tokens_meta(num_tokens, config, logprobs.device)
     wide = be == "torch" and logprobs.dtype == torch.float64  # (the PyTorch backend computes float64 in float64)
     loss = logprobs.new_empty((), dtype=torch.float64 if wide else torch.float32)
     grad = logprobs.new_empty(logprobs.shape)
@@ -183,11 +190,8 @@ def _loss_fake(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_
 
 def _mask_fake(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_list, cut, tau, variant,
                miniclip_low, miniclip_high, validate, backend, group_name):
-    config = config_of(tau, variant, "token-mean", miniclip_low, miniclip_high, validate)
-    check_arguments(logprobs, old_logprobs, advantages, mask, config,
-                    cu_seqlens if cu_seqlens is not None else cu_seqlens_list)
-    Cut.from_tensors(cut, config, logprobs.device)
-    resolve_backend(backend, logprobs.device)
+    _fake_checks(logprobs, old_logprobs, advantages, mask, cu_seqlens, cu_seqlens_list, cut, tau, variant,
+                 miniclip_low, miniclip_high, validate, backend)
     return (logprobs.new_empty(logprobs.shape, dtype=torch.bool),
             logprobs.new_empty(C.VALUES_LEN, dtype=torch.float32))
 
